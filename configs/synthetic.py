@@ -1,0 +1,28 @@
+"""Synthetic benchmark (20 classes, 64 px), the embedded default.
+
+  python -m rebll_jax.main --config=configs/synthetic.py --workdir=workdirs/syn
+
+Settings (``--config=configs/synthetic.py:NAME``): ``b0c4`` (default, 5 tasks
+of 4 classes), ``b10c2`` (10 then 5 x 2), ``b5c3`` (5 then 5 x 3), ``joint``
+(one task, all 20 classes: the upper bound).
+"""
+
+from rebll_jax import config_base
+
+SETTINGS = {
+    "b0c4": (0, 4),
+    "b10c2": (10, 2),
+    "b5c3": (5, 3),
+    "joint": (20, 20),
+}
+
+
+def get_config(arg=None):
+  c = config_base.base_config()
+  setting = arg or "b0c4"
+  if setting not in SETTINGS:
+    raise ValueError(f"unknown setting {setting!r}; valid: {sorted(SETTINGS)}")
+  c.protocol.base, c.protocol.increment = SETTINGS[setting]
+  if setting == "joint":
+    c.method = "joint"
+  return c

@@ -1,0 +1,101 @@
+"""The full config schema with defaults; files in configs/ override fields.
+
+Every field any part of the trainer reads lives here, so that
+``--config.a.b=value`` can override it and an unknown key is an error.
+Fields that hold "our reading" of the paper (METHOD.md) say so.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = "rebll"  # see rebll_jax.methods.METHODS
+  c.resume = True  # rerunning on a workdir continues from its last checkpoint
+  c.distributed = False  # jax.distributed.initialize() for multi-host runs
+  c.num_devices = 0  # local devices in the mesh (0 = all)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"  # see rebll_jax.data.SOURCES
+  c.data.data_dir = ""  # prepared TFDS data (real datasets)
+  c.data.image_size = 64
+  c.data.normalize = False  # field's recipe: inputs in [0, 1], no mean/std
+  c.data.num_workers = 4  # host threads decoding images (real datasets)
+  c.data.val_fraction = 0.0  # >0 carves a validation split out of train
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_train = 3000
+  c.data.synthetic.num_test = 1000
+  c.data.synthetic.seed = 1234
+  c.data.synthetic.render_size = 64
+
+  c.protocol = ml_collections.ConfigDict()
+  c.protocol.base = 0  # B{base}: classes of the first task (0 = same as C)
+  c.protocol.increment = 4  # C{increment}: classes of every later task
+  c.protocol.num_tasks = -1  # >0 stops after that many tasks
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "small_resnet"  # see rebll_jax.models.ARCHS
+  c.model.width = 32
+  c.model.stage_sizes = (1, 1, 1)
+  c.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision
+  c.model.init_from = ""  # converted checkpoint dir for the backbone
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"  # adam | adamw | sgd
+  c.optim.lr_first = 1e-3  # first task
+  c.optim.lr_later = 1e-3  # later tasks
+  c.optim.weight_decay = 1e-4  # L2 on conv/dense kernels only
+  c.optim.schedule = "one_cycle"  # one_cycle | cosine | constant
+  c.optim.warmup_frac = 0.2
+  c.optim.momentum = 0.9  # sgd only
+  c.optim.grad_clip = 0.0  # >0 clips the global norm
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch = 64
+  c.train.epochs_first = 8
+  c.train.epochs_later = 8
+  c.train.eval_batch = 256
+  c.train.log_every = 20  # steps between host fetches of metrics
+  c.train.checkpoint_every = 0  # >0: mid-task checkpoint every N steps
+  c.train.keep_checkpoints = 3
+  c.train.progress = True  # progress bar per task
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.flip = True
+  c.augment.cutout = 0.5  # cutout side as a fraction of the image side
+  c.augment.randaugment_ops = 2  # ops per image (0 disables)
+  c.augment.randaugment_magnitude = 0.3  # in [0, 1]
+
+  c.memory = ml_collections.ConfigDict()
+  c.memory.per_class = 20  # exemplars kept per class (growing budget)
+  c.memory.total = 0  # >0: fixed total split evenly over seen classes
+  c.memory.selection = "herding"  # herding | random
+  c.memory.mix = "uniform"  # uniform over new+memory | fraction
+  c.memory.fraction = 0.25  # share of each batch from memory (mix=fraction)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.g_pos = 1.0  # AKD-cls: damp confident positives (our reading)
+  c.loss.g_neg = 0.0
+  c.loss.margin = 0.0
+  c.loss.w_pos = 1.0
+  c.loss.w_neg = 1.0
+  c.loss.lambda_kd = 1.0
+  c.loss.temperature = 1.0
+  c.loss.beta = 1.0  # exp(-beta * conf) decay on distillation (our reading)
+  c.loss.adaptive = True  # renormalise the decay to mean 1 (our reading)
+
+  c.relabel = ml_collections.ConfigDict()
+  c.relabel.tau_old = 0.5  # past-model threshold, new rows x old classes
+  c.relabel.tau_cur = 0.5  # current-model threshold, memory rows x new
+  c.relabel.warmup_frac = 0.5  # memory rows' current block unknown before
+  c.relabel.chunk = 256  # rows per jitted chunk in the between-task pass
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.threshold = 0.8  # CF1 / OF1 / FPR threshold on sigmoid scores
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_at_step = -1  # tests: poison the loss at this global step
+  return c

@@ -1,0 +1,39 @@
+"""Model registry: ``build_model(config.model, num_classes)``.
+
+Every architecture is a Flax Linen module called as
+``module.apply(variables, images, train=bool)`` on NHWC float images in
+[0, 1] and returning ``{"logits": [N, num_classes], "features": [N, D]}``
+(pooled backbone features, used by herding), both float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rebll_jax.models import small_resnet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16}
+
+
+def _small_resnet(cfg, num_classes, dtype):
+  return small_resnet.SmallResNet(num_classes=num_classes, width=cfg.width,
+                                  stage_sizes=tuple(cfg.stage_sizes),
+                                  dtype=dtype)
+
+
+# name -> factory(model_config, num_classes, dtype) -> nn.Module
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "small_resnet": _small_resnet,
+}
+
+
+def build_model(cfg, num_classes: int) -> nn.Module:
+  if cfg.arch not in ARCHS:
+    raise ValueError(f"unknown model.arch {cfg.arch!r}; valid: {sorted(ARCHS)}")
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f"unknown model.dtype {cfg.dtype!r}; valid: {sorted(DTYPES)}")
+  return ARCHS[cfg.arch](cfg, num_classes, DTYPES[cfg.dtype])

@@ -1,0 +1,64 @@
+"""The small ResNet of the synthetic benchmark (depth and width from config).
+
+A 3x3 stem, then stages of basic residual blocks, each stage after the first
+halving the resolution and doubling the width; global mean pool; a linear
+multi-label head with one column per class of the dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class BasicBlock(nn.Module):
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = lambda name, **kw: nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        dtype=self.dtype, name=name, **kw)
+    residual = x
+    y = nn.Conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)),
+                use_bias=False, dtype=self.dtype, name="conv1")(x)
+    y = nn.relu(norm("bn1")(y))
+    y = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
+                use_bias=False, dtype=self.dtype, name="conv2")(y)
+    # Zero-initialised last norm: each block starts as the identity.
+    y = norm("bn2", scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = nn.Conv(self.features, (1, 1), self.strides, use_bias=False,
+                         dtype=self.dtype, name="shortcut_conv")(residual)
+      residual = norm("shortcut_bn")(residual)
+    return nn.relu(residual + y)
+
+
+class SmallResNet(nn.Module):
+  """Returns {"logits": [N, num_classes] f32, "features": [N, D] f32}."""
+
+  num_classes: int
+  width: int = 32
+  stage_sizes: Sequence[int] = (1, 1, 1)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = images.astype(self.dtype)
+    x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                dtype=self.dtype, name="stem_conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                     epsilon=1e-5, dtype=self.dtype, name="stem_bn")(x)
+    x = nn.relu(x)
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(self.width * 2**stage, strides, self.dtype,
+                       name=f"stage{stage + 1}_block{block + 1}")(x, train)
+    features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)
+    return {"logits": logits, "features": features}
