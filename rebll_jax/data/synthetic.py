@@ -1,0 +1,156 @@
+"""The synthetic multi-label benchmark: procedurally drawn images, no files.
+
+20 classes, each a distinct (shape, texture, colour) triple: ten shapes, solid
+or striped, each class with its own colour. An image holds 1 to 4 objects of
+different classes on a noisy gradient background with clutter (grey blobs and
+lines that belong to no class). Classes have unequal frequencies and some pairs
+tend to co-occur (as person and bicycle do), so partial task labels hide
+objects the way they do on VOC/COCO. Everything is a function of the seed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from rebll_jax.data.base import Source, Split
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring",
+          "hbar", "vbar", "star", "ellipse")
+TEXTURES = ("solid", "striped")
+# One colour per class (RGB, 0-255), far apart in hue/brightness.
+PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
+    (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
+    (128, 128, 0), (255, 215, 180), (0, 0, 128), (255, 255, 255)],
+    dtype=np.float32)
+NUM_CLASSES = 20
+# Pairs (a, b): when a is drawn, b joins with probability CO_OCCUR_PROB.
+CO_OCCURRING = ((0, 9), (2, 13), (4, 17), (6, 1), (11, 18), (15, 3))
+CO_OCCUR_PROB = 0.5
+
+
+def class_names() -> tuple[str, ...]:
+  return tuple(f"{TEXTURES[k // 10]}_{SHAPES[k % 10]}_{k:02d}"
+               for k in range(NUM_CLASSES))
+
+
+def _shape_mask(shape: str, dx, dy, radius):
+  """Boolean mask of a shape centred at 0; dx, dy pixel offsets."""
+  ax, ay = np.abs(dx), np.abs(dy)
+  r = radius
+  if shape == "circle":
+    return dx**2 + dy**2 <= r**2
+  if shape == "square":
+    return np.maximum(ax, ay) <= 0.8 * r
+  if shape == "triangle":
+    return (dy <= 0.8 * r) & (dy >= -r + 2 * ax)
+  if shape == "diamond":
+    return ax + ay <= r
+  if shape == "cross":
+    return ((ax <= 0.3 * r) | (ay <= 0.3 * r)) & (np.maximum(ax, ay) <= r)
+  if shape == "ring":
+    d2 = dx**2 + dy**2
+    return (d2 <= r**2) & (d2 >= (0.55 * r)**2)
+  if shape == "hbar":
+    return (ax <= r) & (ay <= 0.35 * r)
+  if shape == "vbar":
+    return (ay <= r) & (ax <= 0.35 * r)
+  if shape == "star":
+    angle = np.arctan2(dy, dx)
+    return np.sqrt(dx**2 + dy**2) <= r * (0.55 + 0.45 * np.cos(5 * angle))
+  if shape == "ellipse":
+    return (dx / r)**2 + (dy / (0.5 * r))**2 <= 1.0
+  raise ValueError(shape)
+
+
+def _draw_classes(rng, frequencies):
+  """Distinct classes of one image: 1-4 draws plus co-occurring partners."""
+  count = rng.integers(1, 5)
+  chosen = list(rng.choice(NUM_CLASSES, size=count, replace=False,
+                           p=frequencies))
+  for a, b in CO_OCCURRING:
+    if a in chosen and b not in chosen and rng.random() < CO_OCCUR_PROB:
+      chosen.append(b)
+  return chosen[:4]
+
+
+def _render(rng, classes, size):
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+  # Background: a random dark gradient plus pixel noise.
+  base = rng.uniform(20, 90, size=3).astype(np.float32)
+  slope = rng.uniform(-30, 30, size=(2, 3)).astype(np.float32)
+  image = (base + slope[0] * (xx[..., None] / size) +
+           slope[1] * (yy[..., None] / size))
+  image += rng.normal(0, 6, size=image.shape).astype(np.float32)
+  # Clutter: grey blobs and lines that are no class.
+  for _ in range(rng.integers(1, 4)):
+    cx, cy = rng.uniform(0, size, 2)
+    r = rng.uniform(0.04, 0.1) * size
+    grey = rng.uniform(60, 160)
+    if rng.random() < 0.5:
+      m = (xx - cx)**2 + (yy - cy)**2 <= r**2
+    else:
+      m = (np.abs(yy - cy) <= 1) & (np.abs(xx - cx) <= 2.5 * r)
+    image[m] = grey
+  for k in classes:
+    radius = rng.uniform(0.12, 0.22) * size
+    cx, cy = rng.uniform(radius, size - radius, 2)
+    dx, dy = xx - cx, yy - cy
+    mask = _shape_mask(SHAPES[k % 10], dx, dy, radius)
+    colour = np.clip(PALETTE[k] + rng.normal(0, 12, 3), 0, 255)
+    if TEXTURES[k // 10] == "striped":
+      stripes = (np.floor((xx + yy) / max(2, size // 16)) % 2) == 0
+      fill = np.where(stripes[..., None], colour, colour * 0.35)
+    else:
+      fill = np.broadcast_to(colour, image.shape)
+    image[mask] = fill[mask]
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  if images.shape[1] == size:
+    return images
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.stack([np.asarray(Image.fromarray(im).resize(
+      (size, size), Image.BILINEAR)) for im in images])
+
+
+@functools.lru_cache(maxsize=4)
+def generate(num_images: int, seed: int, render_size: int):
+  """Returns (images uint8 [N, S, S, 3], labels uint8 [N, 20])."""
+  rng = np.random.default_rng(seed)
+  # Unequal frequencies (a long tail), fixed by the seed.
+  frequencies = np.sort(rng.uniform(0.4, 1.6, NUM_CLASSES))[::-1]
+  frequencies = rng.permutation(frequencies)
+  frequencies /= frequencies.sum()
+  images = np.empty((num_images, render_size, render_size, 3), np.uint8)
+  labels = np.zeros((num_images, NUM_CLASSES), np.uint8)
+  for i in range(num_images):
+    classes = _draw_classes(rng, frequencies)
+    labels[i, classes] = 1
+    images[i] = _render(rng, classes, render_size)
+  images.setflags(write=False)
+  labels.setflags(write=False)
+  return images, labels
+
+
+def _split(num_images, seed, render_size, image_size, id_offset):
+  images, labels = generate(num_images, seed, render_size)
+  images = _resize(images, image_size)
+  return Split(labels=labels,
+               image_ids=np.arange(num_images, dtype=np.int64) + id_offset,
+               read_images=lambda idx: images[np.asarray(idx)])
+
+
+def build(cfg) -> Source:
+  """The synthetic source from config.data (its `synthetic` block)."""
+  s = cfg.synthetic
+  train = _split(s.num_train, s.seed, s.render_size, cfg.image_size, 0)
+  test = _split(s.num_test, s.seed + 1, s.render_size, cfg.image_size,
+                10_000_000)
+  return Source(name="synthetic", class_names=class_names(), train=train,
+                test=test, info={"render_size": s.render_size})
