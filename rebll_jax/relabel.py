@@ -1,0 +1,196 @@
+"""Online relabeling (OR, METHOD.md section 5) and its diagnostics.
+
+Two places fill the missing blocks of the label block matrix (section 3):
+
+- inside the jitted train step, per batch (``relabel_new_rows``,
+  ``relabel_memory_rows``): pure jnp on [batch, num_classes] arrays, where
+  every class/row selection is an array mask so tasks never recompile;
+- between tasks, over the whole replay buffer (``relabel_buffer``): the
+  trained model runs over fixed-size chunks through one jitted function the
+  caller supplies; the buffer stays numpy on the host.
+
+Only *unknown* entries are ever filled online: an entry that is already known
+(ground truth, or an earlier relabel) keeps its label. ``relabel_buffer``
+writes exactly the entries its column mask selects; pass a per-row mask that
+excludes ground truth (``column_mask & ~memory.ground_truth``) to keep it.
+
+Diagnostics (``confusion_counts``, ``relabel_quality``) score relabeled
+entries against the hidden full ground truth, which training never reads.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _as_bool(x):
+  x = jnp.asarray(x)
+  return x if x.dtype == jnp.bool_ else x != 0
+
+
+def _fill(labels, known, fill, values):
+  """Writes values where fill; returns (labels, known) in their own dtypes."""
+  labels, known = jnp.asarray(labels), jnp.asarray(known)
+  new_labels = jnp.where(fill, values.astype(labels.dtype), labels)
+  new_known = jnp.where(fill, jnp.ones_like(known), known)
+  return new_labels, new_known
+
+
+def relabel_new_rows(*, labels, known, old_probs, old_class_mask, row_is_new,
+                     tau_old):
+  """Below-diagonal block: old-class labels of new rows from the past model.
+
+  Fills entry (i, c) with 1[q_ic > tau_old] and marks it known where row i is
+  a new-task row, c is an old class, and the entry is still unknown.
+
+  Args:
+    labels: float [batch, num_classes].
+    known: bool (or float 0/1) [batch, num_classes].
+    old_probs: float [batch, num_classes], q = sigmoid(past-model logits / T),
+      the same forward the distillation loss uses (no gradient flows here).
+    old_class_mask: bool/float [num_classes] (or [batch, num_classes]), the
+      classes of tasks before the current one.
+    row_is_new: bool/float [batch], rows drawn from the current task's data
+      (not from memory, not padding).
+    tau_old: float threshold (c.relabel.tau_old), Python or traced.
+
+  Returns:
+    (labels, known) with the input shapes and dtypes.
+  """
+  fill = (_as_bool(row_is_new)[:, None] & _as_bool(old_class_mask) &
+          ~_as_bool(known))
+  pred = jax.lax.stop_gradient(jnp.asarray(old_probs)) > tau_old
+  return _fill(labels, known, fill, pred)
+
+
+def relabel_memory_rows(*, labels, known, probs, current_class_mask,
+                        row_is_memory, tau_cur, active):
+  """Above-diagonal block: current-task labels of memory rows, online.
+
+  When ``active`` (after the warm-up fraction of the task's steps, see
+  ``warmup_active``), fills entry (i, c) with 1[p_ic > tau_cur] and marks it
+  known where row i comes from memory, c is a current-task class, and the
+  entry is still unknown. Before that the entries stay unknown, so L_cls
+  ignores them.
+
+  Args:
+    labels: float [batch, num_classes]; known: bool/float [batch, num_classes].
+    probs: float [batch, num_classes], the current model's sigmoid outputs on
+      the batch (detached here, so the step may pass its own forward).
+    current_class_mask: bool/float [num_classes] (or [batch, num_classes]).
+    row_is_memory: bool/float [batch].
+    tau_cur: float threshold (c.relabel.tau_cur).
+    active: bool scalar, Python or traced.
+
+  Returns:
+    (labels, known) with the input shapes and dtypes.
+  """
+  fill = (_as_bool(active) & _as_bool(row_is_memory)[:, None] &
+          _as_bool(current_class_mask) & ~_as_bool(known))
+  pred = jax.lax.stop_gradient(jnp.asarray(probs)) > tau_cur
+  return _fill(labels, known, fill, pred)
+
+
+def warmup_active(*, step, total_steps, warmup_frac):
+  """bool scalar: step (0-based, within the task) >= warmup_frac * total_steps.
+
+  All arguments may be traced (the step counter lives in the train state).
+  """
+  step = jnp.asarray(step, jnp.float32)
+  return step >= jnp.asarray(warmup_frac, jnp.float32) * jnp.asarray(
+      total_steps, jnp.float32)
+
+
+def relabel_buffer(predict_fn: Callable, images: np.ndarray,
+                   labels: np.ndarray, known: np.ndarray, valid: np.ndarray,
+                   column_mask: np.ndarray, tau: float, chunk: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Between-task pass: relabels columns of the buffer with the trained model.
+
+  Gathers the valid rows that have a column to write, runs ``predict_fn``
+  over them in chunks of exactly ``chunk`` rows (the last one zero-padded, so
+  there is a single compile), and writes 1[p > tau] into the selected
+  entries, marking them known. All chunks are dispatched before any result
+  is read back, so host gathering overlaps device compute.
+
+  Args:
+    predict_fn: jitted, uint8 [chunk, H, W, 3] -> float probs [chunk, C]; it
+      must treat rows independently (eval-mode BatchNorm), so padding rows do
+      not change real ones.
+    images: uint8 [capacity, H, W, 3]; labels: float [capacity, C];
+      known: bool [capacity, C]; valid: bool [capacity].
+    column_mask: bool [C] (e.g. the task just learned) or [capacity, C]
+      (e.g. that & ~ground_truth, to keep ground-truth entries).
+    tau: threshold (c.relabel.tau_cur).
+    chunk: rows per call (c.relabel.chunk).
+
+  Returns:
+    (labels, known), new numpy arrays; the inputs are not modified. The
+    entries written are ``column_mask & valid[:, None]``.
+  """
+  labels, known = np.array(labels), np.array(known)
+  write = np.broadcast_to(np.asarray(column_mask, bool), labels.shape)
+  write = write & np.asarray(valid, bool)[:, None]
+  rows = np.flatnonzero(write.any(axis=1))
+  if rows.size == 0:
+    return labels, known
+  outs = []
+  for start in range(0, rows.size, chunk):  # per chunk, not per row
+    batch = images[rows[start:start + chunk]]
+    if batch.shape[0] < chunk:
+      pad = np.zeros((chunk - batch.shape[0], *batch.shape[1:]), batch.dtype)
+      batch = np.concatenate([batch, pad])
+    outs.append(predict_fn(batch))  # async: dispatch everything first
+  probs = np.concatenate([np.asarray(o) for o in outs])[:rows.size]
+  sel = write[rows]
+  labels[rows] = np.where(sel, (probs > tau).astype(labels.dtype),
+                          labels[rows])
+  known[rows] = known[rows] | sel
+  return labels, known
+
+
+def confusion_counts(*, pred_labels, mask, true_labels):
+  """TP/FP/TN/FN of predicted vs true 0/1 labels over mask entries.
+
+  jnp, so a train step can accumulate counts for its batch relabels (sums
+  of int32 scalars); works on numpy input too. All arrays [rows, classes].
+  """
+  m = _as_bool(mask)
+  pred, true = _as_bool(pred_labels), _as_bool(true_labels)
+  count = lambda x: jnp.sum(x & m, dtype=jnp.int32)
+  return {"tp": count(pred & true), "fp": count(pred & ~true),
+          "tn": count(~pred & ~true), "fn": count(~pred & true)}
+
+
+def quality_from_counts(counts) -> dict:
+  """fpr = FP/(FP+TN), fnr = FN/(FN+TP), count = all; 0 when undefined."""
+  c = {k: int(np.asarray(counts[k]).sum()) for k in ("tp", "fp", "tn", "fn")}
+  neg, pos = c["fp"] + c["tn"], c["fn"] + c["tp"]
+  return {"fpr": c["fp"] / neg if neg else 0.0,
+          "fnr": c["fn"] / pos if pos else 0.0,
+          "count": neg + pos, **c}
+
+
+def relabel_quality(pred_labels, known_relabelled_mask, true_labels) -> dict:
+  """Quality of relabeled entries against hidden ground truth (host, numpy).
+
+  Args:
+    pred_labels: [rows, C] 0/1 labels after relabeling.
+    known_relabelled_mask: bool [rows, C], the entries that were relabeled
+      (not ground truth, not unknown).
+    true_labels: [rows, C] full 0/1 ground truth.
+
+  Returns:
+    {"fpr", "fnr", "count", "tp", "fp", "tn", "fn"}; rates are floats, 0.0
+    when their denominator is 0 (never NaN).
+  """
+  m = np.asarray(known_relabelled_mask, bool)
+  pred = np.asarray(pred_labels) > 0.5
+  true = np.asarray(true_labels) > 0.5
+  counts = {"tp": (pred & true & m).sum(), "fp": (pred & ~true & m).sum(),
+            "tn": (~pred & ~true & m).sum(), "fn": (~pred & true & m).sum()}
+  return quality_from_counts(counts)

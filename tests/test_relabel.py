@@ -1,0 +1,228 @@
+"""Tests of rebll_jax.relabel: online fills, the buffer pass, diagnostics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rebll_jax import relabel
+
+C = 5
+H = 3
+
+
+def _tiny_predict(trace_counter=None):
+  """A jitted per-row 'model': probs from mean pixel values through a matrix."""
+  w = np.linspace(-2.0, 2.0, 3 * C).reshape(3, C).astype(np.float32)
+
+  @jax.jit
+  def predict(images):
+    if trace_counter is not None:
+      trace_counter.append(images.shape)
+    x = images.astype(jnp.float32).mean(axis=(1, 2)) / 255.0 * 4.0 - 2.0
+    return jax.nn.sigmoid(x @ w + jnp.arange(C) * 0.1)
+
+  return predict
+
+
+def _buffer(seed, cap=23):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (cap, H, H, 3), dtype=np.uint8)
+  labels = (rng.random((cap, C)) < 0.3).astype(np.float32)
+  known = rng.random((cap, C)) < 0.5
+  valid = rng.random(cap) < 0.8
+  return images, labels, known, valid
+
+
+def _loop_reference(predict, images, labels, known, valid, column_mask, tau):
+  """The slow way: one row at a time."""
+  labels, known = labels.copy(), known.copy()
+  cm = np.broadcast_to(column_mask, labels.shape)
+  for i in range(len(images)):
+    if not valid[i]:
+      continue
+    p = np.asarray(predict(images[i:i + 1]))[0]
+    for c in range(C):
+      if cm[i, c]:
+        labels[i, c] = float(p[c] > tau)
+        known[i, c] = True
+  return labels, known
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 23, 64])
+def test_buffer_pass_equals_per_row_loop(chunk):
+  images, labels, known, valid = _buffer(0)
+  column_mask = np.array([False, True, True, False, True])
+  predict = _tiny_predict()
+  got = relabel.relabel_buffer(predict, images, labels, known, valid,
+                               column_mask, 0.5, chunk)
+  want = _loop_reference(predict, images, labels, known, valid, column_mask,
+                         0.5)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  assert got[0].dtype == labels.dtype and got[1].dtype == bool
+  # Entries outside the mask and invalid rows are untouched.
+  outside = ~(column_mask[None] & valid[:, None])
+  np.testing.assert_array_equal(got[0][outside], labels[outside])
+  np.testing.assert_array_equal(got[1][outside], known[outside])
+
+
+def test_buffer_pass_per_row_mask_keeps_ground_truth_and_compiles_once():
+  images, labels, known, valid = _buffer(1, cap=30)
+  ground_truth = known.copy()
+  cm = np.array([True, True, False, False, False])[None] & ~ground_truth
+  traces = []
+  predict = _tiny_predict(traces)
+  labels_copy = labels.copy()
+  got = relabel.relabel_buffer(predict, images, labels, known, valid, cm, 0.3,
+                               8)
+  assert traces == [(8, H, H, 3)]  # padded last chunk: one shape, one trace
+  np.testing.assert_array_equal(labels, labels_copy)  # inputs untouched
+  np.testing.assert_array_equal(got[0][ground_truth], labels[ground_truth])
+  want = _loop_reference(predict, images, labels, known, valid, cm, 0.3)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_padding_of_last_chunk_changes_nothing():
+  images, labels, known, valid = _buffer(2, cap=20)
+  valid[:] = True
+  predict = _tiny_predict()
+  cm = np.ones(C, bool)
+  # 20 rows as 5 chunks of 4 (no padding) vs 3 of 8 (4 padding rows) and 1x32
+  a = relabel.relabel_buffer(predict, images, labels, known, valid, cm, 0.5, 4)
+  for chunk in (8, 32, 6):
+    b = relabel.relabel_buffer(predict, images, labels, known, valid, cm, 0.5,
+                               chunk)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_buffer_pass_with_nothing_to_write_does_not_call_model():
+  images, labels, known, valid = _buffer(3)
+
+  def boom(_):
+    raise AssertionError("model called")
+
+  got = relabel.relabel_buffer(boom, images, labels, known, valid,
+                               np.zeros(C, bool), 0.5, 4)
+  np.testing.assert_array_equal(got[0], labels)
+  got = relabel.relabel_buffer(boom, images, labels, known,
+                               np.zeros_like(valid), np.ones(C, bool), 0.5, 4)
+  np.testing.assert_array_equal(got[1], known)
+
+
+def _batch():
+  labels = jnp.array([[1, 0, 0, 0, 0],   # new row, ground truth on 0..1
+                      [0, 1, 0, 0, 0],   # new row
+                      [0, 0, 1, 1, 0],   # memory row, ground truth on 2..3
+                      [0, 0, 0, 0, 0]],  # padding row
+                     jnp.float32)
+  known = jnp.array([[1, 1, 0, 0, 0],
+                     [1, 1, 0, 1, 0],  # class 3 already known: keep it
+                     [0, 0, 1, 1, 0],
+                     [0, 0, 0, 0, 0]], bool)
+  probs = jnp.array([[.9, .1, .7, .2, .6],
+                     [.2, .8, .4, .9, .95],
+                     [.6, .3, .1, .9, .55],
+                     [.9, .9, .9, .9, .9]], jnp.float32)
+  # Task 2 is classes 0..1; old classes 2..4 (learned in earlier tasks).
+  current = jnp.array([1, 1, 0, 0, 0], bool)
+  old = jnp.array([0, 0, 1, 1, 1], jnp.float32)  # float masks work too
+  row_is_new = jnp.array([1, 1, 0, 0], bool)
+  row_is_memory = jnp.array([0, 0, 1, 0], bool)
+  return labels, known, probs, current, old, row_is_new, row_is_memory
+
+
+def test_relabel_new_rows_by_hand():
+  labels, known, probs, _, old, row_is_new, _ = _batch()
+  nl, nk = relabel.relabel_new_rows(labels=labels, known=known,
+                                    old_probs=probs, old_class_mask=old,
+                                    row_is_new=row_is_new, tau_old=0.5)
+  np.testing.assert_array_equal(nl, [[1, 0, 1, 0, 1],
+                                     [0, 1, 0, 0, 1],  # col 3 kept (known)
+                                     [0, 0, 1, 1, 0],
+                                     [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(nk, [[1, 1, 1, 1, 1],
+                                     [1, 1, 1, 1, 1],
+                                     [0, 0, 1, 1, 0],
+                                     [0, 0, 0, 0, 0]])
+  assert nl.dtype == labels.dtype and nk.dtype == known.dtype
+  # A higher threshold flips the 0.6 and 0.7 entries to negatives.
+  nl, _ = relabel.relabel_new_rows(labels=labels, known=known,
+                                   old_probs=probs, old_class_mask=old,
+                                   row_is_new=row_is_new, tau_old=0.8)
+  np.testing.assert_array_equal(nl[0], [1, 0, 0, 0, 0])
+
+
+def test_relabel_memory_rows_by_hand_and_warmup():
+  labels, known, probs, current, _, _, row_is_memory = _batch()
+  kw = dict(labels=labels, known=known, probs=probs,
+            current_class_mask=current, row_is_memory=row_is_memory,
+            tau_cur=0.5)
+  nl, nk = relabel.relabel_memory_rows(active=False, **kw)
+  np.testing.assert_array_equal(nl, labels)
+  np.testing.assert_array_equal(nk, known)
+  nl, nk = relabel.relabel_memory_rows(active=jnp.array(True), **kw)
+  want_l, want_k = np.array(labels), np.array(known)
+  want_l[2, :2], want_k[2, :2] = [1, 0], True
+  np.testing.assert_array_equal(nl, want_l)
+  np.testing.assert_array_equal(nk, want_k)
+  # float known masks keep their dtype
+  _, nkf = relabel.relabel_memory_rows(
+      active=True, **{**kw, "known": known.astype(jnp.float32)})
+  assert nkf.dtype == jnp.float32
+  np.testing.assert_array_equal(nkf, want_k.astype(np.float32))
+
+  act = lambda s: bool(relabel.warmup_active(step=s, total_steps=10,
+                                             warmup_frac=0.5))
+  assert [act(s) for s in (0, 4, 5, 9)] == [False, False, True, True]
+
+
+def test_online_jit_equals_no_jit_and_no_gradient_leak():
+  labels, known, probs, current, old, row_is_new, row_is_memory = _batch()
+
+  def both(probs, active, tau):
+    l, k = relabel.relabel_new_rows(labels=labels, known=known,
+                                    old_probs=probs, old_class_mask=old,
+                                    row_is_new=row_is_new, tau_old=tau)
+    return relabel.relabel_memory_rows(labels=l, known=k, probs=probs,
+                                       current_class_mask=current,
+                                       row_is_memory=row_is_memory,
+                                       tau_cur=tau, active=active)
+
+  traces = []
+
+  def counted(*a):
+    traces.append(1)
+    return both(*a)
+
+  jitted = jax.jit(counted)
+  for active in (False, True):
+    for tau in (0.5, 0.8):
+      a, b = both(probs, active, tau), jitted(probs, active, tau)
+      np.testing.assert_array_equal(a[0], b[0])
+      np.testing.assert_array_equal(a[1], b[1])
+  assert len(traces) == 1  # active and tau are traced, not static
+
+  g = jax.grad(lambda p: jnp.sum(both(p, True, 0.5)[0] * p))(probs)
+  # Only the explicit "* p" factor carries gradient: labels are constants.
+  np.testing.assert_allclose(g, both(probs, True, 0.5)[0])
+
+
+def test_confusion_counts_and_quality():
+  pred = np.array([[1, 0, 1, 0], [1, 1, 0, 0]])
+  true = np.array([[1, 1, 0, 0], [0, 1, 0, 1]])
+  mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], bool)
+  q = relabel.relabel_quality(pred, mask, true)
+  # masked entries: tp (0,0),(1,1); fp (0,2),(1,0); tn (0,3),(1,2); fn (0,1)
+  assert (q["tp"], q["fp"], q["tn"], q["fn"], q["count"]) == (2, 2, 2, 1, 7)
+  assert q["fpr"] == 0.5 and q["fnr"] == pytest.approx(1 / 3)
+  counts = jax.jit(lambda p, m, t: relabel.confusion_counts(
+      pred_labels=p, mask=m, true_labels=t))(pred, mask, true)
+  assert relabel.quality_from_counts(counts) == q
+  # Never NaN: nothing relabeled, or no negatives / positives among them.
+  empty = relabel.relabel_quality(pred, np.zeros_like(mask), true)
+  assert empty["fpr"] == 0.0 and empty["fnr"] == 0.0 and empty["count"] == 0
+  only_pos = relabel.relabel_quality(pred, true.astype(bool), true)
+  assert only_pos["fpr"] == 0.0 and only_pos["fnr"] == 0.5
