@@ -1,0 +1,160 @@
+"""Deterministic batch assembly for one task: new data mixed with replay.
+
+The order of a task's batches is a pure function of (seed, task, epoch), so
+the loader's whole state is the step it is at: resuming at step s rebuilds
+the same batches from s on. Each process reads only its slice of the global
+batch (multi-host); a background thread keeps a few batches ready.
+
+The last partial batch of an epoch is dropped (static shapes, no recompile);
+a task smaller than one batch wraps around its permutation instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+
+import numpy as np
+
+from rebll_jax.data.base import Split
+from rebll_jax.protocol import TaskView
+
+
+@dataclasses.dataclass
+class MemoryRows:
+  """Host arrays of the replay rows visible this task (numpy)."""
+
+  images: np.ndarray  # uint8 [m, H, W, 3]
+  labels: np.ndarray  # float32 [m, C]
+  known: np.ndarray  # bool [m, C]
+  true_labels: np.ndarray  # uint8 [m, C], diagnostics only
+
+  def __len__(self):
+    return int(self.labels.shape[0])
+
+
+def _epoch_order(rng_seed, task, epoch, size):
+  rng = np.random.default_rng([rng_seed, task, epoch])
+  return rng.permutation(size)
+
+
+class TaskBatches:
+  """Batches of one task. ``batch(step)`` is deterministic.
+
+  mix="uniform": one permutation over new rows + memory rows (replay is
+  proportional to its size). mix="fraction": each batch takes
+  round(fraction * B) rows from memory and the rest from new data.
+  """
+
+  def __init__(self, *, split: Split, view: TaskView, memory: MemoryRows,
+               global_batch: int, local_rows: slice, seed: int, task: int,
+               mix: str = "uniform", fraction: float = 0.25):
+    self.split, self.view, self.memory = split, view, memory
+    self.global_batch, self.local_rows = global_batch, local_rows
+    self.seed, self.task = seed, task
+    self.mix = mix if len(memory) else "uniform"
+    num_new, num_mem = len(view), len(memory)
+    if self.mix == "fraction":
+      self.mem_per_batch = int(round(fraction * global_batch))
+      self.new_per_batch = global_batch - self.mem_per_batch
+      self.steps_per_epoch = max(1, num_new // self.new_per_batch)
+    else:
+      self.steps_per_epoch = max(1, (num_new + num_mem) // global_batch)
+
+  def _rows(self, step):
+    """Global-batch row ids: >= 0 new-view rows, < 0 memory rows (-1-i)."""
+    epoch, within = divmod(step, self.steps_per_epoch)
+    num_new, num_mem = len(self.view), len(self.memory)
+    if self.mix == "fraction":
+      new = np.resize(_epoch_order(self.seed, self.task, epoch, num_new),
+                      self.steps_per_epoch * self.new_per_batch)
+      mem = np.resize(_epoch_order(self.seed + 1, self.task, epoch, num_mem),
+                      self.steps_per_epoch * self.mem_per_batch)
+      n0 = within * self.new_per_batch
+      m0 = within * self.mem_per_batch
+      return np.concatenate([new[n0:n0 + self.new_per_batch],
+                             -1 - mem[m0:m0 + self.mem_per_batch]])
+    order = np.resize(_epoch_order(self.seed, self.task, epoch,
+                                   num_new + num_mem),
+                      self.steps_per_epoch * self.global_batch)
+    rows = order[within * self.global_batch:(within + 1) * self.global_batch]
+    return np.where(rows < num_new, rows, -1 - (rows - num_new))
+
+  def batch(self, step: int) -> dict:
+    """This process's rows of global batch ``step`` as numpy arrays."""
+    rows = self._rows(step)[self.local_rows]
+    is_mem = rows < 0
+    new_rows = rows[~is_mem]
+    mem_rows = -1 - rows[is_mem]
+    n = rows.shape[0]
+    c = self.view.labels.shape[1]
+    images = np.empty((n,) + self._image_shape(), np.uint8)
+    labels = np.zeros((n, c), np.float32)
+    known = np.zeros((n, c), bool)
+    true = np.zeros((n, c), np.uint8)
+    if new_rows.size:
+      src = self.view.indices[new_rows]
+      images[~is_mem] = self.split.read_images(src)
+      labels[~is_mem] = self.view.labels[new_rows]
+      known[~is_mem] = self.view.known[new_rows]
+      true[~is_mem] = self.split.labels[src]
+    if mem_rows.size:
+      images[is_mem] = self.memory.images[mem_rows]
+      labels[is_mem] = self.memory.labels[mem_rows]
+      known[is_mem] = self.memory.known[mem_rows]
+      true[is_mem] = self.memory.true_labels[mem_rows]
+    return {"images": images, "labels": labels, "known": known,
+            "is_memory": is_mem, "true_labels": true}
+
+  def _image_shape(self):
+    if not hasattr(self, "_shape"):
+      self._shape = self.split.read_images(self.view.indices[:1]).shape[1:]
+    return self._shape
+
+  def iterate(self, start: int, stop: int, prefetch: int = 2):
+    """Yields (step, batch) for step in [start, stop), read ahead."""
+    if prefetch <= 0:
+      for step in range(start, stop):
+        yield step, self.batch(step)
+      return
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop_event = threading.Event()
+
+    def produce():
+      try:
+        for step in range(start, stop):
+          if stop_event.is_set():
+            return
+          ready.put((step, self.batch(step)))
+      except BaseException as e:  # surfaced in the consumer
+        ready.put(e)
+      ready.put(None)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+      while True:
+        item = ready.get()
+        if item is None:
+          return
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:
+      stop_event.set()
+      while thread.is_alive():  # unblock a producer waiting on a full queue
+        try:
+          ready.get_nowait()
+        except queue.Empty:
+          thread.join(timeout=0.05)
+
+
+def eval_batches(split: Split, indices: np.ndarray, batch_size: int):
+  """(images, valid count) chunks of a fixed size; the last is padded."""
+  for start in range(0, len(indices), batch_size):
+    chunk = indices[start:start + batch_size]
+    valid = len(chunk)
+    if valid < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - valid)])
+    yield split.read_images(chunk), valid

@@ -1,0 +1,115 @@
+"""The replay memory across tasks: what the trainer does between tasks.
+
+Wires ``memory`` (buffer arrays, quotas, selection) and ``relabel`` (the
+between-task pass) into the protocol. After task t: shrink old quotas (fixed
+total budget), select task-t exemplars by herding on pooled features of the
+trained model, store them with ground truth on task t's block and, for
+methods with relabeling, the past model's labels on old classes (below the
+diagonal of the label block matrix); then the trained model writes task t's
+columns of every older row (above the diagonal). Finally the relabeled
+entries are scored against the hidden ground truth, per block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from rebll_jax import memory as memory_lib
+from rebll_jax import parallel, relabel
+from rebll_jax.data.loader import MemoryRows
+
+
+def create(config, method, source) -> memory_lib.Memory:
+  """An empty buffer with the run's static capacity (0 without replay)."""
+  size = config.data.image_size
+  capacity = 0
+  if method.replay:
+    capacity = memory_lib.capacity_for(
+        num_classes=source.num_classes, per_class=config.memory.per_class,
+        total=config.memory.total)
+  return memory_lib.empty(capacity, (size, size, 3), source.num_classes)
+
+
+def visible_rows(mem: memory_lib.Memory, source) -> MemoryRows:
+  """The stored rows as the loader mixes them into batches."""
+  rows = memory_lib.valid_rows(mem)
+  return MemoryRows(images=mem.images[rows], labels=mem.labels[rows],
+                    known=mem.known[rows],
+                    true_labels=source.train.labels[mem.source_index[rows]])
+
+
+def _class_task(tasks, num_classes) -> np.ndarray:
+  owner = np.full(num_classes, -1, np.int32)
+  for task in tasks:
+    owner[task.classes] = task.index
+  return owner
+
+
+def buffer_quality(mem: memory_lib.Memory, source, tasks) -> dict:
+  """FPR/FNR (percent) of relabeled buffer entries, above / below diagonal."""
+  rows = memory_lib.valid_rows(mem)
+  if rows.size == 0:
+    return {}
+  relabeled = mem.known[rows] & ~mem.ground_truth[rows]
+  col_task = _class_task(tasks, source.num_classes)[None, :]
+  row_task = mem.task[rows][:, None]
+  truth = source.train.labels[mem.source_index[rows]]
+  out = {}
+  for name, block in (("above_diagonal", col_task > row_task),
+                      ("below_diagonal", (col_task < row_task)
+                       & (col_task >= 0))):
+    q = relabel.relabel_quality(mem.labels[rows], relabeled & block, truth)
+    out[name] = {"fpr": 100 * q["fpr"], "fnr": 100 * q["fnr"],
+                 "count": q["count"]}
+  return out
+
+
+def after_task(*, mem, config, method, source, view, task, tasks, predictor,
+               variables, old_variables):
+  """Updates the buffer after ``task``; returns (buffer, label quality)."""
+  if not method.replay:
+    return mem, {}
+  num_classes = source.num_classes
+  quotas = memory_lib.class_quotas(
+      task.seen, num_classes=num_classes, per_class=config.memory.per_class,
+      total=config.memory.total)
+  mem = memory_lib.shrink(mem, quotas)
+
+  _, features = predictor(variables, source.train, view.indices)
+  picked = memory_lib.select_exemplars(
+      features, view.labels, task.classes, quotas,
+      method=config.memory.selection,
+      rng=np.random.default_rng([config.seed, task.index, 17]))
+  rows, ranks = memory_lib.exemplar_rows(picked, num_classes=num_classes)
+  indices = view.indices[rows]
+  labels, known = view.labels[rows].copy(), view.known[rows].copy()
+  ground_truth = known.copy()
+  if method.relabel_between_tasks and task.index > 0 and rows.size:
+    # Below the diagonal: the past model labels the new rows' old classes.
+    old_scores, _ = predictor(old_variables, source.train, indices)
+    old = task.old_mask.astype(bool)[None, :]
+    labels = np.where(old, (old_scores > config.relabel.tau_old), labels)
+    known = known | old
+  mem = memory_lib.add(
+      mem, images=source.train.read_images(indices), labels=labels,
+      known=known, ground_truth=ground_truth, task=task.index,
+      image_id=source.train.image_ids[indices], source_index=indices,
+      ranks=ranks)
+
+  if method.relabel_between_tasks and task.index > 0:
+    # Above the diagonal: the trained model labels older rows' new classes.
+    write = (task.current_mask.astype(bool)[None, :]
+             & (mem.task < task.index)[:, None] & ~mem.ground_truth)
+    chunk = config.relabel.chunk
+    local = parallel.local_batch_slice(chunk)
+    predict = lambda images: predictor.fn(  # noqa: E731
+        variables, parallel.to_global(predictor.mesh, images[local]))[0]
+    labels, known = relabel.relabel_buffer(
+        predict, mem.images, mem.labels, mem.known, mem.valid, write,
+        config.relabel.tau_cur, chunk)
+    mem = dataclasses.replace(mem, labels=labels, known=known)
+  jax.block_until_ready(variables)
+  return mem, buffer_quality(mem, source, tasks)
