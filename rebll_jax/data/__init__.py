@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rebll_jax.data import synthetic
+from rebll_jax.data import prepared, synthetic
 from rebll_jax.data.base import Source, Split  # noqa: F401
 
 # name -> builder(data_config) -> Source
 SOURCES: dict[str, Callable[..., Source]] = {
     "synthetic": synthetic.build,
+    "voc2007": lambda cfg: prepared.build_prepared(cfg, "voc2007"),
+    "coco2014": lambda cfg: prepared.build_prepared(cfg, "coco2014"),
+    "coco_format": lambda cfg: prepared.build_prepared(cfg, "coco_format"),
+    "tfds_voc2007": prepared.build_tfds_voc2007,
 }
 
 

@@ -1,0 +1,108 @@
+"""PASCAL VOC 2007: locate the archives, read the labels (prepare side).
+
+Class order is the standard VOC list (METHOD.md section 1). An image is
+labelled with a class when it holds at least one object of that class that is
+not marked ``difficult``. Image ids are the numeric file stems (``000005``
+-> 5). ``trainval`` becomes the train split, ``test`` the test split.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+
+from rebll_jax.data.archives import DirStore, TarStore, UserError
+
+CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+           "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike",
+           "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+TARS = {"train": "VOCtrainval_06-Nov-2007.tar",
+        "test": "VOCtest_06-Nov-2007.tar"}
+LISTS = {"train": "ImageSets/Main/trainval.txt",
+         "test": "ImageSets/Main/test.txt"}
+
+
+def _extracted_root(src: str) -> str | None:
+  for cand in (src, os.path.join(src, "VOC2007"),
+               os.path.join(src, "VOCdevkit", "VOC2007")):
+    if os.path.isdir(os.path.join(cand, "Annotations")):
+      return cand
+  return None
+
+
+def locate(src: str) -> dict:
+  """Split name -> store rooted at ``VOC2007/`` (tar preferred if both)."""
+  if not os.path.isdir(src):
+    raise UserError(f"--src {src} is not a folder")
+  root = _extracted_root(src)
+  stores = {}
+  for split, tar in TARS.items():
+    tar_path = os.path.join(src, tar)
+    if os.path.isfile(tar_path):
+      store = TarStore(tar_path, prefix="VOC2007/")
+    elif root is not None and os.path.isfile(os.path.join(root, LISTS[split])):
+      store = DirStore(root)
+    else:
+      raise UserError(
+          f"missing {tar} in {os.path.abspath(src)} (or its extracted form "
+          f"VOCdevkit/VOC2007/{LISTS[split]} there)")
+    if not store.exists(LISTS[split]):
+      raise UserError(f"{store.where} holds no {LISTS[split]}: not the VOC "
+                      "2007 archive?")
+    stores[split] = store
+  return stores
+
+
+def parse_annotation(xml_bytes: bytes, where: str) -> tuple[np.ndarray, int]:
+  """Multi-hot over CLASSES from one annotation XML; also #difficult objects."""
+  try:
+    root = ET.fromstring(xml_bytes)
+  except ET.ParseError as e:
+    raise UserError(f"malformed annotation {where}: {e}") from None
+  y = np.zeros(len(CLASSES), np.uint8)
+  n_difficult = 0
+  for obj in root.iter("object"):
+    name = (obj.findtext("name") or "").strip()
+    if name not in CLASSES:
+      raise UserError(f"unknown VOC class {name!r} in {where}")
+    if (obj.findtext("difficult") or "0").strip() == "1":
+      n_difficult += 1
+      continue
+    y[CLASSES.index(name)] = 1
+  return y, n_difficult
+
+
+def split_items(store, split: str) -> tuple[list, dict]:
+  """[(image_id, image_path_in_store, labels uint8 [20])] sorted by id."""
+  names = store.read(LISTS[split]).decode().split()
+  items = []
+  n_difficult = 0
+  for stem in names:
+    ann = f"Annotations/{stem}.xml"
+    if not store.exists(ann):
+      raise UserError(f"missing {ann} in {store.where}")
+    y, d = parse_annotation(store.read(ann), f"{store.where}:{ann}")
+    n_difficult += d
+    items.append((int(stem), f"JPEGImages/{stem}.jpg", y))
+  items.sort(key=lambda t: t[0])
+  return items, {"difficult_objects": n_difficult}
+
+
+def fingerprint(src: str) -> list:
+  from rebll_jax.data.archives import file_signature
+  out = []
+  for split, tar in TARS.items():
+    p = os.path.join(src, tar)
+    if os.path.isfile(p):
+      out.append(file_signature(p))
+  root = _extracted_root(src)
+  if root is not None and len(out) < 2:
+    for split in LISTS:
+      p = os.path.join(root, LISTS[split])
+      if os.path.isfile(p):
+        out.append(file_signature(p))
+    out.append(file_signature(os.path.join(root, "Annotations")))
+  return out

@@ -1,0 +1,331 @@
+"""Turn VOC 2007 / COCO 2014 / any COCO-format data into a TFDS dataset.
+
+  python -m rebll_jax.prepare voc2007  --src ~/archives/voc  --data_dir ~/rebll_data
+  python -m rebll_jax.prepare coco2014 --src ~/archives/coco --data_dir ~/rebll_data
+  python -m rebll_jax.prepare coco_format --name mydata --train_json train.json \\
+      --test_json test.json --images ~/mydata/images --data_dir ~/rebll_data
+
+The output is a standard TFDS dataset in array_record form (written by a
+``tfds.core.GeneratorBasedBuilder``; no TensorFlow is needed or imported) at
+``DATA_DIR/rebll_voc2007/1.0.0``, ``DATA_DIR/rebll_coco2014/1.0.0`` or
+``DATA_DIR/rebll_coco_format/NAME/1.0.0``. Each record holds the original
+encoded image bytes, ``image_id``, ``file_name`` and ``labels`` (the full
+multi-hot vector in the protocol's class order). Records are in increasing
+image id order (shuffling disabled). ``metadata.json`` holds the class names,
+the ids and positive classes of every record (so a reader loads all labels
+without touching the images), the counts of skipped images, crowd
+annotations and difficult objects, and a fingerprint of the inputs.
+
+Atomic: TFDS writes into ``incomplete.*`` and renames the folder at the end,
+so a half-written output never looks prepared. Idempotent: rerunning with the
+same inputs finds the finished dataset and returns at once; other inputs are
+refused unless ``--overwrite``. Images that PIL cannot decode are skipped
+with a warning and counted. Input mistakes print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from rebll_jax.data import coco, voc
+from rebll_jax.data.archives import UserError
+
+FORMAT_VERSION = 1
+BUILDER_NAMES = {"voc2007": "rebll_voc2007", "coco2014": "rebll_coco2014",
+                 "coco_format": "rebll_coco_format"}
+_CHUNK = 64  # images read, then checked in parallel, per step
+
+
+def _check_image(raw: bytes) -> str | None:
+  """None when PIL decodes ``raw`` (at reduced scale: fast), else the reason."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(raw)) as im:
+      im.draft("RGB", (64, 64))
+      im.load()
+      if im.width < 1 or im.height < 1:
+        return "empty image"
+    return None
+  except Image.UnidentifiedImageError:
+    return "not an image format PIL can read"
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {e}"
+
+
+def _builder_class():
+  """The TFDS builder (defined lazily: importing tfds takes a second)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class _Prepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Builder whose examples come from a plan computed before it runs."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    # TFDS locates a builder's source file to find checksums; for a class in
+    # a package that path needs the optional ``importlib_resources``. We
+    # download nothing, so there is nothing to look up.
+    code_path = None
+    RELEASE_NOTES = {"1.0.0": "First release."}
+
+    def __init__(self, *, plan, **kwargs):
+      self._plan = plan
+      super().__init__(**kwargs)
+
+    def _info(self):
+      c = len(self._plan["class_names"])
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description=self._plan["description"],
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(None, None, 3)),
+              "image_id": np.int64,
+              "file_name": tfds.features.Text(),
+              "labels": tfds.features.Tensor(shape=(c,), dtype=np.uint8),
+          }),
+          metadata=tfds.core.MetadataDict(),
+          disable_shuffling=True,
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {s: self._generate_examples(s) for s in ("train", "test")}
+
+    def _generate_examples(self, split):
+      items, store = self._plan["splits"][split]
+      workers = self._plan["workers"]
+      kept_ids, kept_pos, skipped = [], [], []
+      with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(items), _CHUNK):
+          chunk = items[start:start + _CHUNK]
+          raws = []
+          for _, path, _ in chunk:
+            try:
+              raws.append(store.read(path))
+            except (KeyError, OSError) as e:
+              raws.append(e)
+          reasons = list(pool.map(
+              lambda r: (f"missing: {r}" if isinstance(r, Exception)
+                         else _check_image(r)), raws))
+          for (img_id, path, y), raw, why in zip(chunk, raws, reasons):
+            if why is not None:
+              print(f"warning: skipping unreadable image {store.where}:"
+                    f"{path} ({why})", file=sys.stderr)
+              skipped.append(path)
+              continue
+            kept_ids.append(img_id)
+            kept_pos.append(np.flatnonzero(y).tolist())
+            yield img_id, {"image": raw, "image_id": img_id,
+                           "file_name": path, "labels": y}
+      md = self.info.metadata
+      md.setdefault("splits", {})[split] = {
+          "image_ids": kept_ids, "positives": kept_pos,
+          "num_skipped": len(skipped), "skipped": skipped}
+      md["num_skipped"] = sum(v["num_skipped"]
+                              for v in md["splits"].values())
+      for k, v in self._plan["meta"].items():
+        md[k] = v
+
+  return _Prepared
+
+
+def _out_name(kind: str, name: str) -> str:
+  if kind != "coco_format":
+    return BUILDER_NAMES[kind]
+  return f"{BUILDER_NAMES[kind]}/{name}"
+
+
+def output_dir(kind: str, data_dir: str, name: str = "") -> str:
+  """Where ``prepare`` writes (and the readers look)."""
+  return os.path.join(data_dir, _out_name(kind, name), "1.0.0")
+
+
+def _plan(args) -> tuple[dict, list]:
+  """Read the annotations: class names and per-split items + stores."""
+  kind = args.dataset
+  counts = {}
+  if kind == "voc2007":
+    stores = voc.locate(args.src)
+    names = list(voc.CLASSES)
+    splits = {}
+    for split, store in stores.items():
+      items, c = voc.split_items(store, split)
+      splits[split] = (items, store)
+      counts[f"{split}_difficult_objects"] = c["difficult_objects"]
+    desc = "PASCAL VOC 2007 (trainval -> train, test -> test), multi-label."
+  else:
+    if kind == "coco2014":
+      stores, anns = coco.locate_2014(args.src)
+      desc = "MS-COCO 2014 (train2014 -> train, val2014 -> test), multi-label."
+    else:
+      stores, anns = coco.locate_format(args.train_json, args.test_json,
+                                        args.images)
+      desc = f"COCO-format dataset {args.name!r}, multi-label."
+    jsons = {s: coco.load_json(raw, where) for s, (raw, where) in anns.items()}
+    names = coco.class_names(jsons["train"])
+    test_names = coco.class_names(jsons["test"])
+    if test_names != names:
+      extra = sorted(set(test_names) ^ set(names))
+      raise UserError(f"train and test annotation files have different "
+                      f"categories (e.g. {extra[:5]})")
+    splits = {}
+    for split, d in jsons.items():
+      items, c = coco.labels_from_json(d, names, anns[split][1])
+      splits[split] = (items, stores[split])
+      counts[f"{split}_crowd_annotations"] = c["crowd_annotations"]
+  meta = {"format_version": FORMAT_VERSION, "dataset": kind,
+          "class_names": names, **counts,
+          "num_without_label": {s: int(sum(not y.any() for _, _, y in it))
+                                for s, (it, _) in splits.items()}}
+  return {"class_names": names, "splits": splits, "description": desc,
+          "meta": meta}, names
+
+
+def _fingerprint(args) -> list:
+  if args.dataset == "voc2007":
+    return voc.fingerprint(args.src)
+  if args.dataset == "coco2014":
+    return coco.fingerprint_2014(args.src)
+  return coco.fingerprint_format(args.train_json, args.test_json, args.images)
+
+
+def prepare(args) -> dict:
+  """Run one prepare command; returns a summary dict (also printed)."""
+  t0 = time.time()
+  if args.dataset == "coco_format":
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", args.name or ""):
+      raise UserError(f"--name {args.name!r}: use lower-case letters, digits "
+                      "and '_', starting with a letter")
+  elif args.src is None:
+    raise UserError(f"{args.dataset} needs --src")
+  if not args.data_dir:
+    raise UserError("--data_dir is required")
+  fp = _fingerprint(args)
+  out = output_dir(args.dataset, args.data_dir, args.name)
+  info_json = os.path.join(out, "dataset_info.json")
+  if os.path.isfile(info_json):
+    with open(os.path.join(out, "metadata.json")) as f:
+      old = json.load(f)
+    if old.get("fingerprint") == fp and not args.overwrite:
+      summary = _summary(out, old, time.time() - t0, done_before=True)
+      print(f"already prepared at {out}; nothing to do", file=sys.stderr)
+      return summary
+    if not args.overwrite:
+      raise UserError(f"{out} holds a dataset prepared from other inputs; "
+                      "remove it or pass --overwrite")
+  plan, _ = _plan(args)
+  plan["meta"]["fingerprint"] = fp
+  plan["workers"] = max(1, args.workers)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  kwargs = {}
+  if args.dataset == "coco_format":
+    kwargs["config"] = tfds.core.BuilderConfig(name=args.name)
+  cls = _builder_class()
+  cls.name = BUILDER_NAMES[args.dataset]
+  os.makedirs(args.data_dir, exist_ok=True)
+  builder = cls(plan=plan, data_dir=args.data_dir,
+                file_format="array_record", **kwargs)
+  dl_tmp = tempfile.mkdtemp(prefix="rebll_prepare_dl_")
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  if args.overwrite and os.path.isdir(out):
+    # Build next to the old one, then swap: never a moment without either.
+    old_dir = out + f".old{os.getpid()}"
+    os.rename(out, old_dir)
+  else:
+    old_dir = None
+  try:
+    builder.download_and_prepare(
+        download_dir=dl_tmp,
+        download_config=tfds.download.DownloadConfig(
+            download_mode=mode,
+            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  except BaseException:
+    if old_dir is not None and not os.path.isdir(out):
+      os.rename(old_dir, out)
+      old_dir = None
+    raise
+  finally:
+    shutil.rmtree(dl_tmp, ignore_errors=True)
+    if old_dir is not None:
+      shutil.rmtree(old_dir, ignore_errors=True)
+  with open(os.path.join(out, "metadata.json")) as f:
+    meta = json.load(f)
+  return _summary(out, meta, time.time() - t0, done_before=False)
+
+
+def _summary(out, meta, seconds, done_before) -> dict:
+  size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+  n = {s: len(v["image_ids"]) for s, v in meta["splits"].items()}
+  return {"path": out, "num_images": n, "num_skipped": meta["num_skipped"],
+          "num_classes": len(meta["class_names"]), "bytes": size,
+          "seconds": round(seconds, 3), "already_prepared": done_before}
+
+
+CONFIG_FILES = {"voc2007": "configs/voc.py", "coco2014": "configs/coco.py",
+                "coco_format": "configs/coco_format.py"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m rebll_jax.prepare",
+      description="Prepare VOC 2007, COCO 2014 or a COCO-format dataset as a "
+      "TFDS (array_record) dataset for rebll_jax. No TensorFlow needed; "
+      "nothing is downloaded: place the archives yourself.",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="""inputs:
+  voc2007      --src holds VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar
+               (or their extracted VOCdevkit/VOC2007)
+  coco2014     --src holds train2014.zip, val2014.zip and
+               annotations_trainval2014.zip (or train2014/, val2014/ and
+               annotations/instances_{train,val}2014.json)
+  coco_format  --train_json A.json --test_json B.json --images DIR --name NAME
+               (instances-style JSON; file_name relative to DIR)
+
+output: DATA_DIR/rebll_voc2007/1.0.0, DATA_DIR/rebll_coco2014/1.0.0 or
+DATA_DIR/rebll_coco_format/NAME/1.0.0; train with --config.data.data_dir=DATA_DIR""")
+  p.add_argument("dataset", choices=sorted(BUILDER_NAMES))
+  p.add_argument("--src", help="folder with the archives (voc2007, coco2014)")
+  p.add_argument("--data_dir", required=True, help="output root folder")
+  p.add_argument("--train_json", help="coco_format: train annotations")
+  p.add_argument("--test_json", help="coco_format: test annotations")
+  p.add_argument("--images", help="coco_format: image folder")
+  p.add_argument("--name", default="custom",
+                 help="coco_format: dataset name (default: custom)")
+  p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                 help="threads checking images (default: min(8, #cpus))")
+  p.add_argument("--overwrite", action="store_true",
+                 help="rebuild even if prepared from other inputs")
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  try:
+    s = prepare(args)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(s))
+  data_dir = args.data_dir
+  extra = (f" --config.data.data_dir={s['path']}" if args.dataset ==
+           "coco_format" else f" --config.data.data_dir={data_dir}")
+  print(f"train with: python -m rebll_jax.main "
+        f"--config={CONFIG_FILES[args.dataset]}{extra} --workdir=WORKDIR",
+        file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,226 @@
+"""Tests for ``python -m rebll_jax.prepare`` on tiny archives built here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+import data_fixtures as fx
+from rebll_jax import prepare
+from rebll_jax.data import prepared
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*argv):
+  return prepare.main(list(argv))
+
+
+def _source(data_dir, kind, size=16):
+  cfg = ml_collections.ConfigDict(dict(data_dir=data_dir, image_size=size,
+                                       num_workers=2))
+  return prepared.build_prepared(cfg, kind)
+
+
+def _meta(path):
+  with open(os.path.join(path, "metadata.json")) as f:
+    return json.load(f)
+
+
+def test_voc_tars_ids_labels_order(tmp_path):
+  src = fx.make_voc_tars(str(tmp_path / "src"))
+  out = str(tmp_path / "out")
+  assert _run("voc2007", "--src", src, "--data_dir", out) == 0
+  s = _source(out, "voc2007")
+  assert list(s.class_names) == list(fx.VOC_CLASSES)
+  for split, entries in ((s.train, fx.VOC_TRAINVAL), (s.test, fx.VOC_TEST)):
+    ids, y = fx.voc_expected(entries)
+    np.testing.assert_array_equal(split.image_ids, ids)
+    np.testing.assert_array_equal(split.labels, y)
+  # Hand-checked rows: 000005 has chair (a second, difficult chair does not
+  # matter) but not pottedplant (difficult only); 000023 has nothing.
+  row5 = s.train.labels[list(s.train.image_ids).index(5)]
+  assert np.flatnonzero(row5).tolist() == [fx.VOC_CLASSES.index("chair")]
+  assert not s.train.labels[list(s.train.image_ids).index(23)].any()
+  assert s.info["train_difficult_objects"] == 3
+  assert s.info["test_difficult_objects"] == 2
+  assert s.info["num_skipped"] == 0
+  # Images belong to their ids (the fixture's grey level encodes the id).
+  imgs = s.test.read_images(np.arange(len(s.test)))
+  for img, i in zip(imgs, s.test.image_ids):
+    assert abs(int(img[8, 8, 0]) - fx.colour_of(int(i))) <= 3
+
+
+def test_voc_extracted_folder_same_labels(tmp_path):
+  src = fx.make_voc_folder(str(tmp_path / "src"))
+  out = str(tmp_path / "out")
+  assert _run("voc2007", "--src", src, "--data_dir", out) == 0
+  s = _source(out, "voc2007")
+  ids, y = fx.voc_expected(fx.VOC_TRAINVAL)
+  np.testing.assert_array_equal(s.train.image_ids, ids)
+  np.testing.assert_array_equal(s.train.labels, y)
+
+
+def test_coco2014_sparse_ids_crowd_and_corrupt(tmp_path, capsys):
+  src = fx.make_coco2014_zips(str(tmp_path / "src"), corrupt_id=300)
+  out = str(tmp_path / "out")
+  assert _run("coco2014", "--src", src, "--data_dir", out) == 0
+  err = capsys.readouterr().err
+  assert "skipping unreadable image" in err and "000000000300" in err
+  s = _source(out, "coco2014")
+  assert list(s.class_names) == fx.COCO_CLASSES  # sorted names, not ids
+  ids, y = fx.coco_expected(fx.COCO_TRAIN, fx.COCO_TRAIN_UNANNOTATED)
+  keep = ids != 300
+  np.testing.assert_array_equal(s.train.image_ids, ids[keep])
+  np.testing.assert_array_equal(s.train.labels, y[keep])
+  # By hand: image 5 = car(3), dog(18), zebra(90) -> columns 0, 1, 3;
+  # image 42: its crowd person is not a label; image 77: crowd only.
+  ids_l = list(s.train.image_ids)
+  assert s.train.labels[ids_l.index(5)].tolist() == [1, 1, 0, 1]
+  assert s.train.labels[ids_l.index(42)].tolist() == [1, 0, 0, 0]
+  assert s.train.labels[ids_l.index(77)].tolist() == [0, 0, 0, 0]
+  assert s.train.labels[ids_l.index(61)].tolist() == [0, 0, 0, 0]
+  tids, ty = fx.coco_expected(fx.COCO_TEST)
+  np.testing.assert_array_equal(s.test.image_ids, tids)
+  np.testing.assert_array_equal(s.test.labels, ty)
+  assert s.info["num_skipped"] == 1
+  meta = _meta(s.info["path"])
+  assert meta["splits"]["train"]["skipped"] == [
+      "COCO_train2014_000000000300.jpg"]
+  assert meta["train_crowd_annotations"] == 2
+
+
+def test_coco_format_png_and_name(tmp_path):
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"), png=True)
+  out = str(tmp_path / "out")
+  assert _run("coco_format", "--train_json", tr, "--test_json", te,
+              "--images", images, "--name", "mine", "--data_dir", out) == 0
+  path = os.path.join(out, "rebll_coco_format", "mine", "1.0.0")
+  assert os.path.isfile(os.path.join(path, "dataset_info.json"))
+  for data_dir in (out, path):  # the root or the dataset folder itself
+    s = _source(data_dir, "coco_format")
+    ids, y = fx.coco_expected(fx.COCO_TRAIN, fx.COCO_TRAIN_UNANNOTATED)
+    np.testing.assert_array_equal(s.train.image_ids, ids)
+    np.testing.assert_array_equal(s.train.labels, y)
+  img = s.train.read_images([0])[0]
+  assert abs(int(img[5, 5, 0]) - fx.colour_of(int(ids[0]))) <= 1
+
+
+def test_idempotent_and_changed_inputs(tmp_path, capsys):
+  src = fx.make_voc_tars(str(tmp_path / "src"))
+  out = str(tmp_path / "out")
+  assert _run("voc2007", "--src", src, "--data_dir", out) == 0
+  path = prepare.output_dir("voc2007", out)
+  before = {f: os.stat(os.path.join(path, f)).st_mtime_ns
+            for f in os.listdir(path)}
+  capsys.readouterr()
+  assert _run("voc2007", "--src", src, "--data_dir", out) == 0
+  assert "nothing to do" in capsys.readouterr().err
+  after = {f: os.stat(os.path.join(path, f)).st_mtime_ns
+           for f in os.listdir(path)}
+  assert before == after
+  # Other inputs (a different archive) are refused, then rebuilt on request.
+  fx.make_voc_tars(str(tmp_path / "src"), corrupt="000009")
+  os.utime(os.path.join(src, "VOCtrainval_06-Nov-2007.tar"), ns=(1, 1))
+  assert _run("voc2007", "--src", src, "--data_dir", out) == 2
+  assert "--overwrite" in capsys.readouterr().err
+  assert _run("voc2007", "--src", src, "--data_dir", out,
+              "--overwrite") == 0
+  s = _source(out, "voc2007")
+  assert 9 not in s.train.image_ids and s.info["num_skipped"] == 1
+  assert sorted(os.listdir(os.path.dirname(path))) == ["1.0.0"]
+
+
+def test_half_written_output_is_not_done(tmp_path, monkeypatch):
+  src = fx.make_coco2014_zips(str(tmp_path / "src"))
+  out = str(tmp_path / "out")
+  calls = []
+
+  def dies(raw):
+    calls.append(1)
+    if len(calls) == 3:
+      raise RuntimeError("killed mid-way")
+    return None
+  monkeypatch.setattr(prepare, "_check_image", dies)
+  with pytest.raises(RuntimeError, match="killed"):
+    _run("coco2014", "--src", src, "--data_dir", out)
+  final = prepare.output_dir("coco2014", out)
+  assert not os.path.exists(final)
+  # A crash that left its temporary folder (kill -9) is never taken as done.
+  junk = os.path.join(out, "rebll_coco2014", "incomplete.ABC123_1.0.0")
+  os.makedirs(junk)
+  with open(os.path.join(junk, "rebll_coco2014-train.array_record-00000-of-"
+                         "00001"), "wb") as f:
+    f.write(b"half")
+  with pytest.raises(prepared.UserError, match="half-written"):
+    _source(out, "coco2014")
+  monkeypatch.undo()
+  assert _run("coco2014", "--src", src, "--data_dir", out) == 0
+  s = _source(out, "coco2014")
+  assert len(s.train) == len(fx.COCO_TRAIN) + 1
+
+
+def test_user_errors(tmp_path, capsys):
+  out = str(tmp_path / "out")
+  # VOC: the missing archive is named, with where it should be.
+  src = tmp_path / "voc"
+  fx.make_voc_tars(str(src))
+  os.remove(src / "VOCtest_06-Nov-2007.tar")
+  assert _run("voc2007", "--src", str(src), "--data_dir", out) == 2
+  err = capsys.readouterr().err.strip()
+  assert "missing VOCtest_06-Nov-2007.tar in " + str(src) in err
+  assert len(err.splitlines()) == 1
+  # COCO: the annotation zip.
+  src = tmp_path / "coco"
+  fx.make_coco2014_zips(str(src))
+  os.remove(src / "annotations_trainval2014.zip")
+  assert _run("coco2014", "--src", str(src), "--data_dir", out) == 2
+  assert "missing annotations_trainval2014.zip" in capsys.readouterr().err
+  # coco_format: not COCO JSON; missing image folder; missing JSON.
+  tr, te, images = fx.make_coco_format(str(tmp_path / "cf"))
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"images": [], "annotations": []}))
+  assert _run("coco_format", "--train_json", str(bad), "--test_json", te,
+              "--images", images, "--data_dir", out) == 2
+  err = capsys.readouterr().err
+  assert "not a COCO instances-format annotation file" in err
+  assert "'categories'" in err
+  bad.write_text("[1, 2")
+  assert _run("coco_format", "--train_json", str(bad), "--test_json", te,
+              "--images", images, "--data_dir", out) == 2
+  assert "is not JSON" in capsys.readouterr().err
+  assert _run("coco_format", "--train_json", tr, "--test_json", te,
+              "--images", str(tmp_path / "nope"), "--data_dir", out) == 2
+  assert "missing folder" in capsys.readouterr().err
+  assert _run("coco_format", "--train_json", str(tmp_path / "x.json"),
+              "--test_json", te, "--images", images, "--data_dir", out) == 2
+  assert "x.json" in capsys.readouterr().err
+  assert _run("coco_format", "--train_json", tr, "--test_json", te,
+              "--images", images, "--name", "Bad Name",
+              "--data_dir", out) == 2
+  # Reading a data_dir that does not exist / holds nothing.
+  with pytest.raises(prepared.UserError, match="does not exist"):
+    _source(out, "voc2007")
+  os.makedirs(out)
+  with pytest.raises(prepared.UserError, match="no prepared dataset"):
+    _source(out, "voc2007")
+
+
+def test_cli_subprocess_help_and_clean_error(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, "-m", "rebll_jax.prepare", "--help"],
+                     capture_output=True, text=True, env=env, cwd=ROOT,
+                     timeout=60)
+  assert r.returncode == 0 and "VOCtrainval_06-Nov-2007.tar" in r.stdout
+  r = subprocess.run([sys.executable, "-m", "rebll_jax.prepare", "coco2014",
+                      "--src", str(tmp_path), "--data_dir",
+                      str(tmp_path / "o")], capture_output=True, text=True,
+                     env=env, cwd=ROOT, timeout=60)
+  assert r.returncode == 2
+  assert "Traceback" not in r.stderr
+  assert r.stderr.strip().startswith("error: missing train2014.zip")
+  assert "tensorflow" not in r.stderr.lower()
