@@ -13,7 +13,9 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rebll_jax.models import pretrained
 from rebll_jax.models import small_resnet
+from rebll_jax.models.pretrained import restore_backbone
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
@@ -22,12 +24,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
 def _small_resnet(cfg, num_classes, dtype):
   return small_resnet.SmallResNet(num_classes=num_classes, width=cfg.width,
                                   stage_sizes=tuple(cfg.stage_sizes),
-                                  dtype=dtype)
+                                  stem_stride=cfg.stem_stride, dtype=dtype)
 
 
 # name -> factory(model_config, num_classes, dtype) -> nn.Module
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "small_resnet": _small_resnet,
+    "resnet18": pretrained.arch_factory("resnet18"),
+    "resnet50": pretrained.arch_factory("resnet50"),
+    "resnet101": pretrained.arch_factory("resnet101"),
+    "tresnet_m": pretrained.arch_factory("tresnet_m"),
 }
 
 

@@ -1,0 +1,1 @@
+"""PyTorch reference backbones (timm / torchvision state-dict naming)."""

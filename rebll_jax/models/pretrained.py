@@ -1,0 +1,381 @@
+"""PyTorch state dicts -> Flax variables, and loading converted backbones.
+
+Conversion is strict by design: every backbone tensor of the target
+architecture must be present with the right shape and nothing else may be
+left over (a peer codebase loads with ``strict=False`` and trains from
+random weights without noticing). Only three things are dropped, and the
+report says so: the classifier head (the head of a run has one column per
+dataset class and is initialised fresh), ``num_batches_tracked`` counters,
+and the fixed blur filters some original TResNet checkpoints store.
+
+Names map by rule: the Flax modules are named after the PyTorch keys with
+'.' written as '_', so ``layer1_0/conv1/kernel`` <-> ``layer1.0.conv1.weight``.
+A converted checkpoint is a directory with ``info.json`` (arch, source file
+and its sha256, format, counts) and ``variables/`` (orbax; ``params`` and
+``batch_stats`` of the backbone, float32).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rebll_jax.models import resnet, tresnet
+
+# name -> factory(num_classes, dtype) -> nn.Module
+BACKBONES = {
+    "resnet18": functools.partial(resnet.resnet, "resnet18"),
+    "resnet50": functools.partial(resnet.resnet, "resnet50"),
+    "resnet101": functools.partial(resnet.resnet, "resnet101"),
+    "tresnet_m": tresnet.tresnet_m,
+}
+
+INFO_FILE = "info.json"
+VARIABLES_DIR = "variables"
+ABN_EPS = 1e-5  # InPlaceABN's effective norm scale is |w| + eps
+
+
+class ConversionError(ValueError):
+  """A state dict that does not match the architecture (message lists why)."""
+
+
+def build(arch: str, num_classes: int, dtype=jnp.float32):
+  if arch not in BACKBONES:
+    raise ValueError(f"unknown arch {arch!r}; valid: {sorted(BACKBONES)}")
+  return BACKBONES[arch](num_classes, dtype)
+
+
+def arch_factory(arch: str):
+  """An ``ARCHS`` registry entry: factory(model_cfg, num_classes, dtype)."""
+  return lambda cfg, num_classes, dtype: build(arch, num_classes, dtype)
+
+
+# ------------------------------------------------------------ name rules ---
+
+def _torch_key(collection: str, path: tuple[str, ...], ndim: int) -> str:
+  module = ".".join(p.replace("_", ".") for p in path[:-1])
+  leaf = path[-1]
+  if collection == "batch_stats":
+    leaf = {"mean": "running_mean", "var": "running_var"}[leaf]
+  else:
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+  return f"{module}.{leaf}"
+
+
+def _to_flax(value: np.ndarray, flax_ndim: int) -> np.ndarray:
+  if flax_ndim == 4:  # conv OIHW -> HWIO
+    return value.transpose(2, 3, 1, 0)
+  if flax_ndim == 2:  # linear (out, in) -> (in, out)
+    return value.T
+  return value
+
+
+def _flax_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The Flax shape a PyTorch tensor of ``shape`` becomes."""
+  if len(shape) == 4:
+    return (shape[2], shape[3], shape[1], shape[0])
+  return tuple(reversed(shape)) if len(shape) == 2 else tuple(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def expected_tensors(arch: str, num_classes: int = 1000):
+  """torch key -> (collection, flax path, flax shape, is_head), by shape only."""
+  module = build(arch, num_classes)
+  shapes = jax.eval_shape(
+      lambda: module.init(jax.random.PRNGKey(0),
+                          jnp.zeros((1, 64, 64, 3)), train=False))
+  out = {}
+  for collection, tree in shapes.items():
+    for path, leaf in flax.traverse_util.flatten_dict(tree).items():
+      key = _torch_key(collection, path, leaf.ndim)
+      out[key] = (collection, path, tuple(leaf.shape),
+                  path[0] == module.head_name)
+  return out
+
+
+# --------------------------------------------------------- source formats ---
+
+def unwrap(obj: Any) -> dict[str, Any]:
+  """The state dict inside a loaded checkpoint object (or ConversionError)."""
+  for _ in range(3):  # {"model": {...}}, {"state_dict": {...}}, nested
+    if isinstance(obj, Mapping):
+      inner = [k for k in ("state_dict", "model") if isinstance(
+          obj.get(k), Mapping)]
+      if inner:
+        obj = obj[inner[0]]
+        continue
+    break
+  if not isinstance(obj, Mapping) or not obj:
+    raise ConversionError(
+        f"not a state dict: the file holds a {type(obj).__name__}"
+        + (" that is empty" if isinstance(obj, Mapping) else "")
+        + "; expected a mapping from parameter names to tensors "
+        "(e.g. torch.save(model.state_dict(), path))")
+  bad = [k for k, v in obj.items()
+         if not (hasattr(v, "shape") and hasattr(v, "dtype"))]
+  if bad:
+    raise ConversionError(
+        f"not a state dict: {len(bad)} entries are not tensors, e.g. "
+        f"{bad[0]!r} is a {type(obj[bad[0]]).__name__}")
+  keys = list(obj)
+  if all(k.startswith("module.") for k in keys):  # saved from DataParallel
+    obj = {k[len("module."):]: v for k, v in obj.items()}
+  return dict(obj)
+
+
+def _numpy(value) -> np.ndarray:
+  if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+    value = value.detach().cpu()
+    if value.is_floating_point():
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def _blur_filter(channels: int) -> np.ndarray:
+  f = np.array([1.0, 2.0, 1.0])
+  return np.broadcast_to(np.outer(f, f)[None, None] / 16, (channels, 1, 3, 3))
+
+
+def _from_original_tresnet(sd: dict[str, np.ndarray], dropped: dict):
+  """Original (InPlaceABN) TResNet names -> timm names; norm scale |w| + eps."""
+  out = {}
+  for key, value in sd.items():
+    if key.endswith(".filt"):  # stored blur filter of remove_aa_jit models
+      if value.ndim != 4 or not np.allclose(value, _blur_filter(len(value))):
+        raise ConversionError(f"{key}: expected the fixed 3x3 blur filter")
+      dropped.setdefault("blur filters (fixed, not parameters)", []).append(key)
+      continue
+    key = re.sub(r"\b(conv\d+)\.0\.0\.", r"\1.conv.", key)
+    key = re.sub(r"\b(conv\d+)\.0\.1\.", r"\1.bn.", key)
+    key = re.sub(r"\b(conv\d+)\.0\.", r"\1.conv.", key)
+    key = re.sub(r"\b(conv\d+)\.1\.", r"\1.bn.", key)
+    key = re.sub(r"\bdownsample\.(\d+)\.0\.", r"downsample.\1.conv.", key)
+    key = re.sub(r"\bdownsample\.(\d+)\.1\.", r"downsample.\1.bn.", key)
+    if key.endswith(".bn.weight"):
+      value = np.abs(value) + ABN_EPS
+    out[key] = value
+  return out
+
+
+def detect_format(arch: str, keys) -> str:
+  keys = set(keys)
+  if arch == "tresnet_m":
+    if "body.conv1.conv.weight" in keys:
+      return "timm"
+    if "body.conv1.0.weight" in keys:
+      return "original-inplace-abn"
+    hint = guess_family(keys)
+    raise ConversionError(
+        "not a TResNet state dict: it has neither body.conv1.conv.weight "
+        "(timm format) nor body.conv1.0.weight (original InPlaceABN format)"
+        + (f"; it looks like a {hint} checkpoint" if hint else ""))
+  if "conv1.weight" in keys and "bn1.running_var" in keys:
+    return "torchvision/timm"
+  hint = guess_family(keys)
+  raise ConversionError(
+      f"not a {arch} state dict: conv1.weight / bn1.running_var not found"
+      + (f"; it looks like a {hint} checkpoint" if hint else ""))
+
+
+def guess_family(keys) -> str:
+  keys = set(keys)
+  if any(k.startswith("body.conv1.") for k in keys):
+    return "TResNet (--arch tresnet_m)"
+  if "conv1.weight" in keys:
+    blocks = {int(m.group(1)) for k in keys
+              if (m := re.match(r"layer3\.(\d+)\.", k))}
+    deep = "layer1.0.conv3.weight" in keys
+    name = {(False, 2): "resnet18", (False, 6): "resnet34",
+            (True, 6): "resnet50", (True, 23): "resnet101"}.get(
+                (deep, len(blocks)))
+    return f"{name} (--arch {name})" if name else ""
+  return ""
+
+
+# ------------------------------------------------------------ conversion ---
+
+def _listing(title: str, items: list[str], limit: int = 25) -> str:
+  lines = [f"  {title} ({len(items)}):"]
+  lines += [f"    {s}" for s in items[:limit]]
+  if len(items) > limit:
+    lines.append(f"    ... and {len(items) - limit} more")
+  return "\n".join(lines)
+
+
+def convert_state_dict(arch: str, state_dict: Any, keep_head: bool = False):
+  """A PyTorch state dict -> (Flax variables, report).
+
+  ``state_dict`` maps names to torch tensors or numpy arrays, possibly
+  wrapped in ``model`` / ``state_dict`` keys. Variables are numpy float32
+  ``{"params": ..., "batch_stats": ...}``; without ``keep_head`` the
+  classifier head is left out. Raises ConversionError listing every
+  missing, unexpected and wrongly shaped tensor.
+  """
+  if arch not in BACKBONES:
+    raise ConversionError(f"unknown arch {arch!r}; valid: {sorted(BACKBONES)}")
+  sd = unwrap(state_dict)
+  fmt = detect_format(arch, sd)
+  dropped: dict[str, list[str]] = {}
+  sd = {k: _numpy(v) for k, v in sd.items()}
+  counters = [k for k in sd if k.endswith("num_batches_tracked")]
+  if counters:
+    dropped["num_batches_tracked counters"] = counters
+  sd = {k: v for k, v in sd.items() if k not in counters}
+  if fmt == "original-inplace-abn":
+    sd = _from_original_tresnet(sd, dropped)
+
+  expected = expected_tensors(arch)
+  head_prefix = "head." if arch == "tresnet_m" else "fc."
+  head = {k: v for k, v in sd.items() if k.startswith(head_prefix)}
+  num_classes = 1000
+  if keep_head:
+    w = head.get(head_prefix + ("fc.weight" if arch == "tresnet_m" else
+                                "weight"))
+    if w is None or w.ndim != 2:
+      raise ConversionError(f"keep_head: no 2-d {head_prefix}*weight found")
+    num_classes = int(w.shape[0])
+    expected = expected_tensors(arch, num_classes)
+  else:
+    if head:
+      dropped["classifier head"] = sorted(
+          f"{k} {list(v.shape)}" for k, v in head.items())
+    sd = {k: v for k, v in sd.items() if k not in head}
+    expected = {k: e for k, e in expected.items() if not e[3]}
+
+  missing = sorted(set(expected) - set(sd))
+  unexpected = sorted(set(sd) - set(expected))
+  wrong = sorted(
+      f"{k}: got {list(sd[k].shape)}, expected "
+      f"{list(_flax_shape_inv(expected[k][2]))}"
+      for k in set(sd) & set(expected)
+      if _flax_shape(sd[k].shape) != expected[k][2])
+  if missing or unexpected or wrong:
+    parts = [f"the {fmt} state dict does not match {arch}; nothing was "
+             f"converted:"]
+    hint = guess_family(sd)
+    if hint and arch not in hint:
+      parts.append(f"  hint: it looks like a {hint} checkpoint")
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", wrong)):
+      if items:
+        parts.append(_listing(title, items))
+    raise ConversionError("\n".join(parts))
+
+  flat = {}
+  for key, (collection, path, shape, _) in expected.items():
+    value = _to_flax(sd[key], len(shape)).astype(np.float32)
+    flat[(collection,) + path] = np.ascontiguousarray(value)
+  variables = flax.traverse_util.unflatten_dict(flat)
+  report = {
+      "arch": arch, "format": fmt, "num_tensors": len(expected),
+      "num_values": int(sum(v.size for v in flat.values())),
+      "dropped": dropped, "num_classes": num_classes if keep_head else 0,
+  }
+  return variables, report
+
+
+def _flax_shape_inv(shape):
+  """The PyTorch shape whose Flax shape is ``shape`` (for messages)."""
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(reversed(shape)) if len(shape) == 2 else tuple(shape)
+
+
+# ------------------------------------------------- converted checkpoints ---
+
+def save_converted(out_dir: str, variables, info: dict) -> None:
+  """Writes ``out_dir/variables`` (orbax) and ``out_dir/info.json``."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(out_dir, VARIABLES_DIR), variables)
+  ckptr.wait_until_finished()
+  with open(os.path.join(out_dir, INFO_FILE), "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+
+
+def read_info(ckpt_dir: str) -> dict:
+  path = os.path.join(ckpt_dir, INFO_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"{ckpt_dir} is not a converted checkpoint ({INFO_FILE} "
+                     "missing); make one with python -m rebll_jax.convert")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_converted(ckpt_dir: str):
+  """-> (variables as numpy float32 trees, info dict)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  info = read_info(ckpt_dir)
+  path = os.path.join(os.path.abspath(ckpt_dir), VARIABLES_DIR)
+  restored = ocp.StandardCheckpointer().restore(path)
+  return jax.tree.map(np.asarray, restored), info
+
+
+def load_pretrained(variables, ckpt_dir: str, arch: str):
+  """Replaces the backbone of freshly initialised ``variables``.
+
+  Every ``params`` / ``batch_stats`` leaf outside the head is taken from the
+  converted checkpoint in ``ckpt_dir`` (cast to the fresh leaf's dtype); the
+  head, whose width is the dataset's class count, stays as initialised.
+  Returns ``(variables, info)``; info records the source file and format.
+  Raises ValueError listing every mismatch.
+  """
+  info = read_info(ckpt_dir)
+  if info.get("arch") != arch:
+    raise ValueError(f"{ckpt_dir} holds a converted {info.get('arch')!r} "
+                     f"backbone, but model.arch is {arch!r}")
+  loaded, info = load_converted(ckpt_dir)
+  head_name = build(arch, 1).head_name
+  fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  src = flax.traverse_util.flatten_dict(loaded)
+  body = {k for k in fresh
+          if k[0] in ("params", "batch_stats")
+          and not (k[0] == "params" and k[1] == head_name)}
+  missing = sorted("/".join(k) for k in body - set(src))
+  unexpected = sorted("/".join(k) for k in set(src) - body)
+  wrong = sorted(f"{'/'.join(k)}: checkpoint {list(src[k].shape)}, model "
+                 f"{list(fresh[k].shape)}" for k in body & set(src)
+                 if tuple(src[k].shape) != tuple(fresh[k].shape))
+  if missing or unexpected or wrong:
+    parts = [f"converted checkpoint {ckpt_dir} does not fit the {arch} "
+             "model:"]
+    for title, items in (("missing from checkpoint", missing),
+                         ("not in model", unexpected), ("wrong shape", wrong)):
+      if items:
+        parts.append(_listing(title, items))
+    raise ValueError("\n".join(parts))
+  out = dict(fresh)
+  for k in body:
+    out[k] = jnp.asarray(src[k], dtype=fresh[k].dtype)
+  info = dict(info, ckpt_dir=os.path.abspath(ckpt_dir),
+              num_loaded=len(body))
+  return flax.traverse_util.unflatten_dict(out), info
+
+
+def restore_backbone(arch: str, ckpt_dir: str, num_classes: int = 0,
+                     dtype=jnp.float32, seed: int = 0):
+  """-> (module, variables) of a converted backbone, ready for feature use.
+
+  ``module.apply(variables, images, train=False)`` on NHWC float32 images
+  in [0, 1] returns ``{"logits", "features"}``. With ``num_classes=0`` the
+  logits are an empty [N, 0] array; otherwise a fresh head (``seed``) is
+  added.
+  """
+  module = build(arch, num_classes, dtype)
+  init = lambda: module.init(jax.random.PRNGKey(seed),
+                             jnp.zeros((1, 64, 64, 3)), train=False)
+  # Without a head every leaf is replaced: shapes are enough.
+  fresh = jax.eval_shape(init) if num_classes == 0 else init()
+  variables, _ = load_pretrained(fresh, ckpt_dir, arch)
+  return module, variables
