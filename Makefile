@@ -18,7 +18,7 @@ demo: venv
 	$(PY) -m rebll_jax.main --config=configs/synthetic.py --workdir=$(WORKDIR)
 
 test: venv
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) workdirs

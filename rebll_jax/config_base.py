@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.arch = "small_resnet"  # see rebll_jax.models.ARCHS
   c.model.width = 32
   c.model.stage_sizes = (1, 1, 1)
+  c.model.stem_stride = 2  # small_resnet only
   c.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision
   c.model.init_from = ""  # converted checkpoint dir for the backbone
 

@@ -148,7 +148,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
                               params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
     diagnostics.update(extra)
-    metrics = {"loss": loss, "lr": lr, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "lr": lr, "grad_norm": optax.tree.norm(grads),
                **terms, "labels": diagnostics}
     return new_state, metrics
 

@@ -23,6 +23,7 @@ from rebll_jax import checkpoint, data, methods, metrics, models, optim
 from rebll_jax import memory as memory_lib
 from rebll_jax import parallel, protocol, replay, reporting, steps, validate
 from rebll_jax.data import loader
+from rebll_jax.models import pretrained
 from rebll_jax.errors import UserError
 
 log = logging.getLogger("rebll_jax")
@@ -48,7 +49,7 @@ def _fingerprint(config, source, tasks) -> dict:
   return {"dataset": source.name, "class_order": list(source.class_names),
           "setting": protocol.setting_name(config.protocol.base,
                                            config.protocol.increment),
-          "num_tasks": len(tasks), "method": config.method,
+          "method": config.method,
           "arch": config.model.arch, "image_size": config.data.image_size,
           "seed": config.seed}
 
@@ -148,8 +149,12 @@ def run(config, workdir: str) -> dict:
                          jnp.zeros((1, size, size, 3)), train=False)
   meta_extra = {}
   if config.model.init_from:
-    variables, meta_extra["init_from"] = models.load_pretrained(
-        variables, config.model.init_from, config.model.arch)
+    try:
+      variables, meta_extra["init_from"] = pretrained.load_pretrained(
+          variables, config.model.init_from, config.model.arch)
+    except (ValueError, OSError) as e:
+      raise UserError(f"model.init_from={config.model.init_from!r}: "
+                      f"{str(e).splitlines()[0]}") from None
   tx = optim.make_transform(config.optim)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32),
                            params=variables["params"],

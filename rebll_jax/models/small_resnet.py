@@ -1,6 +1,6 @@
 """The small ResNet of the synthetic benchmark (depth and width from config).
 
-A 3x3 stem, then stages of basic residual blocks, each stage after the first
+A 3x3 stem (stride from config), then stages of basic residual blocks, each stage after the first
 halving the resolution and doubling the width; global mean pool; a linear
 multi-label head with one column per class of the dataset.
 """
@@ -44,13 +44,15 @@ class SmallResNet(nn.Module):
   num_classes: int
   width: int = 32
   stage_sizes: Sequence[int] = (1, 1, 1)
+  stem_stride: int = 1  # 2 halves the resolution early, as real ResNets do
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     x = images.astype(self.dtype)
-    x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                dtype=self.dtype, name="stem_conv")(x)
+    x = nn.Conv(self.width, (3, 3), self.stem_stride,
+                padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                name="stem_conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                      epsilon=1e-5, dtype=self.dtype, name="stem_bn")(x)
     x = nn.relu(x)

@@ -1,0 +1,82 @@
+"""End-to-end runs of configs/test.py: devices, resume, outputs, compiles."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from rebll_jax import train
+
+
+def _config(**overrides):
+  config = test_config.get_config()
+  config.unlock()
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  config.lock()
+  return config
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("eight"))
+  return workdir, train.run(_config(), workdir)
+
+
+def _maps(results):
+  return np.array([t["map_seen"] for t in results["tasks"]] +
+                  [x for t in results["tasks"] for x in t["map_per_task"]])
+
+
+def test_outputs(eight_devices):
+  workdir, results = eight_devices
+  for name in ("results.json", "metrics.jsonl", "config.json",
+               "seen_map.png", "map_matrix.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  for key in ("method", "dataset", "setting", "class_order", "tasks",
+              "avg_map", "last_map", "cf1", "cf1_cp_cr", "of1", "forgetting",
+              "map_matrix", "versions", "devices"):
+    assert key in on_disk, key
+  assert on_disk["setting"] == "B0-C4" and on_disk["method"] == "rebll"
+  assert len(on_disk["tasks"]) == 3
+  for t in on_disk["tasks"]:
+    for key in ("task", "classes", "map_seen", "map_per_task", "train_steps",
+                "train_seconds"):
+      assert key in t
+  assert on_disk["devices"]["count"] == 8
+  assert on_disk["avg_map"] == pytest.approx(
+      np.mean([t["map_seen"] for t in on_disk["tasks"]]))
+  assert [len(r) for r in on_disk["map_matrix"]] == [1, 2, 3]
+  lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+  assert lines and all(np.isfinite(json.loads(l)["loss"]) for l in lines)
+
+
+def test_no_recompile_across_tasks(eight_devices):
+  # One trace for the first task (no past model), one shared by tasks 2-3.
+  assert eight_devices[1]["compilations"] == {"first": 1, "later": 1}
+
+
+def test_one_device_matches_eight(eight_devices, tmp_path):
+  one = train.run(_config(num_devices=1), str(tmp_path))
+  assert one["devices"]["count"] == 1
+  np.testing.assert_allclose(_maps(one), _maps(eight_devices[1]), atol=1e-2)
+
+
+def test_resume_after_task_equals_uninterrupted(eight_devices, tmp_path):
+  workdir = str(tmp_path)
+  first = train.run(_config(**{"protocol.num_tasks": 1}), workdir)
+  assert len(first["tasks"]) == 1
+  resumed = train.run(_config(), workdir)
+  # Task 1 came from the checkpoint, not from training it again.
+  assert resumed["tasks"][0]["train_seconds"] == first["tasks"][0][
+      "train_seconds"]
+  np.testing.assert_allclose(_maps(resumed), _maps(eight_devices[1]),
+                             atol=1e-6)
