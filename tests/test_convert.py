@@ -1,0 +1,275 @@
+"""The PyTorch -> Flax converter: formats, refusals, CLI, loading.
+
+State dicts here are random numpy arrays with the exact timm/torchvision
+names and shapes (generated from the Flax modules), so most tests need no
+torch; forward parity with real PyTorch models is in
+test_models_backbones.py.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rebll_jax import convert
+from rebll_jax.models import pretrained, restore_backbone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torch_shape(flax_shape):
+  return pretrained._flax_shape_inv(flax_shape)  # pylint: disable=protected-access
+
+
+def fake_state_dict(arch, num_classes=1000, seed=0):
+  """timm/torchvision-named random float32 tensors, plus BN counters."""
+  rng = np.random.RandomState(seed)
+  sd = {}
+  for key, (_, _, shape, _) in pretrained.expected_tensors(
+      arch, num_classes).items():
+    sd[key] = rng.standard_normal(torch_shape(shape)).astype(np.float32)
+    if key.endswith("running_var"):
+      sd[key] = np.abs(sd[key]) + 0.5
+      sd[key[:-len("running_var")] + "num_batches_tracked"] = np.array(
+          7, np.int64)
+  return sd
+
+
+def to_original_tresnet(sd):
+  """timm TResNet names -> the original InPlaceABN ones (inverse of timm's
+  filter): scale w stored as +-(w - eps), anti-aliased convs nested."""
+  rng = np.random.RandomState(1)
+  out = {}
+  for key, value in sd.items():
+    if key.endswith("num_batches_tracked"):
+      continue  # InPlaceABN keeps no counter
+    if key.endswith(".bn.weight"):
+      value = np.abs(value) + 0.1  # a valid |w| + eps scale
+      sd[key] = value
+      value = (value - pretrained.ABN_EPS) * rng.choice([-1, 1], value.shape)
+    m = re.match(r"body\.layer(\d)\.0\.(conv\d)\.(conv|bn)\.(.*)", key)
+    blurred = m and m.group(1) != "1" and m.group(2) == (
+        "conv1" if m.group(1) == "2" else "conv2")
+    part = "0" if ".conv." in key else "1"
+    if blurred:  # Sequential(Sequential(conv, abn), anti_alias)
+      key = re.sub(r"\.(conv\d)\.(conv|bn)\.", rf".\1.0.{part}.", key)
+    else:
+      key = re.sub(r"\.(conv\d|downsample\.1)\.(conv|bn)\.", rf".\1.{part}.",
+                   key)
+    out[key] = value
+  # A remove_aa_jit model also stores its fixed blur filter.
+  out["body.layer2.0.conv1.1.op.filt"] = np.broadcast_to(
+      np.outer([1, 2, 1], [1, 2, 1])[None, None] / 16.0, (128, 1, 3, 3))
+  return {"epoch": 5, "model": out}
+
+
+def same_tree(a, b):
+  fa = jax.tree_util.tree_leaves_with_path(a)
+  fb = dict(jax.tree_util.tree_leaves_with_path(b))
+  assert len(fa) == len(fb)
+  for path, leaf in fa:
+    np.testing.assert_allclose(leaf, fb[path], rtol=1e-6, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def r18():
+  return fake_state_dict("resnet18")
+
+
+# ------------------------------------------------------------- formats ---
+
+def test_original_tresnet_equals_timm_format():
+  timm = fake_state_dict("tresnet_m", num_classes=80)
+  original = to_original_tresnet(timm)  # also fixes timm's bn weights > 0
+  assert "body.layer3.0.conv2.0.0.weight" in original["model"]
+  assert "body.layer2.0.downsample.1.1.running_var" in original["model"]
+  v_timm, r_timm = pretrained.convert_state_dict("tresnet_m", timm)
+  v_orig, r_orig = pretrained.convert_state_dict("tresnet_m", original)
+  assert (r_timm["format"], r_orig["format"]) == (
+      "timm", "original-inplace-abn")
+  assert r_timm["num_tensors"] == r_orig["num_tensors"] == 372
+  assert "blur filters (fixed, not parameters)" in r_orig["dropped"]
+  same_tree(v_timm, v_orig)
+
+
+def test_layout_transposes_and_head_is_dropped(r18):
+  variables, report = pretrained.convert_state_dict("resnet18", r18)
+  assert "fc" not in variables["params"]
+  assert report["dropped"]["classifier head"] == [
+      "fc.bias [1000]", "fc.weight [1000, 512]"]
+  assert len(report["dropped"]["num_batches_tracked counters"]) == 20
+  np.testing.assert_array_equal(
+      variables["params"]["layer2_0"]["conv2"]["kernel"],
+      r18["layer2.0.conv2.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      variables["batch_stats"]["layer4_0"]["downsample_1"]["var"],
+      r18["layer4.0.downsample.1.running_var"])
+  kept, _ = pretrained.convert_state_dict("resnet18", r18, keep_head=True)
+  np.testing.assert_array_equal(kept["params"]["fc"]["kernel"],
+                                r18["fc.weight"].T)
+
+
+def test_unwraps_state_dict_and_dataparallel_prefix(r18):
+  wrapped = {"state_dict": {"module." + k: v for k, v in r18.items()},
+             "epoch": 3}
+  a, _ = pretrained.convert_state_dict("resnet18", wrapped)
+  b, _ = pretrained.convert_state_dict("resnet18", r18)
+  same_tree(a, b)
+
+
+# ------------------------------------------------------------ refusals ---
+
+def refusal(arch, sd):
+  with pytest.raises(pretrained.ConversionError) as e:
+    pretrained.convert_state_dict(arch, sd)
+  return str(e.value)
+
+
+def test_refuses_missing_tensor(r18):
+  sd = dict(r18)
+  del sd["layer3.1.bn2.running_mean"]
+  msg = refusal("resnet18", sd)
+  assert "missing (1)" in msg and "layer3.1.bn2.running_mean" in msg
+  assert "nothing was converted" in msg
+
+
+def test_refuses_unexpected_tensor(r18):
+  sd = dict(r18, **{"layer5.0.conv1.weight": np.zeros((1, 1, 1, 1))})
+  msg = refusal("resnet18", sd)
+  assert "unexpected (1)" in msg and "layer5.0.conv1.weight" in msg
+
+
+def test_refuses_wrong_shape(r18):
+  sd = dict(r18, **{"layer1.0.conv1.weight": np.zeros((64, 64, 1, 1))})
+  msg = refusal("resnet18", sd)
+  assert ("layer1.0.conv1.weight: got [64, 64, 1, 1], expected "
+          "[64, 64, 3, 3]") in msg
+
+
+def test_refuses_wrong_arch_with_hint(r18):
+  msg = refusal("resnet50", r18)
+  assert "hint: it looks like a resnet18 (--arch resnet18)" in msg
+  assert "TResNet" in refusal("resnet50", {"body.conv1.0.weight": np.ones(1)})
+  assert "looks like a resnet18" in refusal("tresnet_m", r18)
+
+
+@pytest.mark.parametrize("obj,why", [
+    ([np.ones(3)], "holds a list"),
+    ({}, "empty"),
+    ({"conv1.weight": np.ones(3), "epoch": 3}, "entries are not tensors"),
+])
+def test_refuses_non_state_dicts(obj, why):
+  assert why in refusal("resnet18", obj)
+
+
+# ------------------------------------------------------- CLI and loading ---
+
+def run_cli(capsys, *args):
+  rc = convert.main(list(args))
+  out, err = capsys.readouterr()
+  return rc, out, err
+
+
+def test_cli_safetensors_round_trip_and_load(tmp_path, capsys, r18):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  src = str(tmp_path / "r18.safetensors")
+  save_file(r18, src)
+  out = str(tmp_path / "ckpt")
+  rc, stdout, _ = run_cli(capsys, "--arch", "resnet18", "--src", src,
+                          "--out", out)
+  assert rc == 0
+  assert "mapped 100 tensors" in stdout
+  assert "dropped 2 classifier head: fc.bias [1000], fc.weight [1000, 512]" \
+      in stdout
+  info = json.load(open(os.path.join(out, "info.json")))
+  assert info["source"] == src and info["arch"] == "resnet18"
+  assert len(info["source_sha256"]) == 64
+
+  # load_pretrained: backbone replaced, fresh 7-class head kept.
+  module = pretrained.build("resnet18", 7)
+  x = jnp.zeros((1, 32, 32, 3))
+  # Shapes from eval_shape, filled with a marker (a real init compiles RNG).
+  fresh = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype),
+                       jax.eval_shape(module.init, jax.random.PRNGKey(0), x))
+  loaded, linfo = pretrained.load_pretrained(fresh, out, "resnet18")
+  assert linfo["source"] == src and linfo["num_loaded"] == 100
+  np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"],
+                                fresh["params"]["fc"]["kernel"])
+  np.testing.assert_array_equal(
+      loaded["params"]["conv1"]["kernel"],
+      r18["conv1.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(loaded["batch_stats"]["bn1"]["mean"],
+                                r18["bn1.running_mean"])
+
+  # restore_backbone: features from the converted weights, empty logits.
+  module, variables = restore_backbone("resnet18", out)
+  y = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
+  assert y["features"].shape == (1, 512) and y["logits"].shape == (1, 0)
+
+  # Refusals when loading into the wrong model.
+  with pytest.raises(ValueError, match="holds a converted 'resnet18'"):
+    pretrained.load_pretrained(fresh, out, "resnet50")
+  broken = {"params": dict(fresh["params"]),
+            "batch_stats": fresh["batch_stats"]}
+  broken["params"]["extra"] = {"kernel": jnp.zeros(3)}
+  with pytest.raises(ValueError, match=r"missing from checkpoint \(1\)"):
+    pretrained.load_pretrained(broken, out, "resnet18")
+
+  # An existing output directory is not overwritten silently.
+  rc, _, err = run_cli(capsys, "--arch", "resnet18", "--src", src,
+                       "--out", out)
+  assert rc == 2 and "exists and is not empty" in err
+
+
+@pytest.mark.parametrize("name,content,why", [
+    ("none.pth", None, "no such file"),
+    ("w.npz", b"x", "unknown file type"),
+    ("bad.safetensors", b"\x00" * 16, "not a readable safetensors file"),
+])
+def test_cli_file_errors(tmp_path, capsys, name, content, why):
+  src = tmp_path / name
+  if content is not None:
+    src.write_bytes(content)
+  rc, _, err = run_cli(capsys, "--arch", "resnet18", "--src", str(src),
+                       "--out", str(tmp_path / "o"))
+  assert rc == 2 and why in err
+  assert err.startswith("convert: error:") and "Traceback" not in err
+
+
+def test_cli_torch_files(tmp_path, capsys, r18):
+  torch = pytest.importorskip("torch", reason="reading .pth needs torch")
+  sd = {k: torch.from_numpy(v) for k, v in r18.items()}
+  src = str(tmp_path / "wrapped.pth")
+  torch.save({"state_dict": sd, "epoch": 3}, src)
+  rc, stdout, _ = run_cli(capsys, "--arch", "resnet18", "--src", src,
+                          "--out", str(tmp_path / "a"))
+  assert rc == 0 and "mapped 100 tensors" in stdout
+  # A pickled module is refused by weights_only loading, with advice.
+  src = str(tmp_path / "module.pth")
+  torch.save(torch.nn.Linear(2, 2), src)
+  rc, _, err = run_cli(capsys, "--arch", "resnet18", "--src", src,
+                       "--out", str(tmp_path / "b"))
+  assert rc == 2 and "weights_only=True" in err and "state_dict()" in err
+  assert "Linear" in err
+
+
+def test_cli_entry_point_exit_code_without_traceback(tmp_path):
+  src = tmp_path / "x.safetensors"
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file({"fc.weight": np.zeros((2, 2), np.float32)}, str(src))
+  proc = subprocess.run(
+      [sys.executable, "-m", "rebll_jax.convert", "--arch", "tresnet_m",
+       "--src", str(src), "--out", str(tmp_path / "o")],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr
+  assert "not a TResNet state dict" in proc.stderr
+  assert "Traceback" not in proc.stderr and not os.path.exists(
+      tmp_path / "o")
