@@ -1,0 +1,36 @@
+"""Every method runs end to end on configs/test.py and does what it says."""
+
+import numpy as np
+import pytest
+
+from rebll_jax import methods, train
+from tests.test_train import _config
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_method_runs(name, tmp_path):
+  spec = methods.METHODS[name]
+  results = train.run(_config(method=name, num_devices=1), str(tmp_path))
+  tasks = results["tasks"]
+  assert len(tasks) == (1 if spec.joint else 3)
+  assert all(np.isfinite(t["map_seen"]) and 0 <= t["map_seen"] <= 100
+             for t in tasks)
+  if spec.replay:
+    assert tasks[-1]["memory_rows"] > 0
+  else:
+    assert all(t["memory_rows"] == 0 for t in tasks)
+  if spec.relabel_between_tasks:
+    buffer = tasks[-1]["labels_buffer"]
+    assert buffer["above_diagonal"]["count"] > 0
+    assert buffer["below_diagonal"]["count"] > 0
+  if spec.relabel_new_online:
+    assert tasks[-1]["labels_online"]["new"]["count"] > 0
+  else:
+    assert "new" not in tasks[-1]["labels_online"]
+  assert results["compilations"]["first"] == 1
+  assert results["compilations"]["later"] == (0 if spec.joint else 1)
+
+
+def test_unknown_method_lists_valid_ones():
+  with pytest.raises(ValueError, match="valid:.*rebll"):
+    methods.get_method("nope")
