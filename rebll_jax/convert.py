@@ -1,6 +1,7 @@
-"""Convert a PyTorch backbone checkpoint into a Flax (orbax) checkpoint.
+r"""Convert a PyTorch backbone checkpoint into a Flax (orbax) checkpoint.
 
-  python -m rebll_jax.convert --arch tresnet_m --src tresnet_m.pth --out ckpt/tresnet_m
+  python -m rebll_jax.convert --arch tresnet_m --src tresnet_m.pth \
+      --out ckpt/tresnet_m
 
 Reads a timm ``tresnet_m`` / ``resnet*`` state dict, an original-format
 (InPlaceABN) TResNet-M checkpoint, or a torchvision ``resnet18/50/101``
@@ -119,12 +120,8 @@ def summary(info: dict, out: str) -> str:
 
 def parse_args(argv):
   p = argparse.ArgumentParser(
-      prog="python -m rebll_jax.convert",
-      description=__doc__.split("\n\n")[0],
-      epilog="Formats: timm tresnet_m/resnet*, original InPlaceABN TResNet-M "
-      "(optionally wrapped in 'model' or 'state_dict'), torchvision "
-      "resnet18/50/101; files .pth/.pt/.bin (torch, weights_only) or "
-      ".safetensors.")
+      prog="python -m rebll_jax.convert", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--arch", required=True,
                  choices=sorted(pretrained.BACKBONES),
                  help="target architecture")

@@ -39,6 +39,7 @@ def reference_model(arch, num_classes=10, seed=0):
   torch = pytest.importorskip(
       "torch", reason="parity tests need torch (the 'test' extra)")
   from experiments.torch_baseline import models  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(1)  # xdist workers share few cores
   torch.manual_seed(seed)
   model = models.MODELS[arch](num_classes=num_classes).eval()
   with torch.no_grad():
@@ -127,6 +128,14 @@ def test_tresnet_blocks_zero_init_residual_norm_and_train_batch_stats():
         v, x, train=True, mutable=["batch_stats"]))(variables, x)
     assert not np.allclose(variables["batch_stats"]["conv1"]["bn"]["mean"],
                            updates["batch_stats"]["conv1"]["bn"]["mean"])
+
+
+def test_param_counts_and_macs_match_published():
+  from experiments import model_stats  # pylint: disable=g-import-not-at-top
+  for arch, (params_m, gmacs) in model_stats.PUBLISHED.items():
+    s = model_stats.stats(arch, 224, 1000)
+    assert abs(s["params"] / 1e6 - params_m) < 0.05, (arch, s)
+    assert abs(s["macs"] / 1e9 / gmacs - 1) < 0.01, (arch, s)
 
 
 def test_tresnet_rejects_sides_not_multiple_of_4():

@@ -60,7 +60,7 @@ def arch_factory(arch: str):
 
 # ------------------------------------------------------------ name rules ---
 
-def _torch_key(collection: str, path: tuple[str, ...], ndim: int) -> str:
+def _torch_key(collection: str, path: tuple[str, ...]) -> str:
   module = ".".join(p.replace("_", ".") for p in path[:-1])
   leaf = path[-1]
   if collection == "batch_stats":
@@ -87,7 +87,7 @@ def _flax_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=None)
 def expected_tensors(arch: str, num_classes: int = 1000):
-  """torch key -> (collection, flax path, flax shape, is_head), by shape only."""
+  """torch key -> (collection, flax path, flax shape, is_head); shapes only."""
   module = build(arch, num_classes)
   shapes = jax.eval_shape(
       lambda: module.init(jax.random.PRNGKey(0),
@@ -95,7 +95,7 @@ def expected_tensors(arch: str, num_classes: int = 1000):
   out = {}
   for collection, tree in shapes.items():
     for path, leaf in flax.traverse_util.flatten_dict(tree).items():
-      key = _torch_key(collection, path, leaf.ndim)
+      key = _torch_key(collection, path)
       out[key] = (collection, path, tuple(leaf.shape),
                   path[0] == module.head_name)
   return out

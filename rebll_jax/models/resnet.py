@@ -81,7 +81,8 @@ class Bottleneck(nn.Module):
     out = self.planes * self.expansion
     y = nn.relu(L.norm("bn1")(L.conv(self.planes, 1, 1, "conv1")(x)))
     y = nn.relu(L.norm("bn2")(L.conv(self.planes, 3, self.stride, "conv2")(y)))
-    y = L.norm("bn3", zero=self.zero_init_residual)(L.conv(out, 1, 1, "conv3")(y))
+    y = L.conv(out, 1, 1, "conv3")(y)
+    y = L.norm("bn3", zero=self.zero_init_residual)(y)
     if self.stride != 1 or x.shape[-1] != out:
       x = L.conv(out, 1, self.stride, "downsample_0")(x)
       x = L.norm("downsample_1")(x)
