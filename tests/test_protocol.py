@@ -69,3 +69,24 @@ def test_b40_c10_views_on_80_fake_classes():
     assert view.labels[:, outside].sum() == 0
     np.testing.assert_array_equal(view.labels[:, task.classes],
                                   labels[expected][:, task.classes])
+
+
+def test_validation_split_is_carved_from_train():
+  from configs import test as test_config
+  from rebll_jax import data
+  cfg = test_config.get_config().data
+  full = data.build_source(cfg)
+  cfg.val_fraction = 0.25
+  carved = data.build_source(cfg)
+  assert len(carved.train) + len(carved.test) == len(full.train)
+  assert len(carved.test) == round(0.25 * len(full.train))
+  ids = set(carved.train.image_ids) | set(carved.test.image_ids)
+  assert ids == set(full.train.image_ids)
+  assert not set(carved.test.image_ids) & set(full.test.image_ids)
+  row = 3
+  original = int(np.flatnonzero(full.train.image_ids ==
+                                carved.test.image_ids[row])[0])
+  np.testing.assert_array_equal(carved.test.read_images(np.array([row])),
+                                full.train.read_images(np.array([original])))
+  np.testing.assert_array_equal(carved.test.labels[row],
+                                full.train.labels[original])
