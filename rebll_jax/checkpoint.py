@@ -2,20 +2,46 @@
 
 Each checkpoint holds two items: ``state`` (train state, past model, replay
 buffer: arrays) and ``meta`` (JSON: where in the protocol it was taken, the
-results so far, the run's fingerprint). Writes are atomic (orbax writes to a
-temporary directory and renames on commit), so a crash mid-save never leaves a
-checkpoint that reads as complete. If the newest checkpoint cannot be read it
-is skipped with a warning and the one before is used.
+results so far, the run's fingerprint, a checksum of the arrays).
+
+Faults this module guards against:
+
+- A crash during a save. Orbax writes into ``N.orbax-checkpoint-tmp-*`` and
+  renames to ``N`` only on commit, so a half-written checkpoint is never
+  listed; leftover temporary directories are removed when the manager opens.
+- A damaged checkpoint (a truncated or deleted file, flipped bytes). The
+  restore fails, or the CRC-32 of the restored arrays disagrees with the one
+  stored in ``meta``; either way it is skipped with a warning and the
+  previous checkpoint is tried.
+- A checkpoint of another run. ``check_meta`` (the caller's fingerprint
+  check) runs on the metadata before any array is read; its ``UserError``
+  is never mistaken for damage and propagates.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import zlib
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from rebll_jax.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+def checksum(tree) -> str:
+  """CRC-32 over the bytes, dtypes and shapes of every leaf, in tree order."""
+  crc = 0
+  for leaf in jax.tree.leaves(tree):
+    array = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(f"{array.dtype}{array.shape}".encode(), crc)
+    crc = zlib.crc32(array.view(np.uint8).reshape(-1) if array.size else b"",
+                     crc)
+  return f"{crc:08x}"
 
 
 class Checkpointer:
@@ -26,15 +52,18 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=False, create=True),
+            max_to_keep=keep, enable_async_checkpointing=False, create=True,
+            cleanup_tmp_directories=True),
         item_names=("state", "meta"))
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   def save(self, tree, meta: dict) -> int:
+    """Writes ``tree`` and ``meta`` (plus the tree's checksum) atomically."""
     steps = self.steps()
     number = steps[-1] + 1 if steps else 0
+    meta = {**meta, "checksum": checksum(tree)}
     self.manager.save(number, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
     self.manager.wait_until_finished()
@@ -44,19 +73,55 @@ class Checkpointer:
     return self.manager.restore(number, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore_latest(self, target):
-    """(tree, meta) of the newest readable checkpoint, or (None, None)."""
+  def restore_latest(self, target, check_meta=None):
+    """(tree, meta) of the newest sound checkpoint, or (None, None).
+
+    Args:
+      target: a tree with the structure, shapes and shardings to restore.
+      check_meta: called with each candidate's metadata before its arrays are
+        read; a ``UserError`` it raises (another run's checkpoint) propagates.
+
+    Raises:
+      UserError: checkpoints exist but none can be restored (all damaged, or
+        saved with a state of another shape); never starts over silently.
+    """
+    failures = []
     for number in reversed(self.steps()):
       try:
-        restored = self.manager.restore(number, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["meta"]
+        meta = self.read_meta(number)
       except Exception as e:  # pylint: disable=broad-except
-        log.warning("checkpoint %d in %s is unreadable (%s: %s); trying the "
-                    "previous one", number, self.directory, type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "")
+        failures.append(self._skip(number, "its metadata is unreadable", e))
+        continue
+      if check_meta is not None:
+        check_meta(meta)  # UserError propagates: not damage
+      try:
+        tree = self.manager.restore(number, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(self._skip(number, "its arrays are unreadable", e))
+        continue
+      expected = meta.get("checksum")
+      if expected is not None and checksum(tree) != expected:
+        failures.append(self._skip(number, "its arrays fail the checksum",
+                                   None))
+        continue
+      return tree, meta
+    if failures:
+      raise UserError(
+          f"no checkpoint in {self.directory} can be restored (newest: "
+          f"{failures[0]}); if the config changed (model, optimizer, memory "
+          "size) use a new --workdir, otherwise move the damaged checkpoints "
+          "away")
     return None, None
+
+  def _skip(self, number, why, error) -> str:
+    detail = ""
+    if error is not None:
+      first = str(error).splitlines()[0] if str(error) else ""
+      detail = f" ({type(error).__name__}: {first[:200]})"
+    message = f"checkpoint {number}: {why}{detail}"
+    log.warning("%s; skipping it and trying the previous one", message)
+    return message
 
   def close(self):
     self.manager.close()

@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "small_resnet"  # see rebll_jax.models.ARCHS
-  c.model.width = 32
+  c.model.width = 16
   c.model.stage_sizes = (1, 1, 1)
   c.model.stem_stride = 2  # small_resnet only
   c.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision
@@ -99,4 +99,5 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_at_step = -1  # tests: poison the loss at this global step
+  c.debug.kill_at_step = -1  # tests: SIGKILL the process at this global step
   return c

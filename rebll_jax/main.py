@@ -9,6 +9,7 @@ cannot share, an unwritable workdir) prints one line and exits with code 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -32,28 +33,98 @@ flags.DEFINE_string("workdir", None,
 EXIT_USER_ERROR = 2
 
 
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
 def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
+  """One line on stderr, exit code 2: the CLI's answer to bad input."""
+  print(f"error: {_one_line(message)}", file=sys.stderr)
   sys.exit(EXIT_USER_ERROR)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost exception of a chain (ml_collections wraps the real one)."""
+  seen = set()
+  while id(error) not in seen:
+    seen.add(id(error))
+    inner = error.__cause__ or error.__context__
+    if inner is None:
+      break
+    error = inner
+  return error
+
+
+def _config_arg(argv) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+def _config_error(error: BaseException, argv) -> str:
+  """One line for a config file that cannot be loaded or built."""
+  spec = _config_arg(argv)
+  path = spec.split(":", 1)[0]
+  if path and not os.path.isfile(path):
+    return (f"config file {path!r} not found; pass e.g. "
+            "--config=configs/synthetic.py")
+  root = _root_cause(error)
+  text = str(root).strip("'\"")
+  if "Traceback" in text:  # a wrapper that pasted a traceback: keep the end
+    text = text.strip().splitlines()[-1]
+  return f"cannot load config {spec!r}: {type(root).__name__}: {text}"
+
+
+def _override_named(key: str, argv) -> str:
+  """The --config.a.b override of ``argv`` that mentions ``key``."""
+  for arg in argv:
+    if arg.startswith("--config."):
+      path = arg[len("--config."):].split("=", 1)[0]
+      if key in path.split("."):
+        return path
+  return key
 
 
 def _parse(argv):
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
   except flags.Error as e:
-    _fail(f"{e}. Run with --help for the flags.")
-  except (KeyError, AttributeError, ValueError, TypeError) as e:
-    # ml_collections reports unknown keys and bad values this way.
-    message = str(e).strip("'\"")
-    _fail(f"bad --config override: {message}. Every key must exist in the "
-          "config file; see rebll_jax/config_base.py for the fields.")
-  except (OSError, SyntaxError) as e:
-    _fail(f"cannot load the config file: {e}")
-  return None
+    message = str(e).split("\n", 1)[0]
+    if message.startswith("flag --config=") or message.startswith(
+        "flag --config:"):
+      _fail(_config_error(e, argv))
+    if message.startswith("flag --config."):
+      detail = str(_root_cause(e)).strip("'\"")
+      _fail(f"bad value in {message.split(':', 1)[0][5:]}: {detail}")
+    if "Unknown command line flag 'config." in message:
+      key = message.split("'")[1][len("config."):]
+      _fail(f"unknown config key {key!r}; every --config.KEY must exist in "
+            "the config (see rebll_jax/config_base.py for the fields)")
+    _fail(f"{message}. Run with --help for the flags.")
+  except (KeyError, AttributeError) as e:
+    # ml_collections reports an unknown key this way.
+    key = _override_named(str(e).strip("'\""), argv)
+    _fail(f"unknown config key {key!r}; every --config.KEY must exist in "
+          "the config (see rebll_jax/config_base.py for the fields)")
+  except (ValueError, TypeError) as e:
+    _fail(f"bad --config override: {e}")
+  except (OSError, SyntaxError, ImportError) as e:
+    _fail(_config_error(e, argv))
+  try:
+    if FLAGS.config is not None:
+      FLAGS.config.keys()  # the file loads lazily: surface its errors here
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(_config_error(e, argv))
+  return rest
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    _fail(f"unexpected argument(s) {argv[1:]}; flags take the form "
+          "--name=value (did you mean --config.KEY=VALUE?)")
   if FLAGS.config is None:
     _fail("--config is required, e.g. --config=configs/synthetic.py")
   if not FLAGS.workdir:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 
 import jax
@@ -30,7 +31,12 @@ log = logging.getLogger("rebll_jax")
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or inf; the last good checkpoint is kept."""
+  """The loss became NaN or inf; the last good checkpoint is kept.
+
+  Every step's loss is checked on the device (a running "first bad step"
+  scalar, no host sync); the host reads it at log steps and before every
+  save, so a state trained through a non-finite loss is never checkpointed.
+  """
 
 
 def _versions() -> dict:
@@ -44,13 +50,23 @@ def _versions() -> dict:
           "grain": getattr(grain, "__version__", "unknown")}
 
 
-def _fingerprint(config, source, tasks) -> dict:
-  """What a checkpoint must agree on to be resumed by this run."""
+def _fingerprint(config, source, memory_capacity) -> dict:
+  """What a checkpoint must agree on to be resumed by this run.
+
+  The run's identity (data, protocol, method, seed) and everything that
+  shapes the saved arrays (model, optimizer, buffer size). Learning rates,
+  epochs of later tasks, num_tasks and devices may change on resume.
+  """
+  m = config.model
   return {"dataset": source.name, "class_order": list(source.class_names),
           "setting": protocol.setting_name(config.protocol.base,
                                            config.protocol.increment),
           "method": config.method,
-          "arch": config.model.arch, "image_size": config.data.image_size,
+          "arch": m.arch, "image_size": config.data.image_size,
+          "model_shape": f"width={m.width} stages={tuple(m.stage_sizes)} "
+                         f"stem_stride={m.stem_stride}",
+          "optimizer": config.optim.name,
+          "memory_capacity": int(memory_capacity),
           "seed": config.seed}
 
 
@@ -60,8 +76,26 @@ def _check_fingerprint(saved: dict, current: dict, workdir: str):
   if diffs:
     raise UserError(
         f"workdir {workdir} holds a checkpoint of another run ("
-        + "; ".join(diffs) + "); use a new --workdir, or "
-        "--config.resume=False to start fresh")
+        + "; ".join(diffs) + "); run this config in a new --workdir, or "
+        "rerun with the checkpoint's settings to resume it")
+
+
+def _trim_metrics(workdir: str, global_step: int):
+  """Drops metrics.jsonl lines past the resumed step (a killed run's tail)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= global_step:
+          keep.append(line)
+      except (ValueError, KeyError, TypeError):
+        pass  # a line cut by the kill
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 def _host(tree):
@@ -135,10 +169,11 @@ def run(config, workdir: str) -> dict:
   if config.distributed:
     jax.distributed.initialize()
   method = methods.get_method(config.method)
-  source = data.build_source(config.data)
+  source = validate.build_source(config.data)
   tasks = _make_tasks(config, method, source.num_classes)
   mesh = parallel.make_mesh(config.num_devices)
   validate.check_devices(config, mesh.size, jax.process_count())
+  validate.check_tasks(source, tasks)
   num_classes = source.num_classes
   is_chief = jax.process_index() == 0
 
@@ -162,29 +197,40 @@ def run(config, workdir: str) -> dict:
                            opt_state=tx.init(variables["params"]))
   old_variables = jax.tree.map(jnp.copy, steps.variables_of(state))
   memory = replay.create(config, method, source)
+  validate.check_disk_space(workdir, (
+      validate.tree_bytes((state, old_variables, _memory_tree(memory)))
+      * (config.train.keep_checkpoints + 1)))
 
-  fingerprint = _fingerprint(config, source, tasks)
+  fingerprint = _fingerprint(config, source, memory.capacity)
   if is_chief:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  config.train.keep_checkpoints)
   results_tasks, start_task, start_step = [], 0, 0
+  resumed_sums, resumed_seconds = {}, 0.0
   if config.resume and ckpt.steps():
     restored, meta = ckpt.restore_latest(
-        {"train": state, "old": old_variables, "memory": _memory_tree(memory)})
+        {"train": state, "old": old_variables, "memory": _memory_tree(memory)},
+        check_meta=lambda m: _check_fingerprint(m.get("fingerprint", {}),
+                                                fingerprint, workdir))
     if restored is not None:
-      _check_fingerprint(meta["fingerprint"], fingerprint, workdir)
       state, old_variables = restored["train"], restored["old"]
       if memory.capacity:  # a method without replay checkpoints none
         memory = memory_lib.from_state(restored["memory"])
       results_tasks = meta["results"]
       start_task, start_step = meta["task"], meta["task_step"]
+      resumed_sums = meta.get("label_sums", {})
+      resumed_seconds = meta.get("task_seconds", 0.0)
+      if is_chief:
+        _trim_metrics(workdir, meta["global_step"])
       log.info("resumed from checkpoint at task %d step %d", start_task + 1,
                start_step)
   elif not config.resume and ckpt.steps():
-    raise UserError(f"workdir {workdir} already holds checkpoints and "
-                    "resume=False; use a new --workdir")
+    # resume=False never reads, overwrites or deletes a run's checkpoints.
+    raise UserError(f"--config.resume=False but workdir {workdir} already "
+                    "holds checkpoints of a run; pass a new --workdir to "
+                    f"start fresh (or delete {ckpt.directory})")
 
   replicated = parallel.replicated(mesh)
   state = jax.device_put(state, replicated)
@@ -197,17 +243,25 @@ def run(config, workdir: str) -> dict:
         model=model, method=method, config=config, tx=tx, has_old=has_old,
         on_trace=lambda: trace_counts.__setitem__(name,
                                                   trace_counts[name] + 1))
-    return jax.jit(fn, donate_argnums=0,
-                   out_shardings=(replicated, replicated))
+
+    def step_and_watch(state, old, batch, context, key, bad_step):
+      # bad_step: the first global step (0-based) with a non-finite loss.
+      new_state, out = fn(state, old, batch, context, key)
+      bad = ~jnp.isfinite(out["loss"]) & (bad_step < 0)
+      return new_state, out, jnp.where(bad, state.step, bad_step)
+
+    return jax.jit(step_and_watch, donate_argnums=0,
+                   out_shardings=(replicated, replicated, replicated))
 
   train_steps = {False: compiled(False), True: compiled(True)}
   predictor = Predictor(model, config, mesh)
   writer = reporting.Writer(workdir)
 
-  def save(task_index, task_step):
+  def save(task_index, task_step, label_sums=None, task_seconds=0.0):
     meta = {"task": task_index, "task_step": task_step,
             "results": results_tasks, "fingerprint": fingerprint,
-            "global_step": int(state.step), **meta_extra}
+            "global_step": int(state.step), "label_sums": label_sums or {},
+            "task_seconds": task_seconds, **meta_extra}
     ckpt.save({"train": state, "old": old_variables,
                "memory": _memory_tree(memory)}, meta)
 
@@ -235,7 +289,22 @@ def run(config, workdir: str) -> dict:
         lr_peak=config.optim.lr_first if first else config.optim.lr_later),
                              replicated)
     step_fn = train_steps[not first]
-    label_sums = {}
+    task_start = int(state.step) - task_step0
+    resumed = t == start_task and task_step0 > 0
+    # Per-task sums of the label diagnostics, checkpointed with mid-task saves.
+    label_sums = resumed_sums if resumed else {}
+    seconds_before = resumed_seconds if resumed else 0.0
+    bad_step = jax.device_put(jnp.asarray(-1, jnp.int32), replicated)
+
+    def check_finite():
+      bad = int(bad_step)
+      if bad >= 0:
+        bar.close()
+        raise NonFiniteLossError(
+            f"non-finite loss at task {t + 1}, step {bad - task_start + 1} "
+            f"of {total} (global step {bad}, counted from 0); the last good "
+            f"checkpoint in {workdir} is kept")
+
     bar = tqdm.tqdm(total=total, initial=task_step0,
                     desc=f"task {t + 1}/{len(tasks)}", unit="step",
                     disable=not (config.train.progress and is_chief),
@@ -243,17 +312,15 @@ def run(config, workdir: str) -> dict:
     started = time.time()
     for step, host_batch in batches.iterate(task_step0, total):
       batch = parallel.to_global(mesh, host_batch)
-      state, out = step_fn(state, old_variables, batch, context, root)
+      state, out, bad_step = step_fn(state, old_variables, batch, context,
+                                     root, bad_step)
       bar.update(1)
+      if task_start + step == config.debug.kill_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests
       last = step + 1 == total
       if (step + 1) % config.train.log_every == 0 or last:
+        check_finite()
         out = _host(out)
-        if not np.isfinite(out["loss"]):
-          bar.close()
-          raise NonFiniteLossError(
-              f"non-finite loss ({out['loss']}) at task {t + 1}, step "
-              f"{step + 1} (global step {int(state.step)}); the last good "
-              f"checkpoint in {workdir} is kept")
         cls_sums = label_sums.setdefault("cls", {"pos": 0.0, "neg": 0.0})
         cls_sums["pos"] += float(out["cls_positives"])
         cls_sums["neg"] += float(out["cls_negatives"])
@@ -267,9 +334,11 @@ def run(config, workdir: str) -> dict:
         bar.set_postfix(loss=f"{float(out['loss']):.4f}")
       every = config.train.checkpoint_every
       if every and (step + 1) % every == 0 and not last:
-        save(t, step + 1)
+        check_finite()
+        save(t, step + 1, label_sums,
+             seconds_before + time.time() - started)
     bar.close()
-    train_seconds = time.time() - started
+    train_seconds = seconds_before + time.time() - started
 
     variables = steps.variables_of(state)
     evaluation = _evaluate(predictor, variables, source, task, tasks,
@@ -284,14 +353,15 @@ def run(config, workdir: str) -> dict:
                                    for c in task.classes],
         "map_seen": evaluation["map_seen"],
         "map_per_task": evaluation["map_per_task"],
-        "train_steps": total - task_step0, "train_seconds": train_seconds,
+        "train_steps": total, "train_seconds": train_seconds,
         "num_train_images": len(view), "memory_rows": int(memory_lib.valid_rows(memory).size),
         "fpr_at_threshold": evaluation["fpr"],
         "labels_online": {g: _rates(s) for g, s in label_sums.items()
                           if g != "cls"},
         "labels_buffer": buffer_quality,
         "cls_label_pos_neg_ratio": (
-            label_sums["cls"]["pos"] / max(label_sums["cls"]["neg"], 1.0)),
+            label_sums["cls"]["pos"] / max(label_sums["cls"]["neg"], 1.0)
+            if "cls" in label_sums else 0.0),
     })
     results_tasks[-1]["f1"] = {k: evaluation[k] for k in
                                ("cf1", "cf1_cp_cr", "of1", "cp", "cr", "op",

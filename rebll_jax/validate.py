@@ -7,9 +7,12 @@ the fix. The CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
-from rebll_jax import data, methods, models, optim
+import numpy as np
+
+from rebll_jax import data, methods, models, optim, protocol
 from rebll_jax.errors import UserError
 
 
@@ -62,6 +65,112 @@ def check_config(config):
     value = config.relabel[name]
     _check(0.0 < value < 1.0, f"relabel.{name} must be in (0, 1)")
   _check(config.relabel.chunk > 0, "relabel.chunk must be > 0")
+  _check(config.seed >= 0, "seed must be >= 0")
+  _check(config.num_devices >= 0,
+         "num_devices must be >= 0 (0 = all local devices)")
+  _check(config.protocol.num_tasks == -1 or config.protocol.num_tasks > 0,
+         "protocol.num_tasks must be > 0, or -1 for every task")
+  _check(config.train.keep_checkpoints >= 1,
+         "train.keep_checkpoints must be >= 1")
+  _check(config.data.num_workers >= 1, "data.num_workers must be >= 1")
+  _check(0.0 <= config.data.val_fraction < 1.0,
+         "data.val_fraction must be in [0, 1)")
+  syn = config.data.synthetic
+  _check(syn.num_train > 0 and syn.num_test > 0,
+         "data.synthetic.num_train and num_test must be > 0")
+  _check(syn.render_size >= 8, "data.synthetic.render_size must be >= 8")
+  _check(config.model.width > 0, "model.width must be > 0")
+  stages = tuple(config.model.stage_sizes)
+  _check(len(stages) > 0 and all(isinstance(n, int) and n >= 1
+                                 for n in stages),
+         "model.stage_sizes must be a non-empty tuple of ints >= 1, e.g. "
+         "(1, 1, 1)")
+  _check(config.model.stem_stride in (1, 2), "model.stem_stride must be 1 or 2")
+  o = config.optim
+  _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+  _check(0.0 <= o.momentum < 1.0, "optim.momentum must be in [0, 1)")
+  _check(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)")
+  a = config.augment
+  _check(0.0 <= a.cutout <= 1.0, "augment.cutout must be in [0, 1]")
+  _check(a.randaugment_ops >= 0, "augment.randaugment_ops must be >= 0")
+  _check(0.0 <= a.randaugment_magnitude <= 1.0,
+         "augment.randaugment_magnitude must be in [0, 1]")
+  l = config.loss
+  for name in ("g_pos", "g_neg", "w_pos", "w_neg", "lambda_kd", "beta"):
+    _check(l[name] >= 0, f"loss.{name} must be >= 0")
+  _check(0.0 <= l.margin < 1.0, "loss.margin must be in [0, 1)")
+  _check(l.temperature > 0, "loss.temperature must be > 0")
+  _check(0.0 <= config.relabel.warmup_frac <= 1.0,
+         "relabel.warmup_frac must be in [0, 1]")
+  _check(0.0 < config.eval.threshold < 1.0, "eval.threshold must be in (0, 1)")
+  for name in ("lr_first", "lr_later", "weight_decay", "momentum",
+               "grad_clip", "warmup_frac"):
+    _check(np.isfinite(o[name]), f"optim.{name} must be finite")
+
+
+def check_protocol(config, num_classes: int):
+  """The class split fits the dataset (a joint method has one task)."""
+  if methods.get_method(config.method).joint:
+    return
+  protocol.task_blocks(num_classes, config.protocol.base,
+                       config.protocol.increment, config.protocol.num_tasks)
+
+
+def check_all(config, *, num_classes: int, num_devices: int,
+              num_processes: int = 1):
+  """Every check that needs neither data nor a workdir (fast; for tests)."""
+  check_config(config)
+  check_protocol(config, num_classes)
+  check_devices(config, num_devices, num_processes)
+
+
+def build_source(cfg):
+  """``data.build_source`` with file-system failures turned into one line."""
+  try:
+    return data.build_source(cfg)
+  except UserError:
+    raise
+  except OSError as e:
+    raise UserError(f"cannot read data.source={cfg.source!r} from "
+                    f"{cfg.data_dir or '(no data_dir)'}: "
+                    f"{e.strerror or e}") from None
+
+
+def check_tasks(source, tasks):
+  """Every task has training images and test images (before any training)."""
+  for task in tasks:
+    names = [source.class_names[c] for c in task.classes]
+    n_train = int(source.train.labels[:, task.classes].any(axis=1).sum())
+    _check(n_train > 0, f"task {task.index + 1} has no training images "
+           f"(classes {names}); use a class order or split where every "
+           "task's classes occur in the training data")
+  seen = tasks[-1].seen if tasks else []
+  _check(len(tasks) == 0 or
+         bool(source.test.labels[:, seen].any(axis=1).any()),
+         "the test split has no image of the protocol's classes")
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array leaf of ``tree``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree)))
+
+
+MIN_FREE_BYTES = 16 << 20  # logs, plots, results on top of the checkpoints
+
+
+def check_disk_space(workdir: str, checkpoint_bytes: int):
+  """The workdir's disk holds the kept checkpoints plus some slack."""
+  need = int(checkpoint_bytes) + MIN_FREE_BYTES
+  try:
+    free = shutil.disk_usage(workdir).free
+  except OSError as e:
+    raise UserError(f"cannot stat workdir {workdir!r} ({e.strerror}); pick "
+                    "another --workdir") from None
+  _check(free >= need,
+         f"workdir {workdir!r} has {free / 2**20:.0f} MiB free but the run "
+         f"needs about {need / 2**20:.0f} MiB (checkpoints kept: "
+         "train.keep_checkpoints); free space or pick another --workdir")
 
 
 def check_devices(config, num_devices: int, num_processes: int):
@@ -82,8 +191,10 @@ def check_workdir(workdir: str):
   _check(bool(workdir), "--workdir is required")
   try:
     os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".probe"):
-      pass
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".probe") as probe:
+      probe.write(b"\0" * 4096)  # a full disk fails here, not mid-run
+      probe.flush()
+      os.fsync(probe.fileno())
   except OSError as e:
     raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); "
                     "pick another --workdir") from None

@@ -1,0 +1,104 @@
+"""Exact mid-task resume: SIGKILL in task 1 and in task 2, same results.
+
+Every run is a subprocess of the CLI on 8 virtual CPU devices. The process
+is killed by ``--config.debug.kill_at_step`` (SIGKILL from inside, at a
+step chosen at random per test session, between mid-task saves), restarted
+with the same command, killed again in task 2, restarted again, and must end
+with the results of an uninterrupted run to 1e-6. The runs share a persistent
+compilation cache so that only the first one compiles.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVERY = 3  # mid-task checkpoint interval
+STEPS = (8, 5)  # steps of task 1 and task 2 of configs/test.py
+
+
+def child_env(cache_dir=None):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = ROOT
+  if cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return env
+
+
+def run_cli(workdir, *overrides, cache_dir=None, timeout=300):
+  cmd = [sys.executable, "-m", "rebll_jax.main", "--config=configs/test.py",
+         f"--workdir={workdir}", "--config.protocol.num_tasks=2",
+         f"--config.train.checkpoint_every={EVERY}", *overrides]
+  return subprocess.run(cmd, cwd=ROOT, env=child_env(cache_dir),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_of(results: dict) -> dict:
+  """results.json without what may differ between processes: wall times,
+  the compile counts of this process, the resolved config (debug hooks)."""
+  out = json.loads(json.dumps(results))
+  for key in ("compilations", "config", "versions"):
+    out.pop(key, None)
+  for task in out["tasks"]:
+    task.pop("train_seconds")
+  return out
+
+
+def assert_close(a, b, path="results"):
+  if isinstance(a, dict):
+    assert set(a) == set(b), (path, set(a) ^ set(b))
+    for k in a:
+      assert_close(a[k], b[k], f"{path}.{k}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      assert_close(x, y, f"{path}[{i}]")
+  elif isinstance(a, float) or isinstance(b, float):
+    assert abs(a - b) <= 1e-6, (path, a, b)
+  else:
+    assert a == b, (path, a, b)
+
+
+def kill_steps(rng: random.Random):
+  """A global step (0-based) in task 1 after its first save, one in task 2."""
+  return (rng.randrange(EVERY, STEPS[0]),
+          rng.randrange(STEPS[0] + 1, sum(STEPS)))
+
+
+def test_sigkill_in_task_1_and_2_resumes_exactly(tmp_path):
+  cache = tmp_path / "jax_cache"
+  base = run_cli(tmp_path / "uninterrupted", cache_dir=cache)
+  assert base.returncode == 0, base.stderr[-2000:]
+  expected = json.load(open(tmp_path / "uninterrupted" / "results.json"))
+
+  workdir = tmp_path / "killed"
+  seed = random.randrange(2**32)
+  k1, k2 = kill_steps(random.Random(seed))
+  print(f"kill steps {k1}, {k2} (seed {seed})")
+  first = run_cli(workdir, f"--config.debug.kill_at_step={k1}",
+                  cache_dir=cache)
+  assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+  assert not (workdir / "results.json").exists()
+  second = run_cli(workdir, f"--config.debug.kill_at_step={k2}",
+                   cache_dir=cache)
+  assert second.returncode == -signal.SIGKILL, second.stderr[-2000:]
+  assert "resumed from checkpoint at task 1" in second.stderr
+  third = run_cli(workdir, cache_dir=cache)
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert "resumed from checkpoint at task 2" in third.stderr
+  resumed = json.load(open(workdir / "results.json"))
+  assert_close(metrics_of(resumed), metrics_of(expected),
+               f"results (kills at {k1}, {k2})")
+  # The killed runs' metrics.jsonl tails were dropped: no duplicated steps.
+  steps = [json.loads(l)["step"]
+           for l in open(workdir / "metrics.jsonl").read().splitlines()]
+  assert steps == sorted(set(steps))
+  assert steps == [json.loads(l)["step"] for l in open(
+      tmp_path / "uninterrupted" / "metrics.jsonl").read().splitlines()]
