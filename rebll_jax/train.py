@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,19 @@ def _versions() -> dict:
           "grain": getattr(grain, "__version__", "unknown")}
 
 
+def _data_digest(source) -> str:
+  """CRC-32 of the labels and ids of both splits and of a few images: the
+  same dataset name with other contents (another synthetic seed, another
+  folder) is another dataset."""
+  crc = 0
+  for split in (source.train, source.test):
+    for array in (split.labels, split.image_ids,
+                  split.read_images(np.arange(min(4, len(split))))):
+      crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1),
+                       crc)
+  return f"{crc:08x}"
+
+
 def _fingerprint(config, source, memory_capacity) -> dict:
   """What a checkpoint must agree on to be resumed by this run.
 
@@ -58,7 +72,8 @@ def _fingerprint(config, source, memory_capacity) -> dict:
   epochs of later tasks, num_tasks and devices may change on resume.
   """
   m = config.model
-  return {"dataset": source.name, "class_order": list(source.class_names),
+  return {"dataset": source.name, "data_digest": _data_digest(source),
+          "class_order": list(source.class_names),
           "setting": protocol.setting_name(config.protocol.base,
                                            config.protocol.increment),
           "method": config.method,
