@@ -91,6 +91,10 @@ def _override_named(key: str, argv) -> str:
 def _parse(argv):
   try:
     rest = FLAGS(argv)
+  except SystemExit:
+    if set(argv[1:]) & {"--help", "-h", "-?", "--helpshort", "--helpfull"}:
+      sys.exit(0)  # absl exits 1 after printing the help; asking is no error
+    raise
   except flags.Error as e:
     message = str(e).split("\n", 1)[0]
     if message.startswith("flag --config=") or message.startswith(

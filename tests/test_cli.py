@@ -1,0 +1,248 @@
+"""Bad input: the CLI's error paths and a property search over the config.
+
+Every mistake a user can make ends in exactly one line on stderr starting
+with ``error:``, exit code 2, no traceback, before anything is compiled. The
+CLI cases run in subprocesses (8 virtual CPU devices); the hypothesis search
+runs the same checks in process (``validate.check_all``: config, protocol,
+devices), so it can try hundreds of configs in seconds.
+"""
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+
+import hypothesis
+from hypothesis import strategies as st
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from rebll_jax import config_base, protocol, train, validate
+from rebll_jax.data.base import Source, Split
+from rebll_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = ROOT
+  return env
+
+
+def _cli(*args, timeout=120):
+  return subprocess.run([sys.executable, "-m", "rebll_jax.main", *args],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _assert_one_line_error(result, code=2):
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == code, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert lines[0].startswith("error: "), lines
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def not_a_dir(tmp_path_factory):
+  """A workdir under a regular file: unwritable even for root."""
+  path = tmp_path_factory.mktemp("cli") / "a_file"
+  path.write_text("")
+  return str(path / "workdir")
+
+
+CASES = [
+    # (extra args, a word the message must hold)
+    (["--config.nope=1"], "unknown config key 'nope'"),
+    (["--config.train.nope=1"], "unknown config key 'train.nope'"),
+    (["--config.protocol.base=10", "--config.protocol.increment=3"],
+     "B10-C3 does not fit 20 classes"),
+    (["--config.train.global_batch=12"], "not divisible by the 8 devices"),
+    (["--config.method=nope"], "unknown method 'nope'"),
+    (["--config.train.global_batch=abc"], "--config.train.global_batch"),
+    (["--config.seed=-1"], "seed must be >= 0"),
+    (["--config.data.source=voc2007"], "data_dir"),
+    (["--config.data.synthetic.num_train=2"], "has no training images"),
+    (["stray"], "unexpected argument"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", CASES,
+                         ids=[c[1].split()[0] + str(i)
+                              for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_exit_2(tmp_path, extra, expected):
+  result = _cli("--config=configs/test.py", f"--workdir={tmp_path}", *extra)
+  line = _assert_one_line_error(result)
+  assert expected in line
+
+
+def test_unwritable_workdir(not_a_dir):
+  line = _assert_one_line_error(_cli("--config=configs/test.py",
+                                     f"--workdir={not_a_dir}"))
+  assert "not writable" in line and "--workdir" in line
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config=configs/synthetic.py:b9c9"], "unknown setting 'b9c9'"),
+    (["--config=configs/nofile.py"], "not found"),
+    (["--config=configs/test.py"], "--workdir is required"),
+    ([], "--config is required"),
+    (["--config=configs/test.py", "--bogus=1"], "Unknown command line flag"),
+])
+def test_missing_or_bad_flags(tmp_path, args, expected):
+  if not any(a.startswith("--workdir") for a in args) and args != [
+      "--config=configs/test.py"]:
+    args = args + [f"--workdir={tmp_path}"]
+  line = _assert_one_line_error(_cli(*args))
+  assert expected in line
+
+
+def test_help():
+  result = _cli("--help")
+  assert result.returncode == 0
+  assert "--config" in result.stdout and "--workdir" in result.stdout
+
+
+def test_non_finite_loss_exits_1_without_traceback(tmp_path):
+  result = _cli("--config=configs/test.py", f"--workdir={tmp_path}",
+                "--config.protocol.num_tasks=1", "--config.debug.nan_at_step=0",
+                "--config.train.log_every=1", timeout=300)
+  line = _assert_one_line_error(result, code=1)
+  assert "non-finite loss at task 1, step 1 " in line
+
+
+# --- in process: the workdir, empty tasks --------------------------------
+
+
+def _config(**overrides):
+  config = test_config.get_config()
+  config.unlock()
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  config.lock()
+  return config
+
+
+def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
+  usage = shutil.disk_usage(str(tmp_path))
+  monkeypatch.setattr(validate.shutil, "disk_usage",
+                      lambda path: usage._replace(free=1 << 20))
+  monkeypatch.setattr(train.steps, "make_train_step", None)  # never reached
+  with pytest.raises(UserError, match="MiB free but the run needs"):
+    train.run(_config(), str(tmp_path))
+
+
+def test_workdir_that_cannot_take_a_write(tmp_path, monkeypatch):
+  def full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(validate.os, "fsync", full)
+  with pytest.raises(UserError, match="No space left on device"):
+    validate.check_workdir(str(tmp_path / "w"))
+
+
+def test_task_without_images_is_named():
+  labels = np.zeros((6, 4), np.uint8)
+  labels[:, :2] = 1  # classes 2 and 3 never occur
+  split = Split(labels=labels, image_ids=np.arange(6),
+                read_images=lambda i: np.zeros((len(i), 8, 8, 3), np.uint8))
+  source = Source(name="toy", class_names=["a", "b", "c", "d"], train=split,
+                  test=split)
+  tasks = protocol.make_tasks(4, 2, 2)
+  with pytest.raises(UserError, match=r"task 2 has no training images "
+                     r"\(classes \['c', 'd'\]\)"):
+    validate.check_tasks(source, tasks)
+
+
+# --- hypothesis over the config surface -----------------------------------
+
+CHOICES = {
+    "method": ["rebll", "ft", "er", "joint", "lwf", "nope", ""],
+    "data.source": ["synthetic", "voc2007", "nope"],
+    "model.arch": ["small_resnet", "resnet18", "nope"],
+    "model.dtype": ["float32", "bfloat16", "float8"],
+    "optim.name": ["adam", "adamw", "sgd", "nope"],
+    "optim.schedule": ["one_cycle", "cosine", "constant", "nope"],
+    "memory.selection": ["herding", "random", "nope"],
+    "memory.mix": ["uniform", "fraction", "nope"],
+}
+
+
+def _leaves(config, prefix=""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+LEAVES = dict(_leaves(config_base.base_config()))
+
+
+def _value_for(key):
+  default = LEAVES[key]
+  if key in CHOICES:
+    return st.sampled_from(CHOICES[key])
+  if isinstance(default, bool):
+    return st.booleans()
+  if isinstance(default, int):
+    return st.one_of(st.integers(-3, 40), st.sampled_from([0, 1, 8, 16, 64]))
+  if isinstance(default, float):
+    return st.one_of(st.floats(-2, 2), st.sampled_from(
+        [0.0, 0.5, 1.0, float("nan"), float("inf"), -1e-9]))
+  if isinstance(default, tuple):
+    return st.lists(st.integers(-1, 3), max_size=4).map(tuple)
+  return st.text(max_size=5)
+
+
+overrides_strategy = st.lists(
+    st.sampled_from(sorted(LEAVES)), min_size=1, max_size=4,
+    unique=True).flatmap(lambda keys: st.fixed_dictionaries(
+        {k: _value_for(k) for k in keys}))
+
+
+@hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+@hypothesis.given(overrides=overrides_strategy,
+                  num_devices=st.sampled_from([1, 2, 8]))
+def test_any_config_is_valid_or_one_user_error(overrides, num_devices):
+  config = config_base.base_config()
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  try:
+    validate.check_all(config, num_classes=20, num_devices=num_devices)
+  except UserError as e:
+    assert str(e) and "\n" not in str(e)
+    return
+  # Accepted: the values the trainer relies on hold.
+  assert config.train.global_batch % num_devices == 0
+  assert config.seed >= 0 and config.train.log_every > 0
+  assert all(np.isfinite(float(config.optim[k]))
+             for k in ("lr_first", "lr_later"))
+
+
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
+@hypothesis.given(key=st.sampled_from(sorted(LEAVES)),
+                  raw=st.sampled_from(["", "x", "-1", "1e9", "nan", "(1,",
+                                       "None", "0"]))
+def test_cli_never_tracebacks_on_a_raw_override(key, raw, tmp_path_factory):
+  # A workdir under a file: a config the checks accept ends at the workdir
+  # check, so nothing trains; every outcome must be one line and exit 2.
+  path = tmp_path_factory.mktemp("raw") / "file"
+  path.write_text("")
+  result = _cli("--config=configs/test.py", f"--workdir={path}/w",
+                f"--config.{key}={raw}")
+  _assert_one_line_error(result)
