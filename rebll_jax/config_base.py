@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stage_sizes = (1, 1, 1)
   c.model.stem_stride = 2  # small_resnet only
   c.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision
+  # Conv filter gradients: "auto" (matmuls on CPU, XLA's elsewhere) | "xla" |
+  # "matmul_grad"; same numbers either way (rebll_jax/models/conv.py).
+  c.model.conv_impl = "auto"
   c.model.init_from = ""  # converted checkpoint dir for the backbone
 
   c.optim = ml_collections.ConfigDict()

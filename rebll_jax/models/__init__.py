@@ -13,6 +13,7 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rebll_jax.models import conv
 from rebll_jax.models import pretrained
 from rebll_jax.models import small_resnet
 from rebll_jax.models.pretrained import restore_backbone
@@ -21,19 +22,33 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
 
 
+def _conv_impl(cfg) -> str:
+  # Resolved here ("auto" -> this backend's choice) so a model's repr says
+  # which backward pass it runs; see rebll_jax.models.conv.
+  return conv.resolve_impl(cfg.get("conv_impl", "auto"))
+
+
 def _small_resnet(cfg, num_classes, dtype):
   return small_resnet.SmallResNet(num_classes=num_classes, width=cfg.width,
                                   stage_sizes=tuple(cfg.stage_sizes),
-                                  stem_stride=cfg.stem_stride, dtype=dtype)
+                                  stem_stride=cfg.stem_stride, dtype=dtype,
+                                  conv_impl=_conv_impl(cfg))
+
+
+def _backbone(arch: str):
+  def factory(cfg, num_classes, dtype):
+    model = pretrained.arch_factory(arch)(cfg, num_classes, dtype)
+    return model.clone(conv_impl=_conv_impl(cfg))
+  return factory
 
 
 # name -> factory(model_config, num_classes, dtype) -> nn.Module
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "small_resnet": _small_resnet,
-    "resnet18": pretrained.arch_factory("resnet18"),
-    "resnet50": pretrained.arch_factory("resnet50"),
-    "resnet101": pretrained.arch_factory("resnet101"),
-    "tresnet_m": pretrained.arch_factory("tresnet_m"),
+    "resnet18": _backbone("resnet18"),
+    "resnet50": _backbone("resnet50"),
+    "resnet101": _backbone("resnet101"),
+    "tresnet_m": _backbone("tresnet_m"),
 }
 
 

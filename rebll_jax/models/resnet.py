@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rebll_jax.models.conv import Conv
+
 # name -> (block kind, blocks per stage)
 SPECS = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -33,13 +35,13 @@ def _pad(k: int):
 class _Layers:
   """Conv / norm factories bound to one module's dtype and train flag."""
 
-  def __init__(self, dtype, train: bool):
-    self.dtype, self.train = dtype, train
+  def __init__(self, dtype, train: bool, conv_impl: str = "auto"):
+    self.dtype, self.train, self.conv_impl = dtype, train, conv_impl
 
   def conv(self, features, k, stride=1, name=None):
-    return nn.Conv(features, (k, k), (stride, stride), padding=_pad(k),
-                   use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                   name=name)
+    return Conv(features, (k, k), (stride, stride), padding=_pad(k),
+                use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                impl=self.conv_impl, name=name)
 
   def norm(self, name, zero=False):
     # torch momentum 0.1 == Flax momentum 0.9; eps as in torch.
@@ -54,11 +56,12 @@ class BasicBlock(nn.Module):
   stride: int = 1
   zero_init_residual: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    L = _Layers(self.dtype, train)
+    L = _Layers(self.dtype, train, self.conv_impl)
     y = nn.relu(L.norm("bn1")(L.conv(self.planes, 3, self.stride, "conv1")(x)))
     y = L.conv(self.planes, 3, 1, "conv2")(y)
     y = L.norm("bn2", zero=self.zero_init_residual)(y)
@@ -73,11 +76,12 @@ class Bottleneck(nn.Module):
   stride: int = 1
   zero_init_residual: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    L = _Layers(self.dtype, train)
+    L = _Layers(self.dtype, train, self.conv_impl)
     out = self.planes * self.expansion
     y = nn.relu(L.norm("bn1")(L.conv(self.planes, 1, 1, "conv1")(x)))
     y = nn.relu(L.norm("bn2")(L.conv(self.planes, 3, self.stride, "conv2")(y)))
@@ -102,12 +106,13 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   zero_init_residual: bool = True  # last norm of a block starts at 0
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # see rebll_jax.models.conv
 
   head_name = "fc"  # top-level params the converter leaves out
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    L = _Layers(self.dtype, train)
+    L = _Layers(self.dtype, train, self.conv_impl)
     x = images.astype(self.dtype)
     x = nn.relu(L.norm("bn1")(L.conv(64, 7, 2, "conv1")(x)))
     # After a ReLU every value is >= 0, so zero padding == -inf padding.
@@ -117,7 +122,7 @@ class ResNet(nn.Module):
       for i in range(num_blocks):
         stride = 2 if stage > 0 and i == 0 else 1
         x = block(64 * 2**stage, stride, self.zero_init_residual, self.dtype,
-                  name=f"layer{stage + 1}_{i}")(x, train)
+                  self.conv_impl, name=f"layer{stage + 1}_{i}")(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes == 0:
       return {"logits": jnp.zeros((x.shape[0], 0), jnp.float32),

@@ -12,11 +12,14 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rebll_jax.models.conv import Conv
+
 
 class BasicBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # see rebll_jax.models.conv
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -24,16 +27,19 @@ class BasicBlock(nn.Module):
         use_running_average=not train, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype, name=name, **kw)
     residual = x
-    y = nn.Conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)),
-                use_bias=False, dtype=self.dtype, name="conv1")(x)
+    y = Conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)),
+             use_bias=False, dtype=self.dtype, impl=self.conv_impl,
+             name="conv1")(x)
     y = nn.relu(norm("bn1")(y))
-    y = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
-                use_bias=False, dtype=self.dtype, name="conv2")(y)
+    y = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
+             use_bias=False, dtype=self.dtype, impl=self.conv_impl,
+             name="conv2")(y)
     # Zero-initialised last norm: each block starts as the identity.
     y = norm("bn2", scale_init=nn.initializers.zeros)(y)
     if residual.shape != y.shape:
-      residual = nn.Conv(self.features, (1, 1), self.strides, use_bias=False,
-                         dtype=self.dtype, name="shortcut_conv")(residual)
+      residual = Conv(self.features, (1, 1), self.strides, use_bias=False,
+                      dtype=self.dtype, impl=self.conv_impl,
+                      name="shortcut_conv")(residual)
       residual = norm("shortcut_bn")(residual)
     return nn.relu(residual + y)
 
@@ -46,13 +52,14 @@ class SmallResNet(nn.Module):
   stage_sizes: Sequence[int] = (1, 1, 1)
   stem_stride: int = 1  # 2 halves the resolution early, as real ResNets do
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # see rebll_jax.models.conv
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     x = images.astype(self.dtype)
-    x = nn.Conv(self.width, (3, 3), self.stem_stride,
-                padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                name="stem_conv")(x)
+    x = Conv(self.width, (3, 3), self.stem_stride,
+             padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+             impl=self.conv_impl, name="stem_conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                      epsilon=1e-5, dtype=self.dtype, name="stem_bn")(x)
     x = nn.relu(x)
@@ -60,6 +67,7 @@ class SmallResNet(nn.Module):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.width * 2**stage, strides, self.dtype,
+                       self.conv_impl,
                        name=f"stage{stage + 1}_block{block + 1}")(x, train)
     features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)

@@ -19,6 +19,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rebll_jax.models.conv import Conv
+
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -61,13 +63,14 @@ class ConvNormAct(nn.Module):
   blur: bool = False
   zero_norm: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
     p = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel),
-                padding=((p, p), (p, p)), use_bias=False,
-                kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+    x = Conv(self.features, (self.kernel, self.kernel),
+             padding=((p, p), (p, p)), use_bias=False, kernel_init=conv_init,
+             dtype=self.dtype, impl=self.conv_impl, name="conv")(x)
     x = nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5,
         dtype=self.dtype, name="bn",
@@ -81,14 +84,17 @@ class ConvNormAct(nn.Module):
 class SqueezeExcite(nn.Module):
   hidden: int
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     # 1x1 convs with bias on the pooled map (names fc1/fc2 as in timm).
     s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
     s = s.astype(self.dtype)
-    s = nn.relu(nn.Conv(self.hidden, (1, 1), dtype=self.dtype, name="fc1")(s))
-    s = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="fc2")(s)
+    s = nn.relu(Conv(self.hidden, (1, 1), dtype=self.dtype,
+                     impl=self.conv_impl, name="fc1")(s))
+    s = Conv(x.shape[-1], (1, 1), dtype=self.dtype, impl=self.conv_impl,
+             name="fc2")(s)
     return x * nn.sigmoid(s)
 
 
@@ -98,6 +104,7 @@ class Shortcut(nn.Module):
   features: int
   pool: bool
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -107,6 +114,7 @@ class Shortcut(nn.Module):
                       count_include_pad=False)
     # Named as the module at index 1 of timm's Sequential(pool, conv-norm).
     return ConvNormAct(self.features, 1, dtype=self.dtype,
+                       conv_impl=self.conv_impl,
                        name="1" if self.pool else "0")(x, train)
 
 
@@ -115,19 +123,22 @@ class BasicBlock(nn.Module):
   stride: int = 1
   use_se: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     y = ConvNormAct(self.planes, 3, 1e-3, blur=self.stride == 2,
-                    dtype=self.dtype, name="conv1")(x, train)
+                    dtype=self.dtype, conv_impl=self.conv_impl,
+                    name="conv1")(x, train)
     y = ConvNormAct(self.planes, 3, zero_norm=True, dtype=self.dtype,
-                    name="conv2")(y, train)
+                    conv_impl=self.conv_impl, name="conv2")(y, train)
     if self.use_se:
-      y = SqueezeExcite(max(self.planes // 4, 64), self.dtype, name="se")(y)
+      y = SqueezeExcite(max(self.planes // 4, 64), self.dtype,
+                        self.conv_impl, name="se")(y)
     if self.stride != 1 or x.shape[-1] != self.planes:
       x = Shortcut(self.planes, self.stride == 2, self.dtype,
-                   name="downsample")(x, train)
+                   self.conv_impl, name="downsample")(x, train)
     return nn.relu(x + y)
 
 
@@ -136,22 +147,25 @@ class Bottleneck(nn.Module):
   stride: int = 1
   use_se: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
     out = self.planes * self.expansion
     y = ConvNormAct(self.planes, 1, 1e-3, dtype=self.dtype,
-                    name="conv1")(x, train)
+                    conv_impl=self.conv_impl, name="conv1")(x, train)
     y = ConvNormAct(self.planes, 3, 1e-3, blur=self.stride == 2,
-                    dtype=self.dtype, name="conv2")(y, train)
+                    dtype=self.dtype, conv_impl=self.conv_impl,
+                    name="conv2")(y, train)
     if self.use_se:
       # On the unexpanded width, between conv2 and conv3.
-      y = SqueezeExcite(max(out // 8, 64), self.dtype, name="se")(y)
+      y = SqueezeExcite(max(out // 8, 64), self.dtype, self.conv_impl,
+                        name="se")(y)
     y = ConvNormAct(out, 1, zero_norm=True, dtype=self.dtype,
-                    name="conv3")(y, train)
+                    conv_impl=self.conv_impl, name="conv3")(y, train)
     if self.stride != 1 or x.shape[-1] != out:
-      x = Shortcut(out, self.stride == 2, self.dtype,
+      x = Shortcut(out, self.stride == 2, self.dtype, self.conv_impl,
                    name="downsample")(x, train)
     return nn.relu(x + y)
 
@@ -167,6 +181,7 @@ class TResNet(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 11, 3)
   width: int = 64
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # see rebll_jax.models.conv
 
   head_name = "head_fc"  # top-level params the converter leaves out
 
@@ -174,13 +189,13 @@ class TResNet(nn.Module):
   def __call__(self, images, train: bool = False):
     x = space_to_depth(images.astype(self.dtype))
     x = ConvNormAct(self.width, 3, 1e-2, dtype=self.dtype,
-                    name="body_conv1")(x, train)
+                    conv_impl=self.conv_impl, name="body_conv1")(x, train)
     kinds = (BasicBlock, BasicBlock, Bottleneck, Bottleneck)
     for stage, (block, num_blocks) in enumerate(zip(kinds, self.stage_sizes)):
       for i in range(num_blocks):
         stride = 2 if stage > 0 and i == 0 else 1
         x = block(self.width * 2**stage, stride, use_se=stage < 3,
-                  dtype=self.dtype,
+                  dtype=self.dtype, conv_impl=self.conv_impl,
                   name=f"body_layer{stage + 1}_{i}")(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes == 0:

@@ -1,0 +1,166 @@
+"""One convolution module for every backbone, with a CPU-fast backward pass.
+
+``Conv`` is a drop-in for ``flax.linen.Conv`` as the backbones use it (NHWC
+inputs, HWIO ``kernel``, optional ``bias``, explicit padding, no dilation, no
+groups): same parameter names, shapes, dtypes and initialisers, so
+checkpoints and the PyTorch converter see no difference. What differs is how
+the gradient of the filter is computed, chosen by ``impl``:
+
+- ``"xla"``: ``lax.conv_general_dilated`` and its automatic transpose rules.
+- ``"matmul_grad"``: the same forward convolution and input gradient, but the
+  filter gradient is written as matrix products: one einsum for a 1x1 conv
+  (``dW = x^T g`` over all N*H*W positions), and for a k x k conv one matmul
+  per tap (``dW[i, j] = slice_ij(x_padded)^T g``, the k*k shifted, strided
+  views of the padded input). XLA's CPU backend lowers filter-gradient
+  convolutions to a slow generic kernel (4-8x slower than PyTorch's); these
+  matmuls go to its fast GEMM path.
+- ``"auto"`` (the default, ``config.model.conv_impl``): ``matmul_grad`` when
+  the default backend is the CPU, ``xla`` elsewhere (GPU/TPU compilers have
+  good filter-gradient convolutions, and the rewrite would cost memory).
+
+Both implementations compute the same function and gradients (tested to
+float32 rounding in tests/test_fast_conv.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "matmul_grad")
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_impl(impl: str) -> str:
+  """"auto" -> "matmul_grad" on a CPU backend, "xla" otherwise."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown model.conv_impl {impl!r}; valid: {list(IMPLS)}")
+  if impl == "auto":
+    return "matmul_grad" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def _xla_conv(x, w, strides, padding):
+  return jax.lax.conv_general_dilated(x, w, strides, padding,
+                                      dimension_numbers=_DIMS)
+
+
+def _filter_grad(x, g, kernel_shape, strides, padding):
+  """dL/dW [kh, kw, cin, cout] of a conv from its input and output cotangent.
+
+  Each tap (i, j) of the filter meets the input at positions
+  ``i + s*oh`` of the padded input, so its gradient is one contraction over
+  (batch, out rows, out cols) of that strided view with ``g``.
+  """
+  kh, kw = kernel_shape[0], kernel_shape[1]
+  sh, sw = strides
+  _, oh, ow, _ = g.shape
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  if kh == kw == 1 and all(p == (0, 0) for p in padding):
+    xs = x[:, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw]
+    dw = jnp.einsum("nhwc,nhwo->co", xs, g, preferred_element_type=acc)
+    return dw[None, None]
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      xs = xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw]
+      taps.append(jnp.einsum("nhwc,nhwo->co", xs, g,
+                             preferred_element_type=acc))
+  return jnp.stack(taps).reshape(kh, kw, *taps[0].shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_grad_conv(strides: tuple, padding: tuple) -> Callable:
+  """A conv(x, w) with the filter gradient computed as matmuls (custom VJP)."""
+
+  @jax.custom_vjp
+  def conv(x, w):
+    return _xla_conv(x, w, strides, padding)
+
+  def fwd(x, w):
+    return _xla_conv(x, w, strides, padding), (x, w)
+
+  def bwd(residuals, g):
+    x, w = residuals
+    # The input gradient keeps XLA's transposed convolution (its CPU speed is
+    # fine); only the filter gradient is rewritten.
+    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
+    (dx,) = input_vjp(g)
+    dw = _filter_grad(x, g, w.shape, strides, padding).astype(w.dtype)
+    return dx, dw
+
+  conv.defvjp(fwd, bwd)
+  return conv
+
+
+def conv2d(x, w, *, strides: Sequence[int] = (1, 1),
+           padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+           impl: str = "auto"):
+  """NHWC x HWIO -> NHWC convolution with explicit padding.
+
+  Args:
+    x: [N, H, W, Cin] input.
+    w: [kh, kw, Cin, Cout] filter (same dtype as ``x``).
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)) zero padding.
+    impl: "auto" | "xla" | "matmul_grad" (see the module docstring).
+  """
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(a), int(b)) for a, b in padding)
+  if resolve_impl(impl) == "xla":
+    return _xla_conv(x, w, strides, padding)
+  return _matmul_grad_conv(strides, padding)(x, w)
+
+
+def _normalize_padding(padding, kernel_size):
+  if isinstance(padding, str):
+    if padding.upper() != "VALID":
+      raise ValueError("Conv takes explicit padding or 'VALID' (XLA's "
+                       "'SAME' pads asymmetrically at stride 2)")
+    return tuple((0, 0) for _ in kernel_size)
+  if isinstance(padding, int):
+    return tuple((padding, padding) for _ in kernel_size)
+  return tuple((int(a), int(b)) for a, b in padding)
+
+
+class Conv(nn.Module):
+  """``nn.Conv`` subset (2-D, explicit padding) with a selectable backward.
+
+  Parameters ``kernel`` [kh, kw, Cin, features] and ``bias`` [features] are
+  created exactly as ``nn.Conv`` creates them (float32, same default
+  initialisers), so checkpoints are interchangeable.
+  """
+
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Any = 1
+  padding: Any = "VALID"
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.linear.default_kernel_init
+  bias_init: Callable = nn.initializers.zeros_init()
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    kernel_size = tuple(self.kernel_size)
+    strides = ((self.strides,) * 2 if isinstance(self.strides, int)
+               else tuple(self.strides))
+    padding = _normalize_padding(self.padding, kernel_size)
+    kernel = self.param("kernel", self.kernel_init,
+                        kernel_size + (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,),
+                       self.param_dtype) if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    y = conv2d(x, kernel, strides=strides, padding=padding, impl=self.impl)
+    if bias is not None:
+      y = y + bias
+    return y
