@@ -390,8 +390,10 @@ def run(config, workdir: str) -> dict:
   results = _summarise(config, source, tasks, results_tasks, mesh,
                        trace_counts)
   if is_chief:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    path = os.path.join(workdir, "results.json")
+    with open(path + ".tmp", "w") as f:  # a kill never leaves half a file
       json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
     reporting.save_plots(workdir, results)
   return results
 

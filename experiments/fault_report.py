@@ -1,0 +1,278 @@
+"""Fault report: inject the faults a long run meets, count what survives.
+
+  python experiments/fault_report.py [--workdir=/tmp/fault_report] [--seed=0]
+      [--overhead]
+
+Every run is the CLI in a subprocess on 8 virtual CPU devices, on the
+3-task ``configs/test.py`` with a mid-task checkpoint every 3 steps. The
+faults:
+
+- SIGKILL from inside at a random step of every task (``debug.kill_at_step``),
+  the same command restarted after each kill;
+- SIGKILL from outside after a random delay (it can land during a save);
+- a truncated array file, a deleted metadata file and a leftover orbax
+  temporary directory in the newest checkpoint before a restart;
+- a poisoned step (``debug.nan_at_step``): the run must stop with exit 1,
+  keep its last good checkpoint, and the rerun without the poison must end
+  as the uninterrupted run;
+- bad configs and flags: each must end in one ``error:`` line, exit 2.
+
+A run "resumed identically" when its results.json equals the uninterrupted
+run's within 1e-6 (wall times aside). "Results lost" counts runs that did
+not finish or finished with other numbers: it must be 0.
+
+``--overhead`` also measures the cost of periodic checkpointing on the
+default synthetic config (task 1, 2 epochs): seconds per save over seconds
+per train step, as a fraction of training time at ``train.checkpoint_every``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVERY = 3
+STEPS = (8, 5, 5)  # steps per task of configs/test.py (memory grows)
+
+
+def _env(cache):
+  env = dict(os.environ)
+  env.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+              "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+              "JAX_COMPILATION_CACHE_DIR": cache,
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  return env
+
+
+class Runner:
+  def __init__(self, root):
+    self.root = root
+    self.cache = os.path.join(root, "jax_cache")
+
+  def cmd(self, workdir, *extra, config="configs/test.py"):
+    return [sys.executable, "-m", "rebll_jax.main", f"--config={config}",
+            f"--workdir={workdir}",
+            f"--config.train.checkpoint_every={EVERY}", *extra]
+
+  def run(self, workdir, *extra, **kw):
+    return subprocess.run(self.cmd(workdir, *extra, **kw), cwd=ROOT,
+                          env=_env(self.cache), capture_output=True,
+                          text=True, timeout=600)
+
+  def run_killed_after(self, workdir, delay):
+    """Starts the run, SIGKILLs it after ``delay`` s; returns its code."""
+    proc = subprocess.Popen(self.cmd(workdir), cwd=ROOT, env=_env(self.cache),
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+      proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    return proc.returncode
+
+
+def _metrics(path):
+  out = json.load(open(path))
+  for key in ("compilations", "config", "versions"):
+    out.pop(key, None)
+  for task in out["tasks"]:
+    task.pop("train_seconds", None)
+  return out
+
+
+def _same(a, b) -> bool:
+  if isinstance(a, dict):
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+  if isinstance(a, list):
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+  if isinstance(a, float) or isinstance(b, float):
+    return abs(a - b) <= 1e-6
+  return a == b
+
+
+def _damage_newest(workdir, rng) -> str:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  numbers = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  if not numbers:
+    return ""
+  newest = os.path.join(ckpt_dir, str(numbers[-1]))
+  kind = rng.choice(["truncate", "delete_meta", "tmp_dir"])
+  if kind == "truncate":
+    files = glob.glob(os.path.join(newest, "state", "**", "d", "*"),
+                      recursive=True)
+    path = rng.choice(files)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 3)
+  elif kind == "delete_meta":
+    os.remove(os.path.join(newest, "meta", "metadata"))
+  else:  # what a crash in the middle of a save leaves behind
+    shutil.copytree(newest, os.path.join(
+        ckpt_dir, f"{numbers[-1] + 1}.orbax-checkpoint-tmp-{rng.randrange(9**9)}"))
+  return kind
+
+
+BAD_INPUTS = [
+    ["--config.nope=1"],
+    ["--config.protocol.base=10", "--config.protocol.increment=3"],
+    ["--config.train.global_batch=12"],
+    ["--config.method=nope"],
+    ["--config.train.global_batch=abc"],
+    ["--config.optim.lr_first=-1"],
+    ["--config.optim.warmup_frac=nan"],
+    ["--config.model.stage_sizes=()"],
+    ["--config.data.synthetic.num_train=2"],
+    ["--config.memory.mix=both"],
+    ["--config.resume=maybe"],
+    ["--config.num_devices=-1"],
+    ["stray_argument"],
+]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="/tmp/rebll_fault_report")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--overhead", action="store_true")
+  args = parser.parse_args()
+  rng = random.Random(args.seed)
+  shutil.rmtree(args.workdir, ignore_errors=True)
+  os.makedirs(args.workdir)
+  runner = Runner(args.workdir)
+  wd = lambda name: os.path.join(args.workdir, name)  # noqa: E731
+  faults, identical, scenarios, lost = 0, 0, 0, 0
+  started = time.time()
+
+  base = runner.run(wd("uninterrupted"))
+  if base.returncode:
+    sys.exit(f"the uninterrupted run failed:\n{base.stderr[-3000:]}")
+  expected = _metrics(os.path.join(wd("uninterrupted"), "results.json"))
+  bounds = [0, STEPS[0], STEPS[0] + STEPS[1], sum(STEPS)]
+
+  def finish(workdir, note):
+    nonlocal identical, lost, scenarios
+    scenarios += 1
+    for _ in range(5):  # a damaged newest checkpoint may cost a retry
+      result = runner.run(workdir)
+      if result.returncode == 0:
+        break
+    path = os.path.join(workdir, "results.json")
+    ok = (result.returncode == 0 and os.path.exists(path)
+          and _same(_metrics(path), expected))
+    identical += ok
+    lost += not ok
+    print(f"  {note}: {'identical' if ok else 'LOST'}", flush=True)
+
+  # 1. Kills from inside at a random step of every task, damage in between.
+  for trial in range(2):
+    workdir = wd(f"kill_inside_{trial}")
+    notes = []
+    for t in range(3):
+      step = rng.randrange(bounds[t] + 1, bounds[t + 1])
+      result = runner.run(workdir, f"--config.debug.kill_at_step={step}")
+      assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+      faults += 1
+      notes.append(f"kill@{step}")
+      if trial == 1 and t > 0:
+        damage = _damage_newest(workdir, rng)
+        if damage:
+          faults += 1
+          notes.append(damage)
+    finish(workdir, " ".join(notes))
+
+  # 2. Kills from outside after random delays (may hit a save).
+  workdir = wd("kill_outside")
+  notes = []
+  for _ in range(3):
+    delay = rng.uniform(2.0, 12.0)
+    code = runner.run_killed_after(workdir, delay)
+    if code == -signal.SIGKILL:
+      faults += 1
+      notes.append(f"kill@{delay:.1f}s")
+  finish(workdir, " ".join(notes) or "no kill landed")
+
+  # 3. A poisoned step: exit 1, last good checkpoint kept, rerun identical.
+  workdir = wd("nan")
+  step = rng.randrange(bounds[1] + 1, bounds[2])
+  result = runner.run(workdir, f"--config.debug.nan_at_step={step}")
+  faults += 1
+  line = result.stderr.strip().splitlines()[-1] if result.stderr else ""
+  if result.returncode != 1 or "non-finite loss" not in line:
+    lost += 1
+    print(f"  nan@{step}: not stopped as expected ({result.returncode})")
+  finish(workdir, f"nan@{step} ({line[:60]}...)")
+
+  # 4. Bad input: one line, exit 2, no traceback.
+  bad_ok = 0
+  for extra in BAD_INPUTS:
+    result = runner.run(wd("bad"), *extra)
+    lines = result.stderr.strip().splitlines()
+    good = (result.returncode == 2 and len(lines) == 1
+            and lines[0].startswith("error:") and "Traceback" not in
+            result.stderr)
+    bad_ok += good
+    if not good:
+      print(f"  bad input {extra}: code {result.returncode}, "
+            f"{result.stderr[-300:]!r}")
+
+  print(f"faults injected: {faults}, runs resumed identically: "
+        f"{identical}/{scenarios}, bad inputs tried: {len(BAD_INPUTS)} "
+        f"({bad_ok} rejected with one line, exit 2), results lost: {lost} "
+        f"[{time.time() - started:.0f} s]")
+  if args.overhead:
+    measure_overhead(args.workdir)
+  sys.exit(1 if lost or bad_ok != len(BAD_INPUTS) else 0)
+
+
+def measure_overhead(root):
+  """Seconds per mid-task save vs per train step, default synthetic config."""
+  code = f"""
+import json, time, sys
+sys.path.insert(0, {ROOT!r})
+from configs import synthetic
+from rebll_jax import checkpoint, train
+saves = []
+original = checkpoint.Checkpointer.save
+def timed(self, tree, meta):
+  t = time.perf_counter(); n = original(self, tree, meta)
+  saves.append((meta["task_step"], time.perf_counter() - t)); return n
+checkpoint.Checkpointer.save = timed
+c = synthetic.get_config()
+default_every = c.train.checkpoint_every
+c.protocol.num_tasks = 1; c.train.epochs_first = 2; c.train.progress = False
+c.train.checkpoint_every = 5
+r = train.run(c, {os.path.join(root, 'overhead')!r})
+mid = [s for step, s in saves if step > 0]
+task = r["tasks"][0]
+step_s = (task["train_seconds"] - sum(mid)) / task["train_steps"]
+save_s = sum(mid) / len(mid)
+print(json.dumps(dict(default_every=default_every, save_s=save_s,
+                      step_s=step_s, steps=task["train_steps"],
+                      saves=len(mid))))
+"""
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                          env=_env(os.path.join(root, "jax_cache")),
+                          capture_output=True, text=True, timeout=900)
+  if result.returncode:
+    sys.exit(result.stderr[-3000:])
+  m = json.loads(result.stdout.strip().splitlines()[-1])
+  every = m["default_every"]
+  frac = m["save_s"] / (every * m["step_s"]) if every else 0.0
+  print(f"checkpoint overhead: {m['save_s'] * 1e3:.0f} ms per save, "
+        f"{m['step_s'] * 1e3:.0f} ms per step ({m['saves']} saves, "
+        f"{m['steps']} steps); at train.checkpoint_every={every}: "
+        f"{100 * frac:.1f}% of training time")
+
+
+if __name__ == "__main__":
+  main()
