@@ -195,8 +195,9 @@ def run(config, workdir: str) -> dict:
   model = models.build_model(config.model, num_classes)
   root = jax.random.key(config.seed)
   size = config.data.image_size
-  variables = model.init(jax.random.fold_in(root, 0),
-                         jnp.zeros((1, size, size, 3)), train=False)
+  # Jitted: an op-by-op init of a deep net costs far more than compiling it.
+  variables = jax.jit(model.init, static_argnames="train")(
+      jax.random.fold_in(root, 0), jnp.zeros((1, size, size, 3)), train=False)
   meta_extra = {}
   if config.model.init_from:
     try:
