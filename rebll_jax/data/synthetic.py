@@ -21,11 +21,11 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring",
 TEXTURES = ("solid", "striped")
 # One colour per class (RGB, 0-255), far apart in hue/brightness.
 PALETTE = np.array([
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
-    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
-    (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
-    (128, 128, 0), (255, 215, 180), (0, 0, 128), (255, 255, 255)],
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 230),
+    (245, 130, 48), (160, 60, 220), (70, 240, 240), (240, 50, 230),
+    (200, 245, 60), (250, 170, 200), (0, 200, 160), (180, 160, 255),
+    (190, 120, 40), (255, 255, 170), (200, 20, 20), (150, 255, 190),
+    (170, 170, 0), (255, 200, 140), (40, 60, 200), (255, 255, 255)],
     dtype=np.float32)
 NUM_CLASSES = 20
 # Pairs (a, b): when a is drawn, b joins with probability CO_OCCUR_PROB.
@@ -80,9 +80,11 @@ def _draw_classes(rng, frequencies):
 
 def _render(rng, classes, size):
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-  # Background: a random dark gradient plus pixel noise.
-  base = rng.uniform(20, 90, size=3).astype(np.float32)
-  slope = rng.uniform(-30, 30, size=(2, 3)).astype(np.float32)
+  # Background: a dark, weakly tinted grey gradient plus pixel noise, so
+  # that the classes' saturated colours stand out from it.
+  base = (rng.uniform(25, 75) + rng.uniform(-8, 8, size=3)).astype(np.float32)
+  slope = (rng.uniform(-20, 20, size=(2, 1)) +
+           rng.uniform(-4, 4, size=(2, 3))).astype(np.float32)
   image = (base + slope[0] * (xx[..., None] / size) +
            slope[1] * (yy[..., None] / size))
   image += rng.normal(0, 6, size=image.shape).astype(np.float32)
@@ -97,7 +99,7 @@ def _render(rng, classes, size):
       m = (np.abs(yy - cy) <= 1) & (np.abs(xx - cx) <= 2.5 * r)
     image[m] = grey
   for k in classes:
-    radius = rng.uniform(0.12, 0.22) * size
+    radius = rng.uniform(0.15, 0.25) * size
     cx, cy = rng.uniform(radius, size - radius, 2)
     dx, dy = xx - cx, yy - cy
     mask = _shape_mask(SHAPES[k % 10], dx, dy, radius)
