@@ -63,7 +63,7 @@ def buffer_quality(mem: memory_lib.Memory, source, tasks) -> dict:
                        & (col_task >= 0))):
     q = relabel.relabel_quality(mem.labels[rows], relabeled & block, truth)
     out[name] = {"fpr": 100 * q["fpr"], "fnr": 100 * q["fnr"],
-                 "count": q["count"]}
+                 **{k: q[k] for k in ("count", "tp", "fp", "tn", "fn")}}
   return out
 
 
