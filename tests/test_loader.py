@@ -1,0 +1,96 @@
+"""Deterministic batch assembly: new rows mixed with replay rows."""
+
+import numpy as np
+
+from rebll_jax import protocol
+from rebll_jax.data.base import Split
+from rebll_jax.data.loader import MemoryRows, TaskBatches, eval_batches
+
+
+def _split(n=40, c=6):
+  rng = np.random.default_rng(0)
+  labels = (rng.random((n, c)) < 0.4).astype(np.uint8)
+  labels[np.arange(n), rng.integers(0, c, n)] = 1
+  images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones(
+      (1, 2, 2, 3), np.uint8)  # pixel value = row index
+  return Split(labels=labels, image_ids=np.arange(n) + 100,
+               read_images=lambda idx: images[np.asarray(idx)])
+
+
+def _memory(m=6, c=6):
+  images = (200 + np.arange(m, dtype=np.uint8))[:, None, None, None] * \
+      np.ones((1, 2, 2, 3), np.uint8)
+  return MemoryRows(images=images, labels=np.ones((m, c), np.float32),
+                    known=np.ones((m, c), bool),
+                    true_labels=np.ones((m, c), np.uint8))
+
+
+def _batches(mix="uniform", memory=None, batch=8, local=slice(0, 8)):
+  split = _split()
+  view = protocol.partial_view(split.labels, [0, 1, 2])
+  return split, view, TaskBatches(
+      split=split, view=view, memory=memory or _memory(), global_batch=batch,
+      local_rows=local, seed=3, task=1, mix=mix, fraction=0.25)
+
+
+def test_batches_are_a_function_of_step():
+  _, _, a = _batches()
+  _, _, b = _batches()
+  for step in (0, 3, 11):
+    for key, value in a.batch(step).items():
+      np.testing.assert_array_equal(value, b.batch(step)[key])
+  assert not np.array_equal(a.batch(0)["images"], a.batch(1)["images"])
+
+
+def test_rows_carry_their_labels_and_view():
+  split, view, batches = _batches()
+  batch = batches.batch(2)
+  for i in range(8):
+    pixel = int(batch["images"][i, 0, 0, 0])
+    if batch["is_memory"][i]:
+      assert pixel >= 200 and batch["known"][i].all()
+    else:
+      row = int(np.flatnonzero(view.indices == pixel)[0])
+      np.testing.assert_array_equal(batch["labels"][i], view.labels[row])
+      np.testing.assert_array_equal(batch["known"][i], view.known[row])
+      np.testing.assert_array_equal(batch["true_labels"][i],
+                                    split.labels[pixel])
+
+
+def test_uniform_epoch_visits_each_row_once():
+  _, view, batches = _batches()
+  seen = []
+  for step in range(batches.steps_per_epoch):
+    seen += batches.batch(step)["images"][:, 0, 0, 0].tolist()
+  total = len(view) + 6
+  assert batches.steps_per_epoch == total // 8
+  assert len(set(seen)) == len(seen)  # no repeats within an epoch
+
+
+def test_fraction_mix_takes_a_fixed_share_from_memory():
+  _, _, batches = _batches(mix="fraction")
+  for step in range(5):
+    assert batches.batch(step)["is_memory"].sum() == 2  # round(0.25 * 8)
+
+
+def test_local_rows_partition_the_global_batch():
+  _, _, full = _batches()
+  halves = [_batches(local=slice(0, 4))[2], _batches(local=slice(4, 8))[2]]
+  joined = np.concatenate([h.batch(5)["images"] for h in halves])
+  np.testing.assert_array_equal(joined, full.batch(5)["images"])
+
+
+def test_prefetching_iterator_matches_direct_batches():
+  _, _, batches = _batches()
+  got = list(batches.iterate(2, 6, prefetch=2))
+  assert [s for s, _ in got] == [2, 3, 4, 5]
+  for step, batch in got:
+    np.testing.assert_array_equal(batch["images"],
+                                  batches.batch(step)["images"])
+
+
+def test_eval_batches_pad_the_last_chunk():
+  split = _split()
+  chunks = list(eval_batches(split, np.arange(10), 4))
+  assert [valid for _, valid in chunks] == [4, 4, 2]
+  assert all(images.shape[0] == 4 for images, _ in chunks)
