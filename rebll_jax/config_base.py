@@ -16,6 +16,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "rebll"  # see rebll_jax.methods.METHODS
   c.resume = True  # rerunning on a workdir continues from its last checkpoint
   c.distributed = False  # jax.distributed.initialize() for multi-host runs
+  # Multi-host settings; empty / 0 / -1 = take them from the environment
+  # (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or let JAX
+  # detect the cluster (TPU pods, SLURM, Open MPI). rebll_jax/parallel.py.
+  c.dist = ml_collections.ConfigDict()
+  c.dist.coordinator_address = ""  # "host:port" of process 0
+  c.dist.num_processes = 0
+  c.dist.process_id = -1
   c.num_devices = 0  # local devices in the mesh (0 = all)
 
   c.data = ml_collections.ConfigDict()

@@ -2,16 +2,69 @@
 
 The train step is one ``jax.jit`` whose batch is sharded along ``data`` and
 whose state is replicated. On one host, global arrays are made straight from
-the host batch; on several, each process contributes its slice.
+the host batch; on several, each process loads only its contiguous slice of
+the global batch (``local_batch_slice``) and ``to_global`` assembles the
+global array from the per-process pieces
+(``jax.make_array_from_process_local_data``). BatchNorm statistics, the
+loss mean and the gradients are then over the global batch with no
+``axis_name``: the compiler inserts the cross-device (and cross-host)
+reductions.
+
+Multi-host start-up: ``initialize_distributed(config.dist)`` (called by
+``train.run`` when ``config.distributed``) passes the coordinator address,
+process count and process id from the config, else from the environment
+variables ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+``JAX_PROCESS_ID``, else leaves them to JAX's cluster auto-detection (Cloud
+TPU pods, SLURM, Open MPI, Kubernetes).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rebll_jax.errors import UserError
+
+
+ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_kwargs(dist_config, environ=None) -> dict:
+  """Arguments for ``jax.distributed.initialize``: config, then environment.
+
+  Fields left at their defaults ("" / 0 / -1) fall back to the environment
+  variables; anything still unknown is left out, so JAX auto-detects it.
+  """
+  environ = os.environ if environ is None else environ
+  kwargs = {}
+  address = (dist_config.coordinator_address
+             or environ.get("JAX_COORDINATOR_ADDRESS", ""))
+  if address:
+    kwargs["coordinator_address"] = address
+  num = dist_config.num_processes or int(environ.get("JAX_NUM_PROCESSES", 0))
+  if num:
+    kwargs["num_processes"] = num
+  pid = dist_config.process_id
+  if pid < 0 and environ.get("JAX_PROCESS_ID", "") != "":
+    pid = int(environ["JAX_PROCESS_ID"])
+  if pid >= 0:
+    kwargs["process_id"] = pid
+  if "process_id" in kwargs and "num_processes" in kwargs and not (
+      0 <= kwargs["process_id"] < kwargs["num_processes"]):
+    raise UserError(f"process_id={kwargs['process_id']} is not in "
+                    f"[0, num_processes={kwargs['num_processes']})")
+  return kwargs
+
+
+def initialize_distributed(dist_config):
+  """``jax.distributed.initialize`` with ``distributed_kwargs``; call before
+  any other JAX computation. A no-op if already initialised."""
+  if jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(**distributed_kwargs(dist_config))
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -35,10 +88,21 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
-def local_batch_slice(global_batch: int) -> slice:
-  """Rows of the global batch this process loads."""
-  per_process = global_batch // jax.process_count()
-  start = jax.process_index() * per_process
+def local_batch_slice(global_batch: int, process_index: int | None = None,
+                      process_count: int | None = None) -> slice:
+  """Rows of the global batch this process loads (a contiguous block).
+
+  ``make_mesh`` lists ``jax.devices()`` in process order, so the devices of
+  process p hold exactly rows [p * B/P, (p + 1) * B/P) of a ``data``-sharded
+  global batch: this slice.
+  """
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if global_batch % count:
+    raise UserError(f"global batch {global_batch} is not divisible by the "
+                    f"{count} processes")
+  per_process = global_batch // count
+  start = index * per_process
   return slice(start, start + per_process)
 
 
@@ -51,4 +115,16 @@ def to_global(mesh: Mesh, local_batch: dict) -> dict:
 
 
 def replicate(mesh: Mesh, tree):
+  """``tree`` replicated on every device of ``mesh`` (all processes).
+
+  On several processes, arrays that live on this process's devices only
+  (e.g. fresh from ``model.init``) go through host memory first: a
+  device-to-device put across hosts is not supported on every backend
+  (CPU raises), while every process putting its own identical host copy is.
+  """
+  if jax.process_count() > 1:
+    tree = jax.tree.map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array)
+        and x.is_fully_addressable and not jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key) else x, tree)
   return jax.device_put(tree, replicated(mesh))

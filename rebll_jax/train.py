@@ -182,7 +182,7 @@ def run(config, workdir: str) -> dict:
   validate.check_config(config)
   validate.check_workdir(workdir)
   if config.distributed:
-    jax.distributed.initialize()
+    parallel.initialize_distributed(config.dist)
   method = methods.get_method(config.method)
   source = validate.build_source(config.data)
   tasks = _make_tasks(config, method, source.num_classes)
@@ -249,8 +249,8 @@ def run(config, workdir: str) -> dict:
                     f"start fresh (or delete {ckpt.directory})")
 
   replicated = parallel.replicated(mesh)
-  state = jax.device_put(state, replicated)
-  old_variables = jax.device_put(old_variables, replicated)
+  state = parallel.replicate(mesh, state)
+  old_variables = parallel.replicate(mesh, old_variables)
   trace_counts = {"first": 0, "later": 0}
 
   def compiled(has_old):
@@ -298,19 +298,18 @@ def run(config, workdir: str) -> dict:
     total = epochs * batches.steps_per_epoch
     task_step0 = start_step if t == start_task else 0
     if task_step0 == 0:  # optimizer and schedule rebuilt for every task
-      state = state.replace(opt_state=jax.device_put(tx.init(state.params),
-                                                     replicated))
-    context = jax.device_put(steps.task_context(
+      state = state.replace(opt_state=parallel.replicate(
+          mesh, tx.init(state.params)))
+    context = parallel.replicate(mesh, steps.task_context(
         task, task_start=int(state.step) - task_step0, total_steps=total,
-        lr_peak=config.optim.lr_first if first else config.optim.lr_later),
-                             replicated)
+        lr_peak=config.optim.lr_first if first else config.optim.lr_later))
     step_fn = train_steps[not first]
     task_start = int(state.step) - task_step0
     resumed = t == start_task and task_step0 > 0
     # Per-task sums of the label diagnostics, checkpointed with mid-task saves.
     label_sums = resumed_sums if resumed else {}
     seconds_before = resumed_seconds if resumed else 0.0
-    bad_step = jax.device_put(jnp.asarray(-1, jnp.int32), replicated)
+    bad_step = parallel.replicate(mesh, np.asarray(-1, np.int32))
 
     def check_finite():
       bad = int(bad_step)

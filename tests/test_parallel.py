@@ -13,6 +13,7 @@
 """
 
 import logging
+import os
 
 import flax.linen as nn
 import jax
@@ -176,8 +177,16 @@ def _params_after_task(workdir, task):
     number = next(n for n in ckpt.steps()
                   if ckpt.read_meta(n)["task"] == task
                   and ckpt.read_meta(n)["task_step"] == 0)
+    # Restored onto this process's first device whatever topology wrote it
+    # (another process count or mesh size).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(ckpt.directory, str(number), "state")).item_metadata
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        metadata)
     tree = ckpt.manager.restore(number, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+        state=ocp.args.StandardRestore(target)))["state"]
   finally:
     ckpt.close()
   return tree["train"]["params"], tree["train"]["batch_stats"]

@@ -1,0 +1,213 @@
+"""Multi-host: two processes on CPU over localhost equal one process.
+
+The installed JAX runs cross-process collectives on CPU (gloo), so a real
+2-process ``jax.distributed`` run is tested here: ``rebll_jax.main`` with
+``--config.distributed=True`` in two processes with 2 CPU devices each (the
+coordinator, process count and id from the environment variables), sharing
+one workdir. Task 1 runs, the processes exit, and a second launch resumes
+from the orbax checkpoint they wrote together and trains task 2. The result
+must equal a single-process run on 4 devices: parameters within 1e-5, the
+same mAPs; only process 0 wrote metrics, results and plots.
+
+Unit tests cover what the launch relies on: the config/environment
+precedence of ``parallel.distributed_kwargs``, each process loading only
+its slice of every global batch, and the writers staying silent on
+processes other than 0.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import test as test_config
+from rebll_jax import checkpoint, config_base, parallel, protocol, reporting
+from rebll_jax import train
+from rebll_jax.data import loader
+from rebll_jax.data.base import Split
+from rebll_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {"data.image_size": 16, "data.synthetic.render_size": 16,
+             "data.synthetic.num_train": 160, "data.synthetic.num_test": 64,
+             "augment.randaugment_ops": 0}
+
+
+def _config(**overrides):
+  config = test_config.get_config()
+  config.unlock()
+  for key, value in {**OVERRIDES, **overrides}.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  config.lock()
+  return config
+
+
+# ------------------------------------------------------------------ units ---
+
+def test_distributed_kwargs_config_then_environment_then_auto():
+  dist = config_base.base_config().dist
+  assert parallel.distributed_kwargs(dist, environ={}) == {}  # auto-detect
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+         "JAX_PROCESS_ID": "0"}
+  assert parallel.distributed_kwargs(dist, environ=env) == {
+      "coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+      "process_id": 0}
+  dist.coordinator_address, dist.num_processes, dist.process_id = (
+      "host0:99", 2, 1)
+  assert parallel.distributed_kwargs(dist, environ=env) == {
+      "coordinator_address": "host0:99", "num_processes": 2, "process_id": 1}
+  dist.process_id = 2
+  with pytest.raises(UserError, match="process_id"):
+    parallel.distributed_kwargs(dist, environ={})
+
+
+def test_each_process_loads_only_its_slice():
+  from tests.test_loader import _memory, _split  # pylint: disable=g-import-not-at-top
+  base = _split()
+  read = []
+
+  def read_images(idx):
+    read.append(len(idx))
+    return base.read_images(idx)
+
+  split = Split(labels=base.labels, image_ids=base.image_ids,
+                read_images=read_images)
+  view = protocol.partial_view(split.labels, [0, 1, 2])
+  kw = dict(split=split, view=view, memory=_memory(), global_batch=8,
+            seed=0, task=1)
+  assert [parallel.local_batch_slice(8, p, 2) for p in (0, 1)] == [
+      slice(0, 4), slice(4, 8)]
+  whole = loader.TaskBatches(local_rows=slice(0, 8), **kw)
+  parts = [loader.TaskBatches(
+      local_rows=parallel.local_batch_slice(8, p, 2), **kw) for p in (0, 1)]
+  for step in range(3):
+    full = whole.batch(step)
+    read.clear()
+    pieces = [p.batch(step) for p in parts]
+    # Each process decoded at most its own 4 rows, never the whole batch.
+    assert read and all(n <= 4 for n in read)
+    for key in full:
+      np.testing.assert_array_equal(
+          np.concatenate([p[key] for p in pieces]), full[key])
+  with pytest.raises(UserError, match="divisible"):
+    parallel.local_batch_slice(9, 0, 2)
+
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  writer = reporting.Writer(str(tmp_path))
+  writer.write(1, {"loss": 1.0}, task=1)
+  writer.close()
+  reporting.save_plots(str(tmp_path), {"tasks": []})
+  assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------- two processes ---
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, num_tasks):
+  """Runs rebll_jax.main in 2 processes x 2 CPU devices; returns outputs."""
+  port = _free_port()
+  args = [sys.executable, "-m", "rebll_jax.main",
+          "--config=configs/test.py", f"--workdir={workdir}",
+          "--config.distributed=True",
+          f"--config.protocol.num_tasks={num_tasks}"]
+  args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  procs = []
+  for pid in range(2):
+    env = {**os.environ, "XLA_FLAGS":
+           "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT))
+  outputs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outputs.append(out)
+    assert p.returncode == 0, out[-3000:]
+  return outputs
+
+
+def _params_after_task(workdir, task):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    number = next(n for n in ckpt.steps()
+                  if ckpt.read_meta(n)["task"] == task
+                  and ckpt.read_meta(n)["task_step"] == 0)
+    # Restored onto this process's first device whatever topology wrote it
+    # (another process count or mesh size).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(ckpt.directory, str(number), "state")).item_metadata
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        metadata)
+    tree = ckpt.manager.restore(number, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  finally:
+    ckpt.close()
+  return tree["train"]["params"], tree["train"]["batch_stats"]
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) -
+                                 np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_two_processes_equal_one_and_resume_across_processes(tmp_path):
+  multi = str(tmp_path / "multi")
+  _launch(multi, num_tasks=1)
+  with open(os.path.join(multi, "results.json")) as f:
+    first = json.load(f)
+  assert first["devices"] == {**first["devices"], "count": 4, "processes": 2}
+  _launch(multi, num_tasks=2)  # resumes task 2 from the shared checkpoint
+  with open(os.path.join(multi, "results.json")) as f:
+    results = json.load(f)
+  assert len(results["tasks"]) == 2
+  # Task 1 came from the checkpoint, not from training it again.
+  assert results["tasks"][0]["train_seconds"] == first["tasks"][0][
+      "train_seconds"]
+
+  single = str(tmp_path / "single")
+  reference = train.run(_config(num_devices=4, **{"protocol.num_tasks": 2}),
+                        single)
+  np.testing.assert_allclose(
+      [t["map_seen"] for t in results["tasks"]],
+      [t["map_seen"] for t in reference["tasks"]], atol=1e-3)
+  params_m, stats_m = _params_after_task(multi, 2)
+  params_s, stats_s = _params_after_task(single, 2)
+  assert _max_diff(params_m, params_s) < 1e-5
+  assert _max_diff(stats_m, stats_s) < 1e-5
+
+  # One writer: every logged step appears once, one TensorBoard file per
+  # launch, the plots exist.
+  with open(os.path.join(multi, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert len(steps) == len(set(steps)) > 0
+  assert len(os.listdir(os.path.join(multi, "tensorboard"))) == 2
+  for name in ("seen_map.png", "map_matrix.png", "config.json"):
+    assert os.path.exists(os.path.join(multi, name))
