@@ -17,7 +17,6 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVERY = 3  # mid-task checkpoint interval
-STEPS = (8, 5)  # steps of task 1 and task 2 of configs/test.py
 
 
 def child_env(cache_dir=None):
@@ -66,10 +65,11 @@ def assert_close(a, b, path="results"):
     assert a == b, (path, a, b)
 
 
-def kill_steps(rng: random.Random):
-  """A global step (0-based) in task 1 after its first save, one in task 2."""
-  return (rng.randrange(EVERY, STEPS[0]),
-          rng.randrange(STEPS[0] + 1, sum(STEPS)))
+def kill_steps(rng: random.Random, steps):
+  """A global step (0-based) in task 1 after its first save, one in task 2
+  after its first step; ``steps``: the steps of task 1 and task 2."""
+  return (rng.randrange(EVERY, steps[0]),
+          rng.randrange(steps[0] + 1, steps[0] + steps[1]))
 
 
 def test_sigkill_in_task_1_and_2_resumes_exactly(tmp_path):
@@ -80,7 +80,8 @@ def test_sigkill_in_task_1_and_2_resumes_exactly(tmp_path):
 
   workdir = tmp_path / "killed"
   seed = random.randrange(2**32)
-  k1, k2 = kill_steps(random.Random(seed))
+  k1, k2 = kill_steps(random.Random(seed),
+                      [t["train_steps"] for t in expected["tasks"]])
   print(f"kill steps {k1}, {k2} (seed {seed})")
   first = run_cli(workdir, f"--config.debug.kill_at_step={k1}",
                   cache_dir=cache)
