@@ -1,8 +1,9 @@
 """rebll_jax.models.conv: the matmul filter gradient equals XLA's.
 
 Values and gradients (input and filter) of ``conv2d`` under jit, for the
-kernel / stride / padding combinations the backbones use (1x1, 1x1 stride 2,
-3x3, 3x3 stride 2, 7x7 stride 2 with pad 3), at even and odd sizes, plus a
+kernel / stride / padding combinations the backbones use (1x1 and 1x1
+stride 2 take the GEMM filter gradient; 3x3, 3x3 stride 2 and the 7x7
+stride-2 stem are routed to XLA's), at even and odd sizes, plus a
 whole model: one jitted gradient of a small ResNet, ``matmul_grad`` vs
 ``xla``, and identical parameter trees (names, shapes, values) to nn.Conv.
 """

@@ -1,0 +1,372 @@
+"""Side-by-side timing of one incremental RebLL train step: JAX vs PyTorch.
+
+  python experiments/benchmark_step.py --impl both --model resnet50 \\
+      --batch 16 --size 64 --dtype float32 --steps 10
+
+One step = past-model forward, current-model forward and backward, AKD
+(asymmetric BCE + decayed distillation), online relabeling of new rows (past
+model) and memory rows (current model), optimizer update. JAX runs
+``rebll_jax.steps.make_train_step`` (method ``rebll``, ``has_old=True``)
+under one ``jax.jit`` with the state donated; PyTorch runs
+``experiments/torch_baseline/rebll_step.py`` (eager by default,
+``--torch_compile`` for ``torch.compile``). Same architecture, loss, batch
+(a quarter of the rows from memory), resolution and precision; augmentation
+is off on both sides (uint8 -> [0, 1] only) and the relabel warm-up is 0, so
+every branch runs every step.
+
+The implementations run in the same process and are timed alternately, step
+by step (on a shared machine the load then hits both alike); the reported
+time is the median after ``--warmup`` steps. Each implementation prints one
+JSON line: median ms/step, images/s, compile (first-call) seconds, peak
+memory, analytic FLOPs per step (2 x MACs of the forward pass x batch x 4:
+past forward 1, current forward 1, backward 2) and the fraction of the
+machine's measured peak (the faster of a large JAX and PyTorch matmul timed
+in this run, in the step's dtype). A final line gives the JAX/PyTorch
+throughput ratio of this run.
+
+``--conv_impl xla,matmul_grad`` times several JAX variants in one run
+(``model.conv_impl``; default: this backend's ``auto`` choice).
+``--cpu_devices N`` splits the CPU into N XLA devices with the batch sharded
+over them (set before JAX starts). ``--model small_resnet`` is a tiny net
+for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+MODELS = ("tresnet_m", "resnet50", "resnet18", "small_resnet")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--impl", choices=("jax", "torch", "both"), default="both")
+  p.add_argument("--model", choices=MODELS, default="resnet50")
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 default="float32")
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2,
+                 help="untimed steps after the first (compile) call")
+  p.add_argument("--num_classes", type=int, default=80)
+  p.add_argument("--torch_compile", action="store_true")
+  p.add_argument("--conv_impl", default="auto",
+                 help="comma list of model.conv_impl values to time (JAX)")
+  p.add_argument("--cpu_devices", type=int, default=0,
+                 help="XLA CPU devices (0: leave XLA_FLAGS alone)")
+  p.add_argument("--matmul_size", type=int, default=0,
+                 help="side of the peak-FLOPs matmul (0: 2048 CPU, 8192 GPU)")
+  p.add_argument("--out", default="", help="also append the JSON lines here")
+  return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------ inputs ---
+
+def make_inputs(batch, size, num_classes, seed=0):
+  """A host batch (numpy) and the task's class masks: old = first half,
+  current = next quarter, seen = both; a quarter of the rows from memory."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  old = np.zeros(num_classes, bool)
+  cur = np.zeros(num_classes, bool)
+  old[:num_classes // 2] = True
+  cur[num_classes // 2:3 * num_classes // 4] = True
+  is_memory = np.zeros(batch, bool)
+  is_memory[:max(batch // 4, 1)] = True
+  labels = (rng.random((batch, num_classes)) < 0.1).astype(np.float32)
+  known = np.where(is_memory[:, None], old[None], cur[None])
+  labels *= known
+  host = {"images": rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+          "labels": labels, "known": known, "is_memory": is_memory,
+          "true_labels": labels.astype(np.uint8)}
+  return host, {"old": old, "current": cur, "seen": old | cur}
+
+
+def _median(xs):
+  xs = sorted(xs)
+  n = len(xs)
+  return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+# --------------------------------------------------------------------- JAX ---
+
+class JaxStep:
+  """The jitted RebLL step; ``run()`` does one step and blocks on it."""
+
+  def __init__(self, args, host, masks, conv_impl):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from rebll_jax import config_base, methods, models, optim, parallel, steps  # pylint: disable=g-import-not-at-top,multiple-imports
+    from rebll_jax.models import conv  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    c = config_base.base_config()
+    c.model.arch = args.model
+    c.model.dtype = args.dtype
+    c.model.conv_impl = conv_impl
+    if args.model == "small_resnet":
+      c.model.width, c.model.stage_sizes, c.model.stem_stride = 16, (1, 1), 2
+    c.augment.flip, c.augment.cutout, c.augment.randaugment_ops = False, 0, 0
+    c.relabel.warmup_frac = 0.0
+    self.name = f"jax[{conv.resolve_impl(conv_impl)}]"
+    model = models.build_model(c.model, args.num_classes)
+    tx = optim.make_transform(c.optim)
+    # One device (one GPU, or the whole CPU as one XLA device) unless the
+    # CPU was split with --cpu_devices.
+    mesh = parallel.make_mesh(args.cpu_devices or 1)
+    self.devices = mesh.size
+    if args.batch % mesh.size:
+      raise SystemExit(f"--batch {args.batch} must divide over {mesh.size} "
+                       "devices")
+    rep = parallel.replicated(mesh)
+    shape = (1, args.size, args.size, 3)
+    variables = jax.jit(model.init, static_argnames="train")(
+        jax.random.key(0), jnp.zeros(shape), train=False)
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32),
+                             params=variables["params"],
+                             batch_stats=variables["batch_stats"],
+                             opt_state=tx.init(variables["params"]))
+    self.state = jax.device_put(state, rep)
+    self.old = jax.device_put(jax.tree.map(jnp.copy, variables), rep)
+    self.batch = parallel.to_global(mesh, host)
+    self.context = jax.device_put({
+        "current_mask": jnp.asarray(masks["current"]),
+        "old_mask": jnp.asarray(masks["old"]),
+        "seen_mask": jnp.asarray(masks["seen"]),
+        "task_start": jnp.asarray(0, jnp.int32),
+        "total_steps": jnp.asarray(1000, jnp.int32),
+        "lr_peak": jnp.asarray(1e-3, jnp.float32)}, rep)
+    self.key = jax.random.key(1)
+    fn = steps.make_train_step(model=model, method=methods.get_method("rebll"),
+                               config=c, tx=tx, has_old=True)
+    jitted = jax.jit(fn, donate_argnums=0, out_shardings=(rep, rep))
+    t0 = time.perf_counter()
+    self.compiled = jitted.lower(self.state, self.old, self.batch,
+                                 self.context, self.key).compile()
+    self.compile_s = time.perf_counter() - t0
+    # Analytic cost: MACs of one eval forward per image (convs + matmuls).
+    from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top
+    apply = lambda v, x: model.apply(v, x, train=False)
+    x1 = jax.ShapeDtypeStruct(shape, jnp.float32)
+    self.macs_per_image = count_macs(jax.make_jaxpr(apply)(variables,
+                                                           x1).jaxpr)
+    self.np = np
+
+  def run(self):
+    self.state, metrics = self.compiled(self.state, self.old, self.batch,
+                                        self.context, self.key)
+    loss = float(metrics["loss"])  # blocks; a host fetch as a trainer's log
+    if not self.np.isfinite(loss):
+      raise FloatingPointError(f"{self.name}: non-finite loss")
+    return loss
+
+  def memory(self):
+    dev = self.jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+      return stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+    m = self.compiled.memory_analysis()
+    if m is None:
+      return None, "unavailable"
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    return int(total), "XLA memory_analysis (args + outputs - aliased + temp)"
+
+  def matmul_flops_per_s(self, n, dtype):
+    jnp = self.jax.numpy
+    dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    a = jnp.ones((n, n), dt)
+    f = self.jax.jit(lambda a, b: a @ b)
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(5):
+      t0 = time.perf_counter()
+      f(a, a).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    return 2 * n**3 / _median(times)
+
+  def device_name(self):
+    d = self.jax.devices()[0]
+    return f"{d.platform}:{d.device_kind}"
+
+
+# ----------------------------------------------------------------- PyTorch ---
+
+class TorchStep:
+  def __init__(self, args, host, masks):
+    import torch  # pylint: disable=g-import-not-at-top
+    from experiments.torch_baseline import rebll_step  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    self.name = "torch_compile" if args.torch_compile else "torch_eager"
+    # rebll_step.SmallResNet's defaults are the tiny net of JaxStep.
+    self.step = rebll_step.RebllStep(
+        args.model, args.num_classes,
+        {k: torch.as_tensor(v) for k, v in masks.items()},
+        device=self.device, dtype=args.dtype, compile=args.torch_compile,
+        total_steps=1000, warmup_frac=0.0)
+    self.batch = self.step.to_device(host)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    self.run()
+    self.compile_s = time.perf_counter() - t0  # first call (compile if any)
+    self.rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                       - rss0) * 1024
+    self.macs_per_image = None
+
+  def _sync(self):
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
+  def run(self):
+    loss = float(self.step(self.batch))  # .item(): syncs like the JAX fetch
+    self._sync()
+    return loss
+
+  def memory(self):
+    if self.device == "cuda":
+      return (self.torch.cuda.max_memory_allocated(),
+              "torch.cuda.max_memory_allocated")
+    return (int(self.rss_growth),
+            "process max-RSS growth over the first step (CPU)")
+
+  def matmul_flops_per_s(self, n, dtype):
+    torch = self.torch
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    a = torch.ones((n, n), dtype=dt, device=self.device)
+    a @ a
+    self._sync()
+    times = []
+    for _ in range(5):
+      t0 = time.perf_counter()
+      a @ a
+      self._sync()
+      times.append(time.perf_counter() - t0)
+    return 2 * n**3 / _median(times)
+
+  def device_name(self):
+    if self.device == "cuda":
+      return f"cuda:{self.torch.cuda.get_device_name(0)}"
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+# -------------------------------------------------------------------- main ---
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.cpu_devices:
+    if "jax" in sys.modules:
+      raise SystemExit("--cpu_devices must be set before JAX is imported")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count="
+                               f"{args.cpu_devices}")
+  # PyTorch's OpenMP threads spin while idle by default; in one process with
+  # XLA's thread pool (alternating steps) the spinning starves the other
+  # side (measured: torch 30 ms/step alone, 1000+ ms beside JAX on 2 cores).
+  # Passive waiting costs torch nothing measurable when it runs alone.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  host, masks = make_inputs(args.batch, args.size, args.num_classes)
+  runners = []
+  # PyTorch first: its max-RSS growth is then its own (CPU memory figure).
+  if args.impl in ("torch", "both"):
+    runners.append(TorchStep(args, host, masks))
+  if args.impl in ("jax", "both"):
+    for impl in args.conv_impl.split(","):
+      runners.append(JaxStep(args, host, masks, impl.strip()))
+      runners[-1].run()  # first call of the compiled executable
+  macs = next((r.macs_per_image for r in runners
+               if r.macs_per_image is not None), None)
+  if macs is None:  # torch only: count on the Flax twin without compiling
+    macs = _macs_only(args)
+  for _ in range(args.warmup):
+    for r in runners:
+      r.run()
+  times = {r.name: [] for r in runners}
+  for i in range(args.steps):
+    order = runners if i % 2 == 0 else runners[::-1]
+    for r in order:
+      t0 = time.perf_counter()
+      r.run()
+      times[r.name].append(time.perf_counter() - t0)
+  n = args.matmul_size or (8192 if any(
+      "cuda" in r.device_name() or "gpu" in r.device_name()
+      for r in runners) else 2048)
+  peaks = {r.name: r.matmul_flops_per_s(n, args.dtype) for r in runners}
+  peak = max(peaks.values())
+  flops = 2 * macs * args.batch * 4
+  load = os.getloadavg()
+  lines = []
+  for r in runners:
+    sec = _median(times[r.name])
+    mem, mem_src = r.memory()
+    line = {
+        "impl": r.name, "model": args.model, "batch": args.batch,
+        "size": args.size, "dtype": args.dtype, "device": r.device_name(),
+        "devices": getattr(r, "devices", 1),
+        "ms_per_step": round(sec * 1e3, 2),
+        "images_per_s": round(args.batch / sec, 2),
+        "compile_s": round(r.compile_s, 2),
+        "peak_memory_bytes": mem, "peak_memory_source": mem_src,
+        "flops_per_step": flops,
+        "achieved_tflops": round(flops / sec / 1e12, 4),
+        "matmul_peak_tflops": round(peak / 1e12, 4),
+        "own_matmul_tflops": round(peaks[r.name] / 1e12, 4),
+        "fraction_of_peak": round(flops / sec / peak, 4),
+        "steps": args.steps, "warmup": args.warmup,
+        "step_times_ms": [round(t * 1e3, 1) for t in times[r.name]],
+        "loadavg": [round(x, 2) for x in load], "cpus": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+    }
+    if r.name.startswith("torch"):
+      line["torch_threads"] = r.torch.get_num_threads()
+    lines.append(line)
+  torch_rows = [l for l in lines if l["impl"].startswith("torch")]
+  for l in list(lines):
+    if l["impl"].startswith("jax") and torch_rows:
+      t = torch_rows[0]
+      lines.append({"ratio": f"{l['impl']}/{t['impl']}",
+                    "model": args.model, "batch": args.batch,
+                    "size": args.size, "dtype": args.dtype,
+                    "throughput_ratio": round(
+                        l["images_per_s"] / t["images_per_s"], 3)})
+  out = open(args.out, "a") if args.out else None
+  for l in lines:
+    text = json.dumps(l)
+    print(text, flush=True)
+    if out:
+      out.write(text + "\n")
+  if out:
+    out.close()
+  return lines
+
+
+def _macs_only(args):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top
+  from rebll_jax import config_base, models  # pylint: disable=g-import-not-at-top
+  c = config_base.base_config()
+  c.model.arch = args.model
+  if args.model == "small_resnet":
+    c.model.width, c.model.stage_sizes, c.model.stem_stride = 16, (1, 1), 2
+  model = models.build_model(c.model, args.num_classes)
+  x = jax.ShapeDtypeStruct((1, args.size, args.size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                jnp.zeros(x.shape)))
+  apply = lambda v, x: model.apply(v, x, train=False)
+  return count_macs(jax.make_jaxpr(apply)(variables, x).jaxpr)
+
+
+if __name__ == "__main__":
+  main()
