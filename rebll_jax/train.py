@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import tqdm
 
-from rebll_jax import checkpoint, data, methods, metrics, models, optim
+from rebll_jax import checkpoint, methods, metrics, models, optim
 from rebll_jax import memory as memory_lib
 from rebll_jax import parallel, protocol, replay, reporting, steps, validate
 from rebll_jax.data import loader

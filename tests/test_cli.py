@@ -19,10 +19,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import test as test_config
 from rebll_jax import config_base, protocol, train, validate
 from rebll_jax.data.base import Source, Split
 from rebll_jax.errors import UserError
+from tests.helpers import make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,16 +122,7 @@ def test_non_finite_loss_exits_1_without_traceback(tmp_path):
 
 
 def _config(**overrides):
-  config = test_config.get_config()
-  config.unlock()
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  config.lock()
-  return config
+  return make_config(**overrides)
 
 
 def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):

@@ -13,24 +13,14 @@ import shutil
 import numpy as np
 import pytest
 
-from configs import test as test_config
 from rebll_jax import checkpoint, train
 from rebll_jax.errors import UserError
+from tests.helpers import make_config
 
 
 def _config(**overrides):
-  config = test_config.get_config()
-  config.unlock()
-  overrides = {"protocol.num_tasks": 1, "train.checkpoint_every": 3,
-               **overrides}
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  config.lock()
-  return config
+  return make_config(**{"protocol.num_tasks": 1,
+                        "train.checkpoint_every": 3, **overrides})
 
 
 def _metrics(results):

@@ -6,21 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from configs import test as test_config
 from rebll_jax import train
+from tests.helpers import make_config
 
 
 def _config(**overrides):
-  config = test_config.get_config()
-  config.unlock()
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  config.lock()
-  return config
+  return make_config(**overrides)
 
 
 @pytest.fixture(scope="module")
