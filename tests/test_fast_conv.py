@@ -3,7 +3,8 @@
 Values and gradients (input and filter) of ``conv2d`` under jit, for the
 kernel / stride / padding combinations the backbones use (1x1 and 1x1
 stride 2 take the GEMM filter gradient; 3x3, 3x3 stride 2 and the 7x7
-stride-2 stem are routed to XLA's), at even and odd sizes, plus a
+stride-2 stem are routed to XLA's; 3x3 convs with a 1- or 2-row output
+map run as tap GEMMs), at even and odd sizes, plus a
 whole model: one jitted gradient of a small ResNet, ``matmul_grad`` vs
 ``xla``, and identical parameter trees (names, shapes, values) to nn.Conv.
 """
@@ -23,7 +24,9 @@ CASES = [  # (kernel, stride, pad, cin, cout, size)
     (3, 1, 1, 6, 8, 8),
     (3, 2, 1, 6, 8, 9),
     (7, 2, 3, 3, 8, 15),
-    (3, 1, 1, 4, 4, 1),  # a 1x1 map (SE-like)
+    (3, 1, 1, 4, 4, 1),  # a 1x1 map: tap GEMMs
+    (3, 1, 1, 8, 8, 2),  # a 2x(3) map: tap GEMMs
+    (3, 2, 1, 8, 8, 4),  # 4 -> 2 at stride 2: tap GEMMs
 ]
 
 

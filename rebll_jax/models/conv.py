@@ -17,6 +17,12 @@ the gradient of the filter is computed, chosen by ``impl``:
   strided slice GEMMs (or one im2col GEMM) they measured 1.3-2x *slower*
   than XLA's own on this 2-core machine (3x3 at 28x28x64: 34 ms XLA,
   45-67 ms as slices, 62-117 ms as im2col; 7x7 stem: 39-52 ms vs 54-80 ms).
+  One exception: k x k convolutions whose output map has at most
+  ``SMALL_MAP`` (2) rows or columns run entirely (forward and both
+  gradients) as k*k tap GEMMs, because XLA's CPU convolution is
+  pathological there (3x3, 512 -> 512 channels on a 2x2 map, batch 16:
+  443 ms forward, 445 ms input gradient; a few ms as GEMMs). That is
+  ResNet-50's layer 4 at 64 px; at 224 px no layer qualifies.
 - ``"auto"`` (the default, ``config.model.conv_impl``): ``matmul_grad`` when
   the default backend is the CPU, ``xla`` elsewhere (GPU/TPU compilers have
   good filter-gradient convolutions, and the rewrite would cost memory).
@@ -67,6 +73,33 @@ def _filter_grad_1x1(x, g, strides):
   return dw[None, None]
 
 
+def _tap_conv(x, w, strides, padding):
+  """The conv as a sum over filter taps of GEMMs (small maps; autodiff).
+
+  y = sum_ij slice_ij(x_padded) @ w[i, j]; its gradients (by autodiff) are
+  pads, strided slices and GEMMs too.
+  """
+  kh, kw, cin, cout = w.shape
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  n = x.shape[0]
+  oh = (xp.shape[1] - kh) // sh + 1
+  ow = (xp.shape[2] - kw) // sw + 1
+  y = 0
+  for i in range(kh):
+    for j in range(kw):
+      xs = xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw]
+      y = y + xs.reshape(-1, cin) @ w[i, j]
+  return y.reshape(n, oh, ow, cout)
+
+
+# Output maps with at most this many rows or columns run as tap GEMMs under
+# matmul_grad: XLA's CPU convolution is pathological there (ResNet-50's
+# layer 4 at 64 px, a 2x2 map: 3x3 conv forward 443 ms, input gradient
+# 445 ms, as tap GEMMs a few ms).
+SMALL_MAP = 2
+
+
 @functools.lru_cache(maxsize=None)
 def _matmul_grad_conv(strides: tuple, padding: tuple) -> Callable:
   """A 1x1 conv(x, w) whose filter gradient is one GEMM (custom VJP)."""
@@ -105,11 +138,15 @@ def conv2d(x, w, *, strides: Sequence[int] = (1, 1),
   """
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(a), int(b)) for a, b in padding)
-  one_by_one = (w.shape[0] == w.shape[1] == 1
-                and all(p == (0, 0) for p in padding))
-  if resolve_impl(impl) == "xla" or not one_by_one:
+  if resolve_impl(impl) == "xla":
     return _xla_conv(x, w, strides, padding)
-  return _matmul_grad_conv(strides, padding)(x, w)
+  if w.shape[0] == w.shape[1] == 1 and all(p == (0, 0) for p in padding):
+    return _matmul_grad_conv(strides, padding)(x, w)
+  oh = (x.shape[1] + sum(padding[0]) - w.shape[0]) // strides[0] + 1
+  ow = (x.shape[2] + sum(padding[1]) - w.shape[1]) // strides[1] + 1
+  if min(oh, ow) <= SMALL_MAP:
+    return _tap_conv(x, w, strides, padding)
+  return _xla_conv(x, w, strides, padding)
 
 
 def _normalize_padding(padding, kernel_size):
