@@ -120,6 +120,8 @@ def main(argv=None):
                       "train.epochs_later=4 (repeatable)")
   parser.add_argument("--val", action="store_true",
                       help="score on a validation split carved from train")
+  parser.add_argument("--report_only", action="store_true",
+                      help="tabulate the runs already in --out, run nothing")
   parser.add_argument("--jobs", type=int, default=1,
                       help="runs at once (each uses all cores)")
   args = parser.parse_args(argv)
@@ -137,6 +139,9 @@ def main(argv=None):
       for seed in seeds:
         jobs.append((setting, method, seed))
   rows = {}
+  if args.report_only:
+    jobs = [j for j in jobs if os.path.exists(
+        os.path.join(_workdir(args.out, *j), "results.json"))]
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     futures = {pool.submit(run_one, args.out, s, m, seed, args.set, args.val):
                (s, m, seed) for s, m, seed in jobs}
