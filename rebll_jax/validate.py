@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 
 from rebll_jax import data, methods, models, optim, protocol
+from rebll_jax.models import conv
 from rebll_jax.errors import UserError
 
 
@@ -30,6 +31,9 @@ def check_config(config):
   _check(config.model.arch in models.ARCHS,
          f"unknown model.arch {config.model.arch!r}; valid: "
          f"{sorted(models.ARCHS)}")
+  _check(config.model.conv_impl in conv.IMPLS,
+         f"unknown model.conv_impl {config.model.conv_impl!r}; valid: "
+         f"{list(conv.IMPLS)}")
   _check(config.model.dtype in models.DTYPES,
          f"unknown model.dtype {config.model.dtype!r}; valid: "
          f"{sorted(models.DTYPES)}")

@@ -237,3 +237,8 @@ def test_cli_never_tracebacks_on_a_raw_override(key, raw, tmp_path_factory):
   result = _cli("--config=configs/test.py", f"--workdir={path}/w",
                 f"--config.{key}={raw}")
   _assert_one_line_error(result)
+
+
+def test_unknown_conv_impl_is_a_user_error():
+  with pytest.raises(UserError, match="unknown model.conv_impl 'foo'"):
+    validate.check_config(_config(**{"model.conv_impl": "foo"}))
