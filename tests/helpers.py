@@ -1,6 +1,13 @@
 """Shared test helpers."""
 
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
 from configs import test as test_config
+from rebll_jax import checkpoint
 
 
 def make_config(**overrides):
@@ -15,3 +22,32 @@ def make_config(**overrides):
     node[last] = value
   config.lock()
   return config
+
+
+def max_abs_diff(a, b) -> float:
+  """Largest |a - b| over the leaves of two pytrees of arrays."""
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) -
+                                 np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def params_after_task(workdir, task):
+  """(params, batch_stats) of the checkpoint taken at the end of ``task``."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    number = next(n for n in ckpt.steps()
+                  if ckpt.read_meta(n)["task"] == task
+                  and ckpt.read_meta(n)["task_step"] == 0)
+    # Restored onto this process's first device whatever topology wrote it
+    # (another process count or mesh size).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(ckpt.directory, str(number), "state")).item_metadata
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        metadata)
+    tree = ckpt.manager.restore(number, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  finally:
+    ckpt.close()
+  return tree["train"]["params"], tree["train"]["batch_stats"]

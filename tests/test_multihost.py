@@ -23,12 +23,11 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from configs import test as test_config
-from rebll_jax import checkpoint, config_base, parallel, protocol, reporting
+from rebll_jax import config_base, parallel, protocol, reporting
 from rebll_jax import train
+from tests.helpers import make_config, max_abs_diff, params_after_task
 from rebll_jax.data import loader
 from rebll_jax.data.base import Split
 from rebll_jax.errors import UserError
@@ -40,16 +39,9 @@ OVERRIDES = {"data.image_size": 16, "data.synthetic.render_size": 16,
 
 
 def _config(**overrides):
-  config = test_config.get_config()
-  config.unlock()
-  for key, value in {**OVERRIDES, **overrides}.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  config.lock()
-  return config
+  return make_config(**{**OVERRIDES, **overrides})
+
+
 
 
 # ------------------------------------------------------------------ units ---
@@ -151,31 +143,8 @@ def _launch(workdir, num_tasks):
   return outputs
 
 
-def _params_after_task(workdir, task):
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    number = next(n for n in ckpt.steps()
-                  if ckpt.read_meta(n)["task"] == task
-                  and ckpt.read_meta(n)["task_step"] == 0)
-    # Restored onto this process's first device whatever topology wrote it
-    # (another process count or mesh size).
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    metadata = ocp.StandardCheckpointer().metadata(
-        os.path.join(ckpt.directory, str(number), "state")).item_metadata
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        metadata)
-    tree = ckpt.manager.restore(number, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
-  finally:
-    ckpt.close()
-  return tree["train"]["params"], tree["train"]["batch_stats"]
 
 
-def _max_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) -
-                                 np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_two_processes_equal_one_and_resume_across_processes(tmp_path):
@@ -198,10 +167,10 @@ def test_two_processes_equal_one_and_resume_across_processes(tmp_path):
   np.testing.assert_allclose(
       [t["map_seen"] for t in results["tasks"]],
       [t["map_seen"] for t in reference["tasks"]], atol=1e-3)
-  params_m, stats_m = _params_after_task(multi, 2)
-  params_s, stats_s = _params_after_task(single, 2)
-  assert _max_diff(params_m, params_s) < 1e-5
-  assert _max_diff(stats_m, stats_s) < 1e-5
+  params_m, stats_m = params_after_task(multi, 2)
+  params_s, stats_s = params_after_task(single, 2)
+  assert max_abs_diff(params_m, params_s) < 1e-5
+  assert max_abs_diff(stats_m, stats_s) < 1e-5
 
   # One writer: every logged step appears once, one TensorBoard file per
   # launch, the plots exist.

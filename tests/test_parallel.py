@@ -13,42 +13,24 @@
 """
 
 import logging
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from configs import test as test_config
-from rebll_jax import checkpoint, methods, models, optim, parallel, steps
+from rebll_jax import methods, models, optim, parallel, steps
 from rebll_jax import train
+from tests.helpers import make_config, max_abs_diff, params_after_task
 
 TOL = 1e-5
 
 
 def _config(**overrides):
-  config = test_config.get_config()
-  config.unlock()
   # RandAugment's 14 ops dominate compile time and are not what is tested
   # here (flip and cutout keep per-example randomness in the step).
-  config.augment.randaugment_ops = 0
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  config.lock()
-  return config
-
-
-def _max_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) -
-                                 np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return make_config(**{"augment.randaugment_ops": 0, **overrides})
 
 
 def _step_inputs(config, num_classes=12, batch=16):
@@ -105,9 +87,9 @@ def test_one_rebll_step_eight_devices_equals_one():
   eight = _run_step(config, host, context, 8, variables)
   state1, metrics1 = one
   state8, metrics8 = eight
-  assert _max_diff(state8.params, state1.params) < TOL
-  assert _max_diff(state8.batch_stats, state1.batch_stats) < TOL
-  assert _max_diff(state8.opt_state, state1.opt_state) < TOL
+  assert max_abs_diff(state8.params, state1.params) < TOL
+  assert max_abs_diff(state8.batch_stats, state1.batch_stats) < TOL
+  assert max_abs_diff(state8.opt_state, state1.opt_state) < TOL
   for key in ("loss", "loss_cls", "loss_kd", "grad_norm"):
     assert abs(float(metrics8[key]) - float(metrics1[key])) < TOL * max(
         1.0, abs(float(metrics1[key]))), key
@@ -117,7 +99,7 @@ def test_one_rebll_step_eight_devices_equals_one():
     for k, v in metrics1["labels"][group].items():
       assert float(metrics8["labels"][group][k]) == float(v), (group, k)
   assert sum(float(v) for v in metrics1["labels"]["new"].values()) > 0
-  assert _max_diff(state1.params, variables["params"]) > 1e-4  # it moved
+  assert max_abs_diff(state1.params, variables["params"]) > 1e-4  # it moved
 
 
 def test_batchnorm_statistics_are_global():
@@ -170,27 +152,6 @@ class _CompileCounter:
     return Handler()
 
 
-def _params_after_task(workdir, task):
-  """(params, batch_stats) of the checkpoint taken at the end of ``task``."""
-  ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints")
-  try:
-    number = next(n for n in ckpt.steps()
-                  if ckpt.read_meta(n)["task"] == task
-                  and ckpt.read_meta(n)["task_step"] == 0)
-    # Restored onto this process's first device whatever topology wrote it
-    # (another process count or mesh size).
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    metadata = ocp.StandardCheckpointer().metadata(
-        os.path.join(ckpt.directory, str(number), "state")).item_metadata
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        metadata)
-    tree = ckpt.manager.restore(number, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
-  finally:
-    ckpt.close()
-  return tree["train"]["params"], tree["train"]["batch_stats"]
-
 
 @pytest.fixture(scope="module")
 def two_task_runs(tmp_path_factory):
@@ -220,12 +181,12 @@ def two_task_runs(tmp_path_factory):
 
 
 def test_two_task_run_eight_devices_equals_one(two_task_runs):
-  params1, stats1 = _params_after_task(two_task_runs[1][0], 2)
-  params8, stats8 = _params_after_task(two_task_runs[8][0], 2)
+  params1, stats1 = params_after_task(two_task_runs[1][0], 2)
+  params8, stats8 = params_after_task(two_task_runs[8][0], 2)
   assert two_task_runs[8][1]["devices"]["count"] == 8
   assert jax.tree.structure(params1) == jax.tree.structure(params8)
-  assert _max_diff(params8, params1) < TOL
-  assert _max_diff(stats8, stats1) < TOL
+  assert max_abs_diff(params8, params1) < TOL
+  assert max_abs_diff(stats8, stats1) < TOL
   maps1 = [t["map_seen"] for t in two_task_runs[1][1]["tasks"]]
   maps8 = [t["map_seen"] for t in two_task_runs[8][1]["tasks"][:2]]
   np.testing.assert_allclose(maps8, maps1, atol=1e-3)
