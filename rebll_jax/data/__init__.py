@@ -50,6 +50,7 @@ def build_source(cfg) -> Source:
     raise UserError(
         f"unknown data.source {cfg.source!r}; valid: {sorted(SOURCES)}")
   source = SOURCES[cfg.source](cfg)
-  if cfg.val_fraction > 0:
-    source = carve_validation(source, cfg.val_fraction, seed=0)
+  val_fraction = cfg.get("val_fraction", 0.0)  # absent in partial configs
+  if val_fraction > 0:
+    source = carve_validation(source, val_fraction, seed=0)
   return source
