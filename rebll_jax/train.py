@@ -204,8 +204,10 @@ def run(config, workdir: str) -> dict:
       variables, meta_extra["init_from"] = pretrained.load_pretrained(
           variables, config.model.init_from, config.model.arch)
     except (ValueError, OSError) as e:
+      # One line, but keep the whole list of mismatches.
+      detail = "; ".join(l.strip() for l in str(e).splitlines() if l.strip())
       raise UserError(f"model.init_from={config.model.init_from!r}: "
-                      f"{str(e).splitlines()[0]}") from None
+                      f"{detail}") from None
   tx = optim.make_transform(config.optim)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32),
                            params=variables["params"],
