@@ -91,16 +91,17 @@ def table(rows: dict, settings, methods) -> str:
   lines = []
   for setting in settings:
     lines += [f"\n**Synthetic {setting.upper()}**\n",
-              "| method | avg mAP | last mAP | CF1 | OF1 | test FPR@0.8 | "
-              "relabel FPR | train s/run |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| method | seeds | avg mAP | last mAP | CF1 | OF1 | "
+              "test FPR@0.8 | relabel FPR | train s/run |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
       runs = rows.get(("joint" if method == "joint" else setting, method))
       if not runs:
         continue
       col = lambda k: [r[k] for r in runs]  # noqa: E731
       lines.append(
-          f"| {method} | {_cell(col('avg_map'))} | {_cell(col('last_map'))} "
+          f"| {method} | {len(runs)} | {_cell(col('avg_map'))} | "
+          f"{_cell(col('last_map'))} "
           f"| {_cell(col('cf1'))} | {_cell(col('of1'))} | "
           f"{_cell(col('test_fpr'))} | {_cell(col('relabel_fpr'))} | "
           f"{_cell(col('seconds'), 0)} |")
