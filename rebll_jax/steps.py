@@ -50,14 +50,11 @@ def task_context(task, *, task_start, total_steps, lr_peak) -> dict:
   }
 
 
-def _label_diagnostics(before_known, after_known, labels, true_labels, rows):
-  """Sums over the entries relabeled in this batch: tp/fp/tn/fn counts."""
+def _relabel_counts(before_known, after_known, labels, true_labels, rows):
+  """tp/fp/tn/fn of the entries relabeled in this batch (diagnostics)."""
   relabeled = (after_known & ~before_known) & rows[:, None]
-  pred = labels > 0.5
-  true = true_labels > 0.5
-  count = lambda m: jnp.sum(relabeled & m).astype(jnp.float32)
-  return {"tp": count(pred & true), "fp": count(pred & ~true),
-          "tn": count(~pred & ~true), "fn": count(~pred & true)}
+  return relabel.confusion_counts(pred_labels=labels, mask=relabeled,
+                                  true_labels=true_labels)
 
 
 def make_train_step(*, model: nn.Module, method: Method, config,
@@ -91,12 +88,14 @@ def make_train_step(*, model: nn.Module, method: Method, config,
             old_probs=jax.nn.sigmoid(old_logits),
             old_class_mask=context["old_mask"], row_is_new=~is_memory,
             tau_old=rcfg.tau_old)
-        diagnostics["new"] = _label_diagnostics(
+        diagnostics["new"] = _relabel_counts(
             given_known, known, labels, batch["true_labels"], ~is_memory)
 
     columns = (context["current_mask"] if method.cls_columns == "current"
                else context["seen_mask"])
-    warm = task_step >= rcfg.warmup_frac * context["total_steps"]
+    warm = relabel.warmup_active(step=task_step,
+                                 total_steps=context["total_steps"],
+                                 warmup_frac=rcfg.warmup_frac)
 
     def loss_fn(params):
       out, updates = model.apply(
@@ -112,7 +111,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
             probs=jax.nn.sigmoid(jax.lax.stop_gradient(logits)),
             current_class_mask=context["current_mask"],
             row_is_memory=is_memory, tau_cur=rcfg.tau_cur, active=warm)
-        extra["memory"] = _label_diagnostics(
+        extra["memory"] = _relabel_counts(
             before, k, y, batch["true_labels"], is_memory)
       if method.unknown_as_negative:
         mask = jnp.broadcast_to(columns, y.shape)

@@ -23,7 +23,8 @@ import tqdm
 
 from rebll_jax import checkpoint, methods, metrics, models, optim
 from rebll_jax import memory as memory_lib
-from rebll_jax import parallel, protocol, replay, reporting, steps, validate
+from rebll_jax import parallel, protocol, relabel, replay, reporting, steps
+from rebll_jax import validate
 from rebll_jax.data import loader
 from rebll_jax.models import pretrained
 from rebll_jax.errors import UserError
@@ -171,10 +172,8 @@ def _make_tasks(config, method, num_classes):
 
 def _rates(stats: dict) -> dict:
   """FPR / FNR (percent) from summed tp/fp/tn/fn counts; never NaN."""
-  tp, fp, tn, fn = (float(stats[k]) for k in ("tp", "fp", "tn", "fn"))
-  return {"fpr": 100 * fp / (fp + tn) if fp + tn else 0.0,
-          "fnr": 100 * fn / (fn + tp) if fn + tp else 0.0,
-          "count": int(tp + fp + tn + fn)}
+  q = relabel.quality_from_counts(stats)
+  return {"fpr": 100 * q["fpr"], "fnr": 100 * q["fnr"], "count": q["count"]}
 
 
 def run(config, workdir: str) -> dict:
@@ -302,11 +301,11 @@ def run(config, workdir: str) -> dict:
     if task_step0 == 0:  # optimizer and schedule rebuilt for every task
       state = state.replace(opt_state=parallel.replicate(
           mesh, tx.init(state.params)))
+    task_start = int(state.step) - task_step0
     context = parallel.replicate(mesh, steps.task_context(
-        task, task_start=int(state.step) - task_step0, total_steps=total,
+        task, task_start=task_start, total_steps=total,
         lr_peak=config.optim.lr_first if first else config.optim.lr_later))
     step_fn = train_steps[not first]
-    task_start = int(state.step) - task_step0
     resumed = t == start_task and task_step0 > 0
     # Per-task sums of the label diagnostics, checkpointed with mid-task saves.
     label_sums = resumed_sums if resumed else {}
@@ -371,7 +370,8 @@ def run(config, workdir: str) -> dict:
         "map_seen": evaluation["map_seen"],
         "map_per_task": evaluation["map_per_task"],
         "train_steps": total, "train_seconds": train_seconds,
-        "num_train_images": len(view), "memory_rows": int(memory_lib.valid_rows(memory).size),
+        "num_train_images": len(view),
+        "memory_rows": int(memory_lib.valid_rows(memory).size),
         "fpr_at_threshold": evaluation["fpr"],
         "labels_online": {g: _rates(s) for g, s in label_sums.items()
                           if g != "cls"},
@@ -379,10 +379,9 @@ def run(config, workdir: str) -> dict:
         "cls_label_pos_neg_ratio": (
             label_sums["cls"]["pos"] / max(label_sums["cls"]["neg"], 1.0)
             if "cls" in label_sums else 0.0),
+        "f1": {k: evaluation[k] for k in
+               ("cf1", "cf1_cp_cr", "of1", "cp", "cr", "op", "or")},
     })
-    results_tasks[-1]["f1"] = {k: evaluation[k] for k in
-                               ("cf1", "cf1_cp_cr", "of1", "cp", "cr", "op",
-                                "or")}
     save(t + 1, 0)
     log.info("task %d: mAP on seen classes %.2f", t + 1,
              evaluation["map_seen"])
