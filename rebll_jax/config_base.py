@@ -106,6 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.relabel = ml_collections.ConfigDict()
   c.relabel.tau_old = 0.5  # past-model threshold, new rows x old classes
   c.relabel.tau_cur = 0.5  # current-model threshold, memory rows x new
+  # Two-threshold OR (our reading): a score in (tau_*_low, tau_*] stays
+  # unknown instead of becoming a negative; < 0 = same as tau_* (METHOD.md's
+  # single threshold).
+  c.relabel.tau_old_low = -1.0
+  c.relabel.tau_cur_low = -1.0
+  c.relabel.tau_pseudo = 0.5  # asl_pl's fixed pseudo-label threshold
   c.relabel.warmup_frac = 0.5  # memory rows' current block unknown before
   c.relabel.chunk = 256  # rows per jitted chunk in the between-task pass
 

@@ -31,6 +31,10 @@ class Method:
   relabel_new_online: bool = False  # past model: new rows x old classes
   relabel_memory_online: bool = False  # current model: memory x new classes
   relabel_between_tasks: bool = False  # buffer pass after each task
+  # Threshold of the past model's labels on new rows: "or" reads
+  # relabel.tau_old / tau_old_low; "pseudo" reads relabel.tau_pseudo alone
+  # (the fixed pseudo-label threshold of the KRT-style baseline).
+  old_threshold: str = "or"
   joint: bool = False  # one task over all classes (upper bound)
 
 
@@ -45,7 +49,8 @@ METHODS = {m.name: m for m in [
     Method("asl_pl", "ASL on seen columns, past-model pseudo-labels for old "
            "classes at a fixed threshold, herding replay (KRT without its "
            "attention head)", cls_columns="seen", unknown_as_negative=True,
-           cls_loss=ASL, replay=True, relabel_new_online=True),
+           cls_loss=ASL, replay=True, relabel_new_online=True,
+           old_threshold="pseudo"),
     Method("rebll", "AKD (asymmetric cls + decayed distillation) + OR + "
            "replay", cls_columns="seen", distill="asymmetric", replay=True,
            relabel_new_online=True, relabel_memory_online=True,
@@ -80,3 +85,20 @@ def distill_params(method: Method, loss_cfg) -> dict:
   beta = loss_cfg.beta if method.distill == "asymmetric" else 0.0
   adaptive = loss_cfg.adaptive if method.distill == "asymmetric" else False
   return dict(temperature=loss_cfg.temperature, beta=beta, adaptive=adaptive)
+
+
+def relabel_thresholds(method: Method, relabel_cfg) -> dict:
+  """tau_old, tau_old_low, tau_cur, tau_cur_low for the relabel functions.
+
+  A lower threshold < 0 in config means "same as the upper one" (METHOD.md's
+  single threshold); see ``relabel.decide``.
+  """
+  low = lambda value, tau: tau if value < 0 else value  # noqa: E731
+  if method.old_threshold == "pseudo":
+    tau_old = tau_old_low = relabel_cfg.tau_pseudo
+  else:
+    tau_old = relabel_cfg.tau_old
+    tau_old_low = low(relabel_cfg.tau_old_low, tau_old)
+  return dict(tau_old=tau_old, tau_old_low=tau_old_low,
+              tau_cur=relabel_cfg.tau_cur,
+              tau_cur_low=low(relabel_cfg.tau_cur_low, relabel_cfg.tau_cur))

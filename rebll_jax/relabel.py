@@ -9,6 +9,12 @@ Two places fill the missing blocks of the label block matrix (section 3):
   trained model runs over fixed-size chunks through one jitted function the
   caller supplies; the buffer stays numpy on the host.
 
+Every fill reads two thresholds: a score above ``tau`` is a positive, one
+below ``tau_low`` a negative, and one in between stays *unknown* (out of
+``L_cls``). ``tau_low = tau`` (the default) is METHOD.md's single threshold;
+``tau_low < tau`` is our two-threshold reading, for under-confident models
+whose present objects score below 0.5 (see the README's findings).
+
 Only *unknown* entries are ever filled online: an entry that is already known
 (ground truth, or an earlier relabel) keeps its label. ``relabel_buffer``
 writes exactly the entries its column mask selects; pass a per-row mask that
@@ -32,20 +38,34 @@ def _as_bool(x):
   return x if x.dtype == jnp.bool_ else x != 0
 
 
-def _fill(labels, known, fill, values):
-  """Writes values where fill; returns (labels, known) in their own dtypes."""
+def decide(probs, tau, tau_low=None):
+  """(label, decided): 1[p > tau], and whether p is outside (tau_low, tau].
+
+  tau_low None means tau_low = tau: every entry is decided. jnp or numpy.
+  """
+  tau_low = tau if tau_low is None else tau_low
+  positive = probs > tau
+  return positive, positive | (probs <= tau_low)
+
+
+def _fill(labels, known, fill, probs, tau, tau_low):
+  """Writes 1[p > tau] where fill and decided; returns (labels, known)."""
   labels, known = jnp.asarray(labels), jnp.asarray(known)
+  values, decided = decide(jax.lax.stop_gradient(jnp.asarray(probs)), tau,
+                           tau_low)
+  fill = fill & decided
   new_labels = jnp.where(fill, values.astype(labels.dtype), labels)
   new_known = jnp.where(fill, jnp.ones_like(known), known)
   return new_labels, new_known
 
 
 def relabel_new_rows(*, labels, known, old_probs, old_class_mask, row_is_new,
-                     tau_old):
+                     tau_old, tau_old_low=None):
   """Below-diagonal block: old-class labels of new rows from the past model.
 
   Fills entry (i, c) with 1[q_ic > tau_old] and marks it known where row i is
-  a new-task row, c is an old class, and the entry is still unknown.
+  a new-task row, c is an old class, the entry is still unknown, and q_ic is
+  not in the band (tau_old_low, tau_old] (see ``decide``).
 
   Args:
     labels: float [batch, num_classes].
@@ -57,25 +77,25 @@ def relabel_new_rows(*, labels, known, old_probs, old_class_mask, row_is_new,
     row_is_new: bool/float [batch], rows drawn from the current task's data
       (not from memory, not padding).
     tau_old: float threshold (c.relabel.tau_old), Python or traced.
+    tau_old_low: float <= tau_old (c.relabel.tau_old_low), or None.
 
   Returns:
     (labels, known) with the input shapes and dtypes.
   """
   fill = (_as_bool(row_is_new)[:, None] & _as_bool(old_class_mask) &
           ~_as_bool(known))
-  pred = jax.lax.stop_gradient(jnp.asarray(old_probs)) > tau_old
-  return _fill(labels, known, fill, pred)
+  return _fill(labels, known, fill, old_probs, tau_old, tau_old_low)
 
 
 def relabel_memory_rows(*, labels, known, probs, current_class_mask,
-                        row_is_memory, tau_cur, active):
+                        row_is_memory, tau_cur, active, tau_cur_low=None):
   """Above-diagonal block: current-task labels of memory rows, online.
 
   When ``active`` (after the warm-up fraction of the task's steps, see
   ``warmup_active``), fills entry (i, c) with 1[p_ic > tau_cur] and marks it
-  known where row i comes from memory, c is a current-task class, and the
-  entry is still unknown. Before that the entries stay unknown, so L_cls
-  ignores them.
+  known where row i comes from memory, c is a current-task class, the entry
+  is still unknown, and p_ic is not in the band (tau_cur_low, tau_cur].
+  Before that the entries stay unknown, so L_cls ignores them.
 
   Args:
     labels: float [batch, num_classes]; known: bool/float [batch, num_classes].
@@ -85,14 +105,14 @@ def relabel_memory_rows(*, labels, known, probs, current_class_mask,
     row_is_memory: bool/float [batch].
     tau_cur: float threshold (c.relabel.tau_cur).
     active: bool scalar, Python or traced.
+    tau_cur_low: float <= tau_cur (c.relabel.tau_cur_low), or None.
 
   Returns:
     (labels, known) with the input shapes and dtypes.
   """
   fill = (_as_bool(active) & _as_bool(row_is_memory)[:, None] &
           _as_bool(current_class_mask) & ~_as_bool(known))
-  pred = jax.lax.stop_gradient(jnp.asarray(probs)) > tau_cur
-  return _fill(labels, known, fill, pred)
+  return _fill(labels, known, fill, probs, tau_cur, tau_cur_low)
 
 
 def warmup_active(*, step, total_steps, warmup_frac):
@@ -107,14 +127,16 @@ def warmup_active(*, step, total_steps, warmup_frac):
 
 def relabel_buffer(predict_fn: Callable, images: np.ndarray,
                    labels: np.ndarray, known: np.ndarray, valid: np.ndarray,
-                   column_mask: np.ndarray, tau: float, chunk: int
+                   column_mask: np.ndarray, tau: float, chunk: int,
+                   tau_low: float | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Between-task pass: relabels columns of the buffer with the trained model.
 
   Gathers the valid rows that have a column to write, runs ``predict_fn``
   over them in chunks of exactly ``chunk`` rows (the last one zero-padded, so
   there is a single compile), and writes 1[p > tau] into the selected
-  entries, marking them known. All chunks are dispatched before any result
+  entries whose p is outside (tau_low, tau], marking them known; the others
+  keep their label and known flag. All chunks are dispatched before any result
   is read back, so host gathering overlaps device compute.
 
   Args:
@@ -127,10 +149,11 @@ def relabel_buffer(predict_fn: Callable, images: np.ndarray,
       (e.g. that & ~ground_truth, to keep ground-truth entries).
     tau: threshold (c.relabel.tau_cur).
     chunk: rows per call (c.relabel.chunk).
+    tau_low: lower threshold <= tau (c.relabel.tau_cur_low), or None = tau.
 
   Returns:
     (labels, known), new numpy arrays; the inputs are not modified. The
-    entries written are ``column_mask & valid[:, None]``.
+    entries written are ``column_mask & valid[:, None]`` minus the band.
   """
   labels, known = np.array(labels), np.array(known)
   write = np.broadcast_to(np.asarray(column_mask, bool), labels.shape)
@@ -146,9 +169,9 @@ def relabel_buffer(predict_fn: Callable, images: np.ndarray,
       batch = np.concatenate([batch, pad])
     outs.append(predict_fn(batch))  # async: dispatch everything first
   probs = np.concatenate([np.asarray(o) for o in outs])[:rows.size]
-  sel = write[rows]
-  labels[rows] = np.where(sel, (probs > tau).astype(labels.dtype),
-                          labels[rows])
+  positive, decided = decide(probs, tau, tau_low)
+  sel = write[rows] & decided
+  labels[rows] = np.where(sel, positive.astype(labels.dtype), labels[rows])
   known[rows] = known[rows] | sel
   return labels, known
 

@@ -20,6 +20,7 @@ import numpy as np
 from rebll_jax import memory as memory_lib
 from rebll_jax import parallel, relabel
 from rebll_jax.data.loader import MemoryRows
+from rebll_jax.methods import relabel_thresholds
 
 
 def create(config, method, source) -> memory_lib.Memory:
@@ -62,8 +63,11 @@ def buffer_quality(mem: memory_lib.Memory, source, tasks) -> dict:
                       ("below_diagonal", (col_task < row_task)
                        & (col_task >= 0))):
     q = relabel.relabel_quality(mem.labels[rows], relabeled & block, truth)
+    # "unknown": entries of the block left in the two-threshold band.
+    unknown = int((block & ~mem.known[rows]).sum())
     out[name] = {"fpr": 100 * q["fpr"], "fnr": 100 * q["fnr"],
-                 **{k: q[k] for k in ("count", "tp", "fp", "tn", "fn")}}
+                 **{k: q[k] for k in ("count", "tp", "fp", "tn", "fn")},
+                 "unknown": unknown}
   return out
 
 
@@ -87,12 +91,15 @@ def after_task(*, mem, config, method, source, view, task, tasks, predictor,
   indices = view.indices[rows]
   labels, known = view.labels[rows].copy(), view.known[rows].copy()
   ground_truth = known.copy()
+  taus = relabel_thresholds(method, config.relabel)
   if method.relabel_between_tasks and task.index > 0 and rows.size:
     # Below the diagonal: the past model labels the new rows' old classes.
     old_scores, _ = predictor(old_variables, source.train, indices)
-    old = task.old_mask.astype(bool)[None, :]
-    labels = np.where(old, (old_scores > config.relabel.tau_old), labels)
-    known = known | old
+    positive, decided = relabel.decide(old_scores, taus["tau_old"],
+                                       taus["tau_old_low"])
+    write = task.old_mask.astype(bool)[None, :] & decided
+    labels = np.where(write, positive, labels)
+    known = known | write
   mem = memory_lib.add(
       mem, images=source.train.read_images(indices), labels=labels,
       known=known, ground_truth=ground_truth, task=task.index,
@@ -109,7 +116,7 @@ def after_task(*, mem, config, method, source, view, task, tasks, predictor,
         variables, parallel.to_global(predictor.mesh, images[local]))[0]
     labels, known = relabel.relabel_buffer(
         predict, mem.images, mem.labels, mem.known, mem.valid, write,
-        config.relabel.tau_cur, chunk)
+        taus["tau_cur"], chunk, tau_low=taus["tau_cur_low"])
     mem = dataclasses.replace(mem, labels=labels, known=known)
   jax.block_until_ready(variables)
   return mem, buffer_quality(mem, source, tasks)

@@ -23,7 +23,8 @@ import optax
 
 from rebll_jax import losses, optim, relabel
 from rebll_jax.data import augment
-from rebll_jax.methods import Method, cls_loss_params, distill_params
+from rebll_jax.methods import (Method, cls_loss_params, distill_params,
+                               relabel_thresholds)
 
 
 @flax.struct.dataclass
@@ -64,7 +65,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
   cls_params = cls_loss_params(method, config.loss)
   kd_params = distill_params(method, config.loss)
   lambda_kd = config.loss.lambda_kd
-  rcfg = config.relabel
+  taus = relabel_thresholds(method, config.relabel)
 
   def train_step(state: TrainState, old_variables, batch, context, key):
     if on_trace is not None:
@@ -87,7 +88,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
             labels=labels, known=known,
             old_probs=jax.nn.sigmoid(old_logits),
             old_class_mask=context["old_mask"], row_is_new=~is_memory,
-            tau_old=rcfg.tau_old)
+            tau_old=taus["tau_old"], tau_old_low=taus["tau_old_low"])
         diagnostics["new"] = _relabel_counts(
             given_known, known, labels, batch["true_labels"], ~is_memory)
 
@@ -95,7 +96,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
                else context["seen_mask"])
     warm = relabel.warmup_active(step=task_step,
                                  total_steps=context["total_steps"],
-                                 warmup_frac=rcfg.warmup_frac)
+                                 warmup_frac=config.relabel.warmup_frac)
 
     def loss_fn(params):
       out, updates = model.apply(
@@ -110,7 +111,8 @@ def make_train_step(*, model: nn.Module, method: Method, config,
             labels=y, known=k,
             probs=jax.nn.sigmoid(jax.lax.stop_gradient(logits)),
             current_class_mask=context["current_mask"],
-            row_is_memory=is_memory, tau_cur=rcfg.tau_cur, active=warm)
+            row_is_memory=is_memory, tau_cur=taus["tau_cur"],
+            tau_cur_low=taus["tau_cur_low"], active=warm)
         extra["memory"] = _relabel_counts(
             before, k, y, batch["true_labels"], is_memory)
       if method.unknown_as_negative:

@@ -65,9 +65,14 @@ def check_config(config):
          "optim.lr_first and optim.lr_later must be > 0")
   _check(0.0 <= config.optim.warmup_frac < 1.0,
          "optim.warmup_frac must be in [0, 1)")
-  for name in ("tau_old", "tau_cur"):
+  for name in ("tau_old", "tau_cur", "tau_pseudo"):
     value = config.relabel[name]
     _check(0.0 < value < 1.0, f"relabel.{name} must be in (0, 1)")
+  for name in ("tau_old", "tau_cur"):
+    low = config.relabel[f"{name}_low"]
+    _check(low < 0 or 0.0 <= low <= config.relabel[name],
+           f"relabel.{name}_low must be < 0 (same as relabel.{name}) or in "
+           f"[0, relabel.{name}], got {low}")
   _check(config.relabel.chunk > 0, "relabel.chunk must be > 0")
   _check(config.seed >= 0, "seed must be >= 0")
   _check(config.num_devices >= 0,

@@ -223,6 +223,8 @@ def test_any_config_is_valid_or_one_user_error(overrides, num_devices):
   assert config.seed >= 0 and config.train.log_every > 0
   assert all(np.isfinite(float(config.optim[k]))
              for k in ("lr_first", "lr_later"))
+  assert all(config.relabel[f"{k}_low"] <= config.relabel[k]
+             for k in ("tau_old", "tau_cur"))
 
 
 @hypothesis.settings(max_examples=8, deadline=None, derandomize=True)

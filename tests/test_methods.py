@@ -34,3 +34,29 @@ def test_method_runs(name, tmp_path):
 def test_unknown_method_lists_valid_ones():
   with pytest.raises(ValueError, match="valid:.*rebll"):
     methods.get_method("nope")
+
+
+def test_relabel_thresholds_per_method():
+  cfg = _config()
+  cfg.relabel.update(tau_old=0.6, tau_cur=0.7, tau_pseudo=0.9,
+                     tau_old_low=-1.0, tau_cur_low=0.2)
+  got = methods.relabel_thresholds(methods.METHODS["rebll"], cfg.relabel)
+  assert got == dict(tau_old=0.6, tau_old_low=0.6, tau_cur=0.7,
+                     tau_cur_low=0.2)
+  got = methods.relabel_thresholds(methods.METHODS["asl_pl"], cfg.relabel)
+  assert got["tau_old"] == got["tau_old_low"] == 0.9
+
+
+def test_two_threshold_relabeling_leaves_the_band_unknown(tmp_path):
+  # A band covering (almost) every score: most entries stay unknown.
+  results = train.run(_config(method="rebll", num_devices=1, **{
+      "relabel.tau_old": 0.999, "relabel.tau_old_low": 0.001,
+      "relabel.tau_cur": 0.999, "relabel.tau_cur_low": 0.001}),
+      str(tmp_path))
+  wide = results["tasks"][-1]["labels_buffer"]
+  single = train.run(_config(method="rebll", num_devices=1),
+                     str(tmp_path / "single"))["tasks"][-1]["labels_buffer"]
+  for block in ("above_diagonal", "below_diagonal"):
+    assert single[block]["unknown"] == 0
+    assert wide[block]["unknown"] > 0
+    assert wide[block]["count"] < single[block]["count"]

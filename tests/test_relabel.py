@@ -34,8 +34,10 @@ def _buffer(seed, cap=23):
   return images, labels, known, valid
 
 
-def _loop_reference(predict, images, labels, known, valid, column_mask, tau):
+def _loop_reference(predict, images, labels, known, valid, column_mask, tau,
+                    tau_low=None):
   """The slow way: one row at a time."""
+  tau_low = tau if tau_low is None else tau_low
   labels, known = labels.copy(), known.copy()
   cm = np.broadcast_to(column_mask, labels.shape)
   for i in range(len(images)):
@@ -43,7 +45,7 @@ def _loop_reference(predict, images, labels, known, valid, column_mask, tau):
       continue
     p = np.asarray(predict(images[i:i + 1]))[0]
     for c in range(C):
-      if cm[i, c]:
+      if cm[i, c] and (p[c] > tau or p[c] <= tau_low):  # else: the band
         labels[i, c] = float(p[c] > tau)
         known[i, c] = True
   return labels, known
@@ -65,6 +67,36 @@ def test_buffer_pass_equals_per_row_loop(chunk):
   outside = ~(column_mask[None] & valid[:, None])
   np.testing.assert_array_equal(got[0][outside], labels[outside])
   np.testing.assert_array_equal(got[1][outside], known[outside])
+
+
+@pytest.mark.parametrize("tau_low", [0.1, 0.3, 0.5])
+def test_two_threshold_buffer_pass_equals_per_row_loop(tau_low):
+  images, labels, known, valid = _buffer(4, cap=40)
+  column_mask = np.array([True, False, True, True, True])
+  predict = _tiny_predict()
+  got = relabel.relabel_buffer(predict, images, labels, known, valid,
+                               column_mask, 0.5, 8, tau_low=tau_low)
+  want = _loop_reference(predict, images, labels, known, valid, column_mask,
+                         0.5, tau_low)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  # The band really left entries unknown (so the case is not vacuous), and
+  # tau_low = tau is the single threshold.
+  single = relabel.relabel_buffer(predict, images, labels, known, valid,
+                                  column_mask, 0.5, 8)
+  if tau_low < 0.5:
+    assert single[1].sum() > got[1].sum()
+  else:
+    np.testing.assert_array_equal(got[1], single[1])
+
+
+def test_decide_band():
+  p = np.array([0.05, 0.1, 0.3, 0.5, 0.51, 0.9])
+  positive, decided = relabel.decide(p, 0.5, 0.1)
+  np.testing.assert_array_equal(positive, [0, 0, 0, 0, 1, 1])
+  np.testing.assert_array_equal(decided, [1, 1, 0, 0, 1, 1])
+  _, decided = relabel.decide(p, 0.5)
+  assert decided.all()
 
 
 def test_buffer_pass_per_row_mask_keeps_ground_truth_and_compiles_once():
@@ -153,6 +185,13 @@ def test_relabel_new_rows_by_hand():
                                    old_probs=probs, old_class_mask=old,
                                    row_is_new=row_is_new, tau_old=0.8)
   np.testing.assert_array_equal(nl[0], [1, 0, 0, 0, 0])
+  # Two thresholds: scores in (0.3, 0.5] stay unknown (0.4 of row 1, col 2).
+  nl, nk = relabel.relabel_new_rows(labels=labels, known=known,
+                                    old_probs=probs, old_class_mask=old,
+                                    row_is_new=row_is_new, tau_old=0.5,
+                                    tau_old_low=0.3)
+  np.testing.assert_array_equal(nk[:2], [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]])
+  np.testing.assert_array_equal(nl[0], [1, 0, 1, 0, 1])
 
 
 def test_relabel_memory_rows_by_hand_and_warmup():
@@ -173,6 +212,11 @@ def test_relabel_memory_rows_by_hand_and_warmup():
       active=True, **{**kw, "known": known.astype(jnp.float32)})
   assert nkf.dtype == jnp.float32
   np.testing.assert_array_equal(nkf, want_k.astype(np.float32))
+
+  # Two thresholds: 0.3 (row 2, class 1) is in (0.2, 0.5]: stays unknown.
+  nl, nk = relabel.relabel_memory_rows(active=True, tau_cur_low=0.2, **kw)
+  np.testing.assert_array_equal(nk[2], [1, 0, 1, 1, 0])
+  np.testing.assert_array_equal(nl[2], [1, 0, 1, 1, 0])
 
   act = lambda s: bool(relabel.warmup_active(step=s, total_steps=10,
                                              warmup_frac=0.5))
