@@ -1,0 +1,45 @@
+"""experiments/method_table.py: aggregation of finished runs into the table.
+
+Builds results.json files by hand (two seeds, known numbers) and checks the
+``--report_only`` table: mean ± std over seeds, relabel FPR/FNR summed over
+the buffer blocks, "–" where a method relabels nothing.
+"""
+
+import json
+import os
+
+from experiments import method_table
+
+
+def _write(out, setting, method, seed, avg, buffer):
+  workdir = os.path.join(out, setting, method, f"seed{seed}")
+  os.makedirs(workdir)
+  task = {"fpr_at_threshold": 1.0, "train_seconds": 10.0,
+          "labels_buffer": buffer}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"avg_map": avg, "last_map": avg - 10, "cf1": 5.0, "of1": 6.0,
+               "tasks": [task, task]}, f)
+
+
+def test_report_only_table(tmp_path, capsys):
+  out = str(tmp_path)
+  blocks = {"above_diagonal": {"tp": 1, "fp": 1, "tn": 3, "fn": 3},
+            "below_diagonal": {"tp": 0, "fp": 1, "tn": 5, "fn": 1}}
+  _write(out, "b0c4", "rebll", 0, 60.0, blocks)
+  _write(out, "b0c4", "rebll", 1, 62.0, blocks)
+  _write(out, "b0c4", "lwf", 0, 50.0, {})
+  method_table.main(["--settings", "b0c4", "--seeds", "0,1", "--methods",
+                     "lwf,rebll,ft", "--out", out, "--report_only"])
+  text = open(os.path.join(out, "table.md")).read()
+  assert text in capsys.readouterr().out
+  rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+          for line in text.splitlines() if line.startswith("| ")
+          and not line.startswith("| method")}
+  assert "ft" not in rows  # no finished run: no row
+  rebll = rows["rebll"]
+  assert rebll[1] == "2" and rebll[2] == "61.0 ± 1.0"
+  assert rebll[3] == "51.0 ± 1.0"
+  # FPR = fp / (fp + tn) = 2 / 10, FNR = fn / (fn + tp) = 4 / 5 (percent).
+  assert rebll[7] == "20.0 ± 0.0" and rebll[8] == "80.0 ± 0.0"
+  assert rebll[9] == "20 ± 0 |"  # train seconds: two tasks of 10 s
+  assert rows["lwf"][7] == "–" and rows["lwf"][8] == "–"
