@@ -94,12 +94,12 @@ def after_task(*, mem, config, method, source, view, task, tasks, predictor,
   taus = relabel_thresholds(method, config.relabel)
   if method.relabel_between_tasks and task.index > 0 and rows.size:
     # Below the diagonal: the past model labels the new rows' old classes.
+    # Same rule as the online fill of new rows inside the train step.
     old_scores, _ = predictor(old_variables, source.train, indices)
-    positive, decided = relabel.decide(old_scores, taus["tau_old"],
-                                       taus["tau_old_low"])
-    write = task.old_mask.astype(bool)[None, :] & decided
-    labels = np.where(write, positive, labels)
-    known = known | write
+    labels, known = map(np.asarray, relabel.relabel_new_rows(
+        labels=labels, known=known, old_probs=old_scores,
+        old_class_mask=task.old_mask, row_is_new=np.ones(rows.size, bool),
+        tau_old=taus["tau_old"], tau_old_low=taus["tau_old_low"]))
   mem = memory_lib.add(
       mem, images=source.train.read_images(indices), labels=labels,
       known=known, ground_truth=ground_truth, task=task.index,
