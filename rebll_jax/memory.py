@@ -174,6 +174,9 @@ def herding(features: np.ndarray, k: int) -> np.ndarray:
   return order
 
 
+SELECTIONS = ("herding", "random")  # memory.selection
+
+
 def select_exemplars(features, labels, classes: Sequence[int], quota,
                      method: str = "herding",
                      rng: np.random.Generator | int | None = None
@@ -194,9 +197,9 @@ def select_exemplars(features, labels, classes: Sequence[int], quota,
     {class: int64 [min(quota_c, candidates_c)] row indices into the
     candidates, best first (herding order, or the random order)}.
   """
-  if method not in ("herding", "random"):
+  if method not in SELECTIONS:
     raise ValueError(f"unknown memory.selection {method!r}; "
-                     "valid: ['herding', 'random']")
+                     f"valid: {list(SELECTIONS)}")
   labels = np.asarray(labels)
   rng = np.random.default_rng(rng)
   out = {}

@@ -1,32 +1,65 @@
-"""Every method is a configuration of one trainer.
+"""Every method is a configuration of one trainer, and owns its decisions.
 
-A ``Method`` says which columns the classification loss reads, how unknown
-labels are treated, which distillation runs, whether replay and relabeling
-(METHOD.md section 5) are on. Loss knobs (gammas, margin, beta, thresholds)
-come from ``config.loss`` / ``config.relabel``; a method only fixes what
-defines it (e.g. ASL's gammas for ``asl_pl``, beta = 0 for plain distillation).
+A ``Method`` answers the questions the trainer asks, and nothing else reads
+its fields:
+
+- ``tasks(...)``: the protocol's task blocks (one task over all classes for
+  the joint upper bound);
+- ``loss_columns(context)`` and ``loss_targets(labels, known, columns)``:
+  which columns the classification loss reads, and what unknown labels
+  become there (masked, or taken as negatives: the defect of naive replay);
+- ``cls_loss_params(loss_cfg)``: the asymmetric-BCE knobs (fixed by the
+  method, e.g. BCE or ASL, or read from ``config.loss``);
+- ``distill_params(loss_cfg)``: ``None`` or the distillation's knobs;
+- ``thresholds(relabel_cfg)``: the relabel thresholds it applies;
+- flags for the mechanisms it switches on (replay, online relabeling of
+  new rows / memory rows, the between-task buffer pass).
+
+Enumerated fields are checked at construction. ``ignored_config(config)``
+lists the ``config.loss`` overrides the method would silently ignore; the
+config validation turns them into an error. Adding a method that recombines
+existing mechanisms is one entry in ``METHODS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
+from rebll_jax import protocol
 from rebll_jax.errors import UserError
 
 BCE = dict(g_pos=0.0, g_neg=0.0, margin=0.0, w_pos=1.0, w_neg=1.0)
 ASL = dict(g_pos=0.0, g_neg=4.0, margin=0.05, w_pos=1.0, w_neg=1.0)
 
+CLS_COLUMNS = ("current", "seen")
+UNKNOWN_LABELS = ("masked", "negative")
+DISTILL_KINDS = ("none", "plain", "asymmetric")
+OLD_THRESHOLDS = ("or", "pseudo")
+
+# config.loss fields each part of a method reads.
+_CLS_KNOBS = ("g_pos", "g_neg", "margin", "w_pos", "w_neg")
+_KD_KNOBS = ("lambda_kd", "temperature")
+_ASYMMETRIC_KD_KNOBS = ("beta", "adaptive")
+
+
+def _choose(value: str, valid: tuple[str, ...], what: str) -> str:
+  if value not in valid:
+    raise ValueError(f"{what} must be one of {valid}, got {value!r}")
+  return value
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+  """One method: which loss columns, labels, distillation, replay, relabels."""
+
   name: str
   description: str
-  cls_columns: str = "current"  # "current" | "seen"
-  # Unknown entries of the cls columns count as negatives (the defect of
-  # naive replay/fine-tuning); otherwise they are masked out of L_cls.
-  unknown_as_negative: bool = False
+  cls_columns: str = "current"  # CLS_COLUMNS
+  unknown_labels: str = "masked"  # UNKNOWN_LABELS
   cls_loss: dict | None = None  # fixed (g_pos, ...); None = config.loss
-  distill: str = "none"  # "none" | "plain" (beta=0) | "asymmetric"
+  distill: str = "none"  # DISTILL_KINDS: plain = beta 0, no renormalising
   replay: bool = False
   relabel_new_online: bool = False  # past model: new rows x old classes
   relabel_memory_online: bool = False  # current model: memory x new classes
@@ -34,8 +67,101 @@ class Method:
   # Threshold of the past model's labels on new rows: "or" reads
   # relabel.tau_old / tau_old_low; "pseudo" reads relabel.tau_pseudo alone
   # (the fixed pseudo-label threshold of the KRT-style baseline).
-  old_threshold: str = "or"
+  old_threshold: str = "or"  # OLD_THRESHOLDS
   joint: bool = False  # one task over all classes (upper bound)
+
+  def __post_init__(self):
+    _choose(self.cls_columns, CLS_COLUMNS, f"{self.name}: cls_columns")
+    _choose(self.unknown_labels, UNKNOWN_LABELS, f"{self.name}: unknown_labels")
+    _choose(self.distill, DISTILL_KINDS, f"{self.name}: distill")
+    _choose(self.old_threshold, OLD_THRESHOLDS, f"{self.name}: old_threshold")
+    if self.cls_loss is not None and set(self.cls_loss) != set(_CLS_KNOBS):
+      raise ValueError(f"{self.name}: cls_loss needs exactly {_CLS_KNOBS}")
+    if (self.relabel_memory_online or self.relabel_between_tasks) and (
+        not self.replay):
+      raise ValueError(f"{self.name}: memory relabeling needs replay")
+
+  # ------------------------------------------------------------- protocol --
+
+  def tasks(self, num_classes: int, protocol_cfg) -> list[protocol.Task]:
+    if self.joint:
+      return protocol.make_tasks(num_classes, num_classes, num_classes)
+    return protocol.make_tasks(num_classes, protocol_cfg.base,
+                               protocol_cfg.increment, protocol_cfg.num_tasks)
+
+  # -------------------------------------------------- classification loss --
+
+  def loss_columns(self, context):
+    """[C] 0/1 mask of the columns ``L_cls`` reads in this task."""
+    return (context["current_mask"] if self.cls_columns == "current"
+            else context["seen_mask"])
+
+  def loss_targets(self, labels, known, columns):
+    """(targets, mask) for ``L_cls`` from the labels the trainer may see."""
+    if self.unknown_labels == "negative":
+      return labels * known, jnp.broadcast_to(columns, labels.shape)
+    return labels, known * columns
+
+  def cls_loss_params(self, loss_cfg) -> dict:
+    if self.cls_loss is not None:
+      return dict(self.cls_loss)
+    return {k: loss_cfg[k] for k in _CLS_KNOBS}
+
+  # --------------------------------------------------------- distillation --
+
+  def distill_params(self, loss_cfg) -> dict | None:
+    """None without distillation, else the knobs of ``L_kd``."""
+    if self.distill == "none":
+      return None
+    asymmetric = self.distill == "asymmetric"
+    return dict(temperature=loss_cfg.temperature,
+                beta=loss_cfg.beta if asymmetric else 0.0,
+                adaptive=loss_cfg.adaptive if asymmetric else False)
+
+  # ----------------------------------------------------------- relabeling --
+
+  def thresholds(self, relabel_cfg) -> dict:
+    """tau_old, tau_old_low, tau_cur, tau_cur_low for the relabel functions.
+
+    A lower threshold < 0 in config means "same as the upper one" (METHOD.md's
+    single threshold); see ``relabel.decide``.
+    """
+    low = lambda value, tau: tau if value < 0 else value  # noqa: E731
+    if self.old_threshold == "pseudo":
+      tau_old = tau_old_low = relabel_cfg.tau_pseudo
+    else:
+      tau_old = relabel_cfg.tau_old
+      tau_old_low = low(relabel_cfg.tau_old_low, tau_old)
+    return dict(tau_old=tau_old, tau_old_low=tau_old_low,
+                tau_cur=relabel_cfg.tau_cur,
+                tau_cur_low=low(relabel_cfg.tau_cur_low, relabel_cfg.tau_cur))
+
+  def labels_old_classes_of_exemplars(self, task) -> bool:
+    """New exemplars get the past model's labels on old classes (below the
+    diagonal) before they are stored."""
+    return self.relabel_between_tasks and task.index > 0
+
+  def relabels_buffer_after(self, task) -> bool:
+    """The trained model writes ``task``'s columns of older buffer rows."""
+    return self.relabel_between_tasks and task.index > 0
+
+  # --------------------------------------------------------------- config --
+
+  def loss_knobs_read(self) -> tuple[str, ...]:
+    """The ``config.loss`` fields this method reads."""
+    read = () if self.cls_loss is not None else _CLS_KNOBS
+    if self.distill != "none":
+      read += _KD_KNOBS
+    if self.distill == "asymmetric":
+      read += _ASYMMETRIC_KD_KNOBS
+    return read
+
+  def ignored_config(self, config, defaults) -> list[str]:
+    """``config.loss`` fields changed from ``defaults`` that this method
+    does not read (an override that would silently do nothing)."""
+    read = self.loss_knobs_read()
+    return [f"loss.{k}" for k in config.loss
+            if k not in read and config.loss[k] != defaults.loss[k]]
 
 
 METHODS = {m.name: m for m in [
@@ -44,11 +170,11 @@ METHODS = {m.name: m for m in [
     Method("lwf", "BCE + plain distillation on old classes", cls_loss=BCE,
            distill="plain"),
     Method("er", "replay; unknown labels on seen columns taken as negatives",
-           cls_columns="seen", unknown_as_negative=True, cls_loss=BCE,
+           cls_columns="seen", unknown_labels="negative", cls_loss=BCE,
            replay=True),
     Method("asl_pl", "ASL on seen columns, past-model pseudo-labels for old "
            "classes at a fixed threshold, herding replay (KRT without its "
-           "attention head)", cls_columns="seen", unknown_as_negative=True,
+           "attention head)", cls_columns="seen", unknown_labels="negative",
            cls_loss=ASL, replay=True, relabel_new_online=True,
            old_threshold="pseudo"),
     Method("rebll", "AKD (asymmetric cls + decayed distillation) + OR + "
@@ -56,7 +182,7 @@ METHODS = {m.name: m for m in [
            relabel_new_online=True, relabel_memory_online=True,
            relabel_between_tasks=True),
     Method("rebll_akd", "AKD without OR (unknown labels taken as negatives)",
-           cls_columns="seen", unknown_as_negative=True,
+           cls_columns="seen", unknown_labels="negative",
            distill="asymmetric", replay=True),
     Method("rebll_or", "OR with plain BCE and plain distillation",
            cls_columns="seen", cls_loss=BCE, distill="plain", replay=True,
@@ -71,34 +197,3 @@ def get_method(name: str) -> Method:
   if name not in METHODS:
     raise UserError(f"unknown method {name!r}; valid: {sorted(METHODS)}")
   return METHODS[name]
-
-
-def cls_loss_params(method: Method, loss_cfg) -> dict:
-  if method.cls_loss is not None:
-    return dict(method.cls_loss)
-  return dict(g_pos=loss_cfg.g_pos, g_neg=loss_cfg.g_neg,
-              margin=loss_cfg.margin, w_pos=loss_cfg.w_pos,
-              w_neg=loss_cfg.w_neg)
-
-
-def distill_params(method: Method, loss_cfg) -> dict:
-  beta = loss_cfg.beta if method.distill == "asymmetric" else 0.0
-  adaptive = loss_cfg.adaptive if method.distill == "asymmetric" else False
-  return dict(temperature=loss_cfg.temperature, beta=beta, adaptive=adaptive)
-
-
-def relabel_thresholds(method: Method, relabel_cfg) -> dict:
-  """tau_old, tau_old_low, tau_cur, tau_cur_low for the relabel functions.
-
-  A lower threshold < 0 in config means "same as the upper one" (METHOD.md's
-  single threshold); see ``relabel.decide``.
-  """
-  low = lambda value, tau: tau if value < 0 else value  # noqa: E731
-  if method.old_threshold == "pseudo":
-    tau_old = tau_old_low = relabel_cfg.tau_pseudo
-  else:
-    tau_old = relabel_cfg.tau_old
-    tau_old_low = low(relabel_cfg.tau_old_low, tau_old)
-  return dict(tau_old=tau_old, tau_old_low=tau_old_low,
-              tau_cur=relabel_cfg.tau_cur,
-              tau_cur_low=low(relabel_cfg.tau_cur_low, relabel_cfg.tau_cur))

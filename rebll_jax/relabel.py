@@ -1,4 +1,4 @@
-"""Online relabeling (OR, METHOD.md section 5) and its diagnostics.
+"""Online relabeling (OR, METHOD.md section 5).
 
 Two places fill the missing blocks of the label block matrix (section 3):
 
@@ -20,8 +20,8 @@ Only *unknown* entries are ever filled online: an entry that is already known
 writes exactly the entries its column mask selects; pass a per-row mask that
 excludes ground truth (``column_mask & ~memory.ground_truth``) to keep it.
 
-Diagnostics (``confusion_counts``, ``relabel_quality``) score relabeled
-entries against the hidden full ground truth, which training never reads.
+Scoring relabeled entries against the hidden ground truth is
+``rebll_jax.diagnostics``' job.
 """
 
 from __future__ import annotations
@@ -174,46 +174,3 @@ def relabel_buffer(predict_fn: Callable, images: np.ndarray,
   labels[rows] = np.where(sel, positive.astype(labels.dtype), labels[rows])
   known[rows] = known[rows] | sel
   return labels, known
-
-
-def confusion_counts(*, pred_labels, mask, true_labels):
-  """TP/FP/TN/FN of predicted vs true 0/1 labels over mask entries.
-
-  jnp, so a train step can accumulate counts for its batch relabels (sums
-  of int32 scalars); works on numpy input too. All arrays [rows, classes].
-  """
-  m = _as_bool(mask)
-  pred, true = _as_bool(pred_labels), _as_bool(true_labels)
-  count = lambda x: jnp.sum(x & m, dtype=jnp.int32)
-  return {"tp": count(pred & true), "fp": count(pred & ~true),
-          "tn": count(~pred & ~true), "fn": count(~pred & true)}
-
-
-def quality_from_counts(counts) -> dict:
-  """fpr = FP/(FP+TN), fnr = FN/(FN+TP), count = all; 0 when undefined."""
-  c = {k: int(np.asarray(counts[k]).sum()) for k in ("tp", "fp", "tn", "fn")}
-  neg, pos = c["fp"] + c["tn"], c["fn"] + c["tp"]
-  return {"fpr": c["fp"] / neg if neg else 0.0,
-          "fnr": c["fn"] / pos if pos else 0.0,
-          "count": neg + pos, **c}
-
-
-def relabel_quality(pred_labels, known_relabelled_mask, true_labels) -> dict:
-  """Quality of relabeled entries against hidden ground truth (host, numpy).
-
-  Args:
-    pred_labels: [rows, C] 0/1 labels after relabeling.
-    known_relabelled_mask: bool [rows, C], the entries that were relabeled
-      (not ground truth, not unknown).
-    true_labels: [rows, C] full 0/1 ground truth.
-
-  Returns:
-    {"fpr", "fnr", "count", "tp", "fp", "tn", "fn"}; rates are floats, 0.0
-    when their denominator is 0 (never NaN).
-  """
-  m = np.asarray(known_relabelled_mask, bool)
-  pred = np.asarray(pred_labels) > 0.5
-  true = np.asarray(true_labels) > 0.5
-  counts = {"tp": (pred & true & m).sum(), "fp": (pred & ~true & m).sum(),
-            "tn": (~pred & ~true & m).sum(), "fn": (~pred & true & m).sum()}
-  return quality_from_counts(counts)

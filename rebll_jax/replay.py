@@ -8,6 +8,9 @@ methods with relabeling, the past model's labels on old classes (below the
 diagonal of the label block matrix); then the trained model writes task t's
 columns of every older row (above the diagonal). Finally the relabeled
 entries are scored against the hidden ground truth, per block.
+
+Every model call goes through ``evaluation.Predictor``; what to do is asked
+of the ``Method``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import dataclasses
 import jax
 import numpy as np
 
+from rebll_jax import diagnostics
 from rebll_jax import memory as memory_lib
-from rebll_jax import parallel, relabel
+from rebll_jax import relabel
 from rebll_jax.data.loader import MemoryRows
-from rebll_jax.methods import relabel_thresholds
 
 
 def create(config, method, source) -> memory_lib.Memory:
@@ -42,38 +45,14 @@ def visible_rows(mem: memory_lib.Memory, source) -> MemoryRows:
                     true_labels=source.train.labels[mem.source_index[rows]])
 
 
-def _class_task(tasks, num_classes) -> np.ndarray:
-  owner = np.full(num_classes, -1, np.int32)
-  for task in tasks:
-    owner[task.classes] = task.index
-  return owner
-
-
-def buffer_quality(mem: memory_lib.Memory, source, tasks) -> dict:
-  """FPR/FNR (percent) of relabeled buffer entries, above / below diagonal."""
-  rows = memory_lib.valid_rows(mem)
-  if rows.size == 0:
-    return {}
-  relabeled = mem.known[rows] & ~mem.ground_truth[rows]
-  col_task = _class_task(tasks, source.num_classes)[None, :]
-  row_task = mem.task[rows][:, None]
-  truth = source.train.labels[mem.source_index[rows]]
-  out = {}
-  for name, block in (("above_diagonal", col_task > row_task),
-                      ("below_diagonal", (col_task < row_task)
-                       & (col_task >= 0))):
-    q = relabel.relabel_quality(mem.labels[rows], relabeled & block, truth)
-    # "unknown": entries of the block left in the two-threshold band.
-    unknown = int((block & ~mem.known[rows]).sum())
-    out[name] = {"fpr": 100 * q["fpr"], "fnr": 100 * q["fnr"],
-                 **{k: q[k] for k in ("count", "tp", "fp", "tn", "fn")},
-                 "unknown": unknown}
-  return out
-
-
-def after_task(*, mem, config, method, source, view, task, tasks, predictor,
+def after_task(mem, *, config, method, source, view, task, tasks, predictor,
                variables, old_variables):
-  """Updates the buffer after ``task``; returns (buffer, label quality)."""
+  """Updates the buffer after ``task``; returns (buffer, label quality).
+
+  ``view``: the task's partial view of the training split (candidates);
+  ``predictor``: an ``evaluation.Predictor``; ``variables`` /
+  ``old_variables``: the trained and the past model.
+  """
   if not method.replay:
     return mem, {}
   num_classes = source.num_classes
@@ -82,7 +61,8 @@ def after_task(*, mem, config, method, source, view, task, tasks, predictor,
       total=config.memory.total)
   mem = memory_lib.shrink(mem, quotas)
 
-  _, features = predictor(variables, source.train, view.indices)
+  _, features = predictor.predict_split(variables, source.train,
+                                       view.indices)
   picked = memory_lib.select_exemplars(
       features, view.labels, task.classes, quotas,
       method=config.memory.selection,
@@ -91,11 +71,12 @@ def after_task(*, mem, config, method, source, view, task, tasks, predictor,
   indices = view.indices[rows]
   labels, known = view.labels[rows].copy(), view.known[rows].copy()
   ground_truth = known.copy()
-  taus = relabel_thresholds(method, config.relabel)
-  if method.relabel_between_tasks and task.index > 0 and rows.size:
+  taus = method.thresholds(config.relabel)
+  if method.labels_old_classes_of_exemplars(task) and rows.size:
     # Below the diagonal: the past model labels the new rows' old classes.
     # Same rule as the online fill of new rows inside the train step.
-    old_scores, _ = predictor(old_variables, source.train, indices)
+    old_scores, _ = predictor.predict_split(old_variables, source.train,
+                                            indices)
     labels, known = map(np.asarray, relabel.relabel_new_rows(
         labels=labels, known=known, old_probs=old_scores,
         old_class_mask=task.old_mask, row_is_new=np.ones(rows.size, bool),
@@ -106,17 +87,15 @@ def after_task(*, mem, config, method, source, view, task, tasks, predictor,
       image_id=source.train.image_ids[indices], source_index=indices,
       ranks=ranks)
 
-  if method.relabel_between_tasks and task.index > 0:
+  if method.relabels_buffer_after(task):
     # Above the diagonal: the trained model labels older rows' new classes.
     write = (task.current_mask.astype(bool)[None, :]
              & (mem.task < task.index)[:, None] & ~mem.ground_truth)
     chunk = config.relabel.chunk
-    local = parallel.local_batch_slice(chunk)
-    predict = lambda images: predictor.fn(  # noqa: E731
-        variables, parallel.to_global(predictor.mesh, images[local]))[0]
+    predict = lambda images: predictor.predict(variables, images)[0]  # noqa: E731
     labels, known = relabel.relabel_buffer(
         predict, mem.images, mem.labels, mem.known, mem.valid, write,
         taus["tau_cur"], chunk, tau_low=taus["tau_cur_low"])
     mem = dataclasses.replace(mem, labels=labels, known=known)
   jax.block_until_ready(variables)
-  return mem, buffer_quality(mem, source, tasks)
+  return mem, diagnostics.buffer_quality(mem, source.train.labels, tasks)

@@ -1,14 +1,18 @@
 """The jitted steps: train, predict. Pure functions of arrays.
 
-``train_step(state, old_variables, batch, context, key) -> (state, metrics)``.
-Which classes are current / old / seen is an array in ``context``, so every
-task after the first reuses one executable; the first task (no past model) has
-its own. The old model is an input under ``stop_gradient``.
+``train_step(state, old_variables, batch, context, key, truth) ->
+(state, metrics)``. Which classes are current / old / seen is an array in
+``context``, so every task after the first reuses one executable; the first
+task (no past model) has its own. The old model is an input under
+``stop_gradient``.
 
-A batch holds ``images`` (uint8 NHWC), ``labels`` and ``known`` ([B, C]: what
-the trainer may see), ``is_memory`` ([B] bool) and ``true_labels`` (the
-hidden full ground truth, read only by the label diagnostics, never by a
-loss).
+A batch holds ``images`` (uint8 NHWC), ``labels`` and ``known`` ([B, C]:
+what the trainer may see) and ``is_memory`` ([B] bool). ``truth`` (the
+hidden full ground truth, [B, C]) is a separate argument, passed only when
+label diagnostics are on (``None`` otherwise); no loss ever reads it.
+
+Every method-specific decision is a question to the ``Method``
+(``rebll_jax.methods``); this module holds the mechanisms.
 """
 
 from __future__ import annotations
@@ -21,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rebll_jax import losses, optim, relabel
+from rebll_jax import diagnostics, losses, optim, relabel
 from rebll_jax.data import augment
-from rebll_jax.methods import (Method, cls_loss_params, distill_params,
-                               relabel_thresholds)
+from rebll_jax.methods import Method
 
 
 @flax.struct.dataclass
@@ -51,23 +54,17 @@ def task_context(task, *, task_start, total_steps, lr_peak) -> dict:
   }
 
 
-def _relabel_counts(before_known, after_known, labels, true_labels, rows):
-  """tp/fp/tn/fn of the entries relabeled in this batch (diagnostics)."""
-  relabeled = (after_known & ~before_known) & rows[:, None]
-  return relabel.confusion_counts(pred_labels=labels, mask=relabeled,
-                                  true_labels=true_labels)
-
-
 def make_train_step(*, model: nn.Module, method: Method, config,
                     tx: optax.GradientTransformation, has_old: bool,
                     on_trace: Callable[[], None] | None = None):
   """Builds the (unjitted) pure train step for one method and config."""
-  cls_params = cls_loss_params(method, config.loss)
-  kd_params = distill_params(method, config.loss)
+  cls_params = method.cls_loss_params(config.loss)
+  kd_params = method.distill_params(config.loss)
   lambda_kd = config.loss.lambda_kd
-  taus = relabel_thresholds(method, config.relabel)
+  taus = method.thresholds(config.relabel)
 
-  def train_step(state: TrainState, old_variables, batch, context, key):
+  def train_step(state: TrainState, old_variables, batch, context, key,
+                 truth=None):
     if on_trace is not None:
       on_trace()  # runs at trace time only: counts compilations in tests
     task_step = state.step - context["task_start"]
@@ -77,7 +74,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
     is_memory = batch["is_memory"]
     labels, known = batch["labels"], batch["known"].astype(bool)
     given_known = known
-    diagnostics = {}
+    label_counts = {}
 
     old_logits = None
     if has_old:
@@ -89,11 +86,12 @@ def make_train_step(*, model: nn.Module, method: Method, config,
             old_probs=jax.nn.sigmoid(old_logits),
             old_class_mask=context["old_mask"], row_is_new=~is_memory,
             tau_old=taus["tau_old"], tau_old_low=taus["tau_old_low"])
-        diagnostics["new"] = _relabel_counts(
-            given_known, known, labels, batch["true_labels"], ~is_memory)
+        if truth is not None:
+          label_counts["new"] = diagnostics.relabel_counts(
+              known_before=given_known, known_after=known, labels=labels,
+              truth=truth, rows=~is_memory)
 
-    columns = (context["current_mask"] if method.cls_columns == "current"
-               else context["seen_mask"])
+    columns = method.loss_columns(context)
     warm = relabel.warmup_active(step=task_step,
                                  total_steps=context["total_steps"],
                                  warmup_frac=config.relabel.warmup_frac)
@@ -113,18 +111,16 @@ def make_train_step(*, model: nn.Module, method: Method, config,
             current_class_mask=context["current_mask"],
             row_is_memory=is_memory, tau_cur=taus["tau_cur"],
             tau_cur_low=taus["tau_cur_low"], active=warm)
-        extra["memory"] = _relabel_counts(
-            before, k, y, batch["true_labels"], is_memory)
-      if method.unknown_as_negative:
-        mask = jnp.broadcast_to(columns, y.shape)
-        y = y * k  # unknown -> negative
-      else:
-        mask = k * columns
+        if truth is not None:
+          extra["memory"] = diagnostics.relabel_counts(
+              known_before=before, known_after=k, labels=y, truth=truth,
+              rows=is_memory)
+      y, mask = method.loss_targets(y, k, columns)
       cls = losses.asymmetric_bce(logits=logits, labels=y, mask=mask,
                                   **cls_params)
       loss = jnp.mean(cls)
       terms = {"loss_cls": loss}
-      if method.distill != "none" and has_old:
+      if kd_params is not None and has_old:
         kd_mask = jnp.broadcast_to(context["old_mask"], logits.shape)
         kd = losses.asymmetric_distillation(
             logits=logits, old_logits=old_logits, mask=kd_mask, **kd_params)
@@ -148,9 +144,9 @@ def make_train_step(*, model: nn.Module, method: Method, config,
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
-    diagnostics.update(extra)
+    label_counts.update(extra)
     metrics = {"loss": loss, "lr": lr, "grad_norm": optax.tree.norm(grads),
-               **terms, "labels": diagnostics}
+               **terms, "labels": label_counts}
     return new_state, metrics
 
   return train_step

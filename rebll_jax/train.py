@@ -1,19 +1,32 @@
 """The task loop: ``run(config, workdir) -> results``.
 
-For each task: build its partial view (plus replay rows), train with one
-jitted data-parallel step, evaluate on the seen classes, update the replay
-memory and relabel it, checkpoint. Rerunning on the same workdir resumes from
-the newest checkpoint (the end of a task, or a mid-task save).
+A run is a short sequence of stages, the same as the README's "data through
+a run":
+
+  set_up            checks, devices, data source, protocol, model, steps
+  restore_or_init   a fresh ``RunState`` or the newest sound checkpoint
+  for each task:
+    train_task      jitted data-parallel steps over new + replay batches
+    finish_task     evaluate on the seen classes, update the replay memory
+                    (select, store, relabel), save a checkpoint
+  write_results     results.json and plots
+
+``RunState`` *is* the checkpoint: its arrays (train state, past model,
+replay buffer) and its position and results so far. Rerunning on the same
+workdir resumes from the newest checkpoint (the end of a task, or a mid-task
+save) and gives the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import signal
 import time
 import zlib
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +34,13 @@ import numpy as np
 import optax
 import tqdm
 
-from rebll_jax import checkpoint, methods, metrics, models, optim
+from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
 from rebll_jax import memory as memory_lib
-from rebll_jax import parallel, protocol, relabel, replay, reporting, steps
-from rebll_jax import validate
+from rebll_jax import models, optim, parallel, protocol, replay, reporting
+from rebll_jax import steps, validate
 from rebll_jax.data import loader
-from rebll_jax.models import pretrained
 from rebll_jax.errors import UserError
+from rebll_jax.models import pretrained
 
 log = logging.getLogger("rebll_jax")
 
@@ -41,15 +54,56 @@ class NonFiniteLossError(RuntimeError):
   """
 
 
+# ------------------------------------------------------------------ setup --
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything about a run that does not change while it trains."""
+
+  config: Any
+  workdir: str
+  method: methods.Method
+  source: Any  # data.Source
+  tasks: list
+  mesh: Any
+  model: Any
+  tx: optax.GradientTransformation
+  predictor: evaluation.Predictor
+  root_key: jax.Array
+  is_chief: bool
+  init_info: dict  # metadata of model.init_from, saved with checkpoints
+
+
+def set_up(config, workdir: str) -> Setup:
+  """Every check that needs no compile, then the run's fixed pieces."""
+  validate.check_config(config)
+  validate.check_workdir(workdir)
+  if config.distributed:
+    parallel.initialize_distributed(config.dist)
+  method = methods.get_method(config.method)
+  source = validate.build_source(config.data)
+  mesh = parallel.make_mesh(config.num_devices)
+  validate.check_all(config, num_classes=source.num_classes,
+                     num_devices=mesh.size, num_processes=jax.process_count())
+  tasks = method.tasks(source.num_classes, config.protocol)
+  validate.check_tasks(source, tasks)
+  model = models.build_model(config.model, source.num_classes)
+  return Setup(config=config, workdir=workdir, method=method, source=source,
+               tasks=tasks, mesh=mesh, model=model,
+               tx=optim.make_transform(config.optim),
+               predictor=evaluation.Predictor(model, config, mesh),
+               root_key=jax.random.key(config.seed),
+               is_chief=jax.process_index() == 0, init_info={})
+
+
 def _versions() -> dict:
-  import flax, orbax.checkpoint, grain  # pylint: disable=g-import-not-at-top,multiple-imports
+  import flax, orbax.checkpoint  # pylint: disable=g-import-not-at-top,multiple-imports
   from rebll_jax import __version__  # pylint: disable=g-import-not-at-top
   return {"rebll_jax": __version__, "jax": jax.__version__,
           "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
           else jax.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "numpy": np.__version__,
-          "orbax": orbax.checkpoint.__version__,
-          "grain": getattr(grain, "__version__", "unknown")}
+          "orbax": orbax.checkpoint.__version__}
 
 
 def _data_digest(source) -> str:
@@ -114,301 +168,327 @@ def _trim_metrics(workdir: str, global_step: int):
   os.replace(path + ".tmp", path)
 
 
-def _host(tree):
-  """Device arrays -> numpy on every process (gathers across hosts)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.tree.map(np.asarray, tree)
+# -------------------------------------------------------------- run state --
+
+@dataclasses.dataclass
+class RunState:
+  """The whole state of a run between two steps: the checkpoint tree.
+
+  ``task`` / ``task_step``: the task in progress (index) and the steps of it
+  already taken (0 at a task boundary). ``results``: one row per finished
+  task. ``label_sums`` / ``task_seconds``: the task-in-progress's label
+  diagnostics and training time so far (so a mid-task resume reports the
+  same numbers).
+  """
+
+  train: steps.TrainState
+  old: Any  # past model variables (the frozen model of the previous task)
+  memory: memory_lib.Memory
+  task: int = 0
+  task_step: int = 0
+  results: list = dataclasses.field(default_factory=list)
+  label_sums: dict = dataclasses.field(default_factory=dict)
+  task_seconds: float = 0.0
+
+  def arrays(self) -> dict:
+    # Orbax cannot save zero-size arrays: no buffer, no entry.
+    memory = (memory_lib.to_state(self.memory) if self.memory.capacity
+              else {})
+    return {"train": self.train, "old": self.old, "memory": memory}
+
+  def meta(self) -> dict:
+    return {"task": self.task, "task_step": self.task_step,
+            "results": self.results, "global_step": int(self.train.step),
+            "label_sums": self.label_sums, "task_seconds": self.task_seconds}
+
+  def restored(self, arrays: dict, meta: dict) -> "RunState":
+    """This state's shapes filled from a checkpoint's arrays and meta."""
+    memory = (memory_lib.from_state(arrays["memory"])
+              if self.memory.capacity else self.memory)
+    return RunState(train=arrays["train"], old=arrays["old"], memory=memory,
+                    task=meta["task"], task_step=meta["task_step"],
+                    results=meta["results"],
+                    label_sums=meta.get("label_sums", {}),
+                    task_seconds=meta.get("task_seconds", 0.0))
 
 
-class Predictor:
-  """Sharded inference over a split: scores and pooled features."""
-
-  def __init__(self, model, config, mesh):
-    self.mesh = mesh
-    self.batch = config.train.eval_batch
-    self.fn = jax.jit(steps.make_predict(model, config.data.normalize),
-                      out_shardings=parallel.replicated(mesh))
-
-  def __call__(self, variables, split, indices):
-    scores, features = [], []
-    rows = parallel.local_batch_slice(self.batch)
-    for images, valid in loader.eval_batches(split, indices, self.batch):
-      batch = parallel.to_global(self.mesh, images[rows])
-      s, f = _host(self.fn(variables, batch))
-      scores.append(s[:valid])
-      features.append(f[:valid])
-    if not scores:
-      return np.zeros((0, 0)), np.zeros((0, 0))
-    return np.concatenate(scores), np.concatenate(features)
-
-
-def _evaluate(predictor, variables, source, task, tasks, threshold):
-  """mAP on the seen classes after ``task``, plus per-task and F1 stats."""
-  view_rows = np.flatnonzero(source.test.labels[:, task.seen].any(axis=1))
-  scores, _ = predictor(variables, source.test, view_rows)
-  targets = source.test.labels[view_rows]
-  per_task = [metrics.mean_ap(scores, targets, t.classes)
-              for t in tasks[:task.index + 1]]
-  seen_scores, seen_targets = scores[:, task.seen], targets[:, task.seen]
-  return {"map_seen": metrics.mean_ap(seen_scores, seen_targets),
-          "map_per_task": per_task,
-          **metrics.f1_scores(seen_scores, seen_targets, threshold)}
-
-
-def _memory_tree(memory):
-  # Orbax cannot save zero-size arrays: no buffer, no entry.
-  return memory_lib.to_state(memory) if memory.capacity else {}
-
-
-def _make_tasks(config, method, num_classes):
-  if method.joint:
-    return protocol.make_tasks(num_classes, num_classes, num_classes)
-  return protocol.make_tasks(num_classes, config.protocol.base,
-                             config.protocol.increment,
-                             config.protocol.num_tasks)
-
-
-def _rates(stats: dict) -> dict:
-  """FPR / FNR (percent) from summed tp/fp/tn/fn counts; never NaN."""
-  q = relabel.quality_from_counts(stats)
-  return {"fpr": 100 * q["fpr"], "fnr": 100 * q["fnr"], "count": q["count"]}
-
-
-def run(config, workdir: str) -> dict:
-  """Trains every task of ``config`` in ``workdir``; returns results."""
-  validate.check_config(config)
-  validate.check_workdir(workdir)
-  if config.distributed:
-    parallel.initialize_distributed(config.dist)
-  method = methods.get_method(config.method)
-  source = validate.build_source(config.data)
-  tasks = _make_tasks(config, method, source.num_classes)
-  mesh = parallel.make_mesh(config.num_devices)
-  validate.check_devices(config, mesh.size, jax.process_count())
-  validate.check_tasks(source, tasks)
-  num_classes = source.num_classes
-  is_chief = jax.process_index() == 0
-
-  model = models.build_model(config.model, num_classes)
-  root = jax.random.key(config.seed)
-  size = config.data.image_size
+def _initial_state(setup: Setup) -> RunState:
+  config, size = setup.config, setup.config.data.image_size
   # Jitted: an op-by-op init of a deep net costs far more than compiling it.
-  variables = jax.jit(model.init, static_argnames="train")(
-      jax.random.fold_in(root, 0), jnp.zeros((1, size, size, 3)), train=False)
-  meta_extra = {}
+  variables = jax.jit(setup.model.init, static_argnames="train")(
+      jax.random.fold_in(setup.root_key, 0), jnp.zeros((1, size, size, 3)),
+      train=False)
   if config.model.init_from:
     try:
-      variables, meta_extra["init_from"] = pretrained.load_pretrained(
+      variables, setup.init_info["init_from"] = pretrained.load_pretrained(
           variables, config.model.init_from, config.model.arch)
     except (ValueError, OSError) as e:
       # One line, but keep the whole list of mismatches.
       detail = "; ".join(l.strip() for l in str(e).splitlines() if l.strip())
       raise UserError(f"model.init_from={config.model.init_from!r}: "
                       f"{detail}") from None
-  tx = optim.make_transform(config.optim)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32),
-                           params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]))
-  old_variables = jax.tree.map(jnp.copy, steps.variables_of(state))
-  memory = replay.create(config, method, source)
-  validate.check_disk_space(workdir, (
-      validate.tree_bytes((state, old_variables, _memory_tree(memory)))
-      * (config.train.keep_checkpoints + 1)))
+  train_state = steps.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=setup.tx.init(variables["params"]))
+  return RunState(train=train_state,
+                  old=jax.tree.map(jnp.copy, steps.variables_of(train_state)),
+                  memory=replay.create(config, setup.method, setup.source))
 
-  fingerprint = _fingerprint(config, source, memory.capacity)
-  if is_chief:
+
+def _open_checkpoints(setup: Setup) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(
+      os.path.join(setup.workdir, "checkpoints"),
+      setup.config.train.keep_checkpoints)
+
+
+def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
+                    ) -> tuple[RunState, dict]:
+  """The newest sound checkpoint of this run, or a fresh state.
+
+  Returns the state (replicated on the mesh) and the run's fingerprint.
+  """
+  config, workdir = setup.config, setup.workdir
+  state = _initial_state(setup)
+  validate.check_disk_space(workdir, (
+      validate.tree_bytes(state.arrays())
+      * (config.train.keep_checkpoints + 1)))
+  fingerprint = _fingerprint(config, setup.source, state.memory.capacity)
+  if setup.is_chief:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 config.train.keep_checkpoints)
-  results_tasks, start_task, start_step = [], 0, 0
-  resumed_sums, resumed_seconds = {}, 0.0
   if config.resume and ckpt.steps():
-    restored, meta = ckpt.restore_latest(
-        {"train": state, "old": old_variables, "memory": _memory_tree(memory)},
+    arrays, meta = ckpt.restore_latest(
+        state.arrays(),
         check_meta=lambda m: _check_fingerprint(m.get("fingerprint", {}),
                                                 fingerprint, workdir))
-    if restored is not None:
-      state, old_variables = restored["train"], restored["old"]
-      if memory.capacity:  # a method without replay checkpoints none
-        memory = memory_lib.from_state(restored["memory"])
-      results_tasks = meta["results"]
-      start_task, start_step = meta["task"], meta["task_step"]
-      resumed_sums = meta.get("label_sums", {})
-      resumed_seconds = meta.get("task_seconds", 0.0)
-      if is_chief:
+    if arrays is not None:
+      state = state.restored(arrays, meta)
+      if setup.is_chief:
         _trim_metrics(workdir, meta["global_step"])
-      log.info("resumed from checkpoint at task %d step %d", start_task + 1,
-               start_step)
+      log.info("resumed from checkpoint at task %d step %d", state.task + 1,
+               state.task_step)
   elif not config.resume and ckpt.steps():
     # resume=False never reads, overwrites or deletes a run's checkpoints.
     raise UserError(f"--config.resume=False but workdir {workdir} already "
                     "holds checkpoints of a run; pass a new --workdir to "
                     f"start fresh (or delete {ckpt.directory})")
+  state.train = parallel.replicate(setup.mesh, state.train)
+  state.old = parallel.replicate(setup.mesh, state.old)
+  return state, fingerprint
 
-  replicated = parallel.replicated(mesh)
-  state = parallel.replicate(mesh, state)
-  old_variables = parallel.replicate(mesh, old_variables)
+
+def save(setup: Setup, ckpt: checkpoint.Checkpointer, state: RunState,
+         fingerprint: dict):
+  ckpt.save(state.arrays(), {**state.meta(), "fingerprint": fingerprint,
+                             **setup.init_info})
+
+
+# ------------------------------------------------------------- train step --
+
+@dataclasses.dataclass
+class CompiledSteps:
+  """The jitted train steps (first task; later tasks) and their trace counts.
+
+  Each step also carries ``bad_step``: the first global step (0-based) with a
+  non-finite loss, or -1; it is updated on the device, so watching it costs
+  no host sync.
+  """
+
+  first: Callable
+  later: Callable
+  trace_counts: dict
+
+
+def compile_steps(setup: Setup) -> CompiledSteps:
   trace_counts = {"first": 0, "later": 0}
+  replicated = parallel.replicated(setup.mesh)
 
-  def compiled(has_old):
+  def jitted(has_old):
     name = "later" if has_old else "first"
     fn = steps.make_train_step(
-        model=model, method=method, config=config, tx=tx, has_old=has_old,
+        model=setup.model, method=setup.method, config=setup.config,
+        tx=setup.tx, has_old=has_old,
         on_trace=lambda: trace_counts.__setitem__(name,
                                                   trace_counts[name] + 1))
 
-    def step_and_watch(state, old, batch, context, key, bad_step):
-      # bad_step: the first global step (0-based) with a non-finite loss.
-      new_state, out = fn(state, old, batch, context, key)
+    def step_and_watch(state, old, batch, context, key, truth, bad_step):
+      new_state, out = fn(state, old, batch, context, key, truth)
       bad = ~jnp.isfinite(out["loss"]) & (bad_step < 0)
       return new_state, out, jnp.where(bad, state.step, bad_step)
 
     return jax.jit(step_and_watch, donate_argnums=0,
                    out_shardings=(replicated, replicated, replicated))
 
-  train_steps = {False: compiled(False), True: compiled(True)}
-  predictor = Predictor(model, config, mesh)
+  return CompiledSteps(first=jitted(False), later=jitted(True),
+                       trace_counts=trace_counts)
+
+
+def _task_batches(setup: Setup, state: RunState, task, view):
+  config = setup.config
+  return loader.TaskBatches(
+      split=setup.source.train, view=view,
+      memory=replay.visible_rows(state.memory, setup.source),
+      global_batch=config.train.global_batch,
+      local_rows=parallel.local_batch_slice(config.train.global_batch),
+      seed=config.seed, task=task.index, mix=config.memory.mix,
+      fraction=config.memory.fraction)
+
+
+def _task_view(setup: Setup, task):
+  view = protocol.partial_view(setup.source.train.labels, task.classes)
+  if len(view) == 0:
+    names = [setup.source.class_names[c] for c in task.classes]
+    raise UserError(f"task {task.index + 1} has no training images (classes "
+                    f"{names})")
+  return view
+
+
+def train_task(setup: Setup, state: RunState, task, view, compiled,
+               writer: reporting.Writer, save_fn) -> RunState:
+  """Trains ``task`` from ``state.task_step`` to its last step."""
+  config, mesh, t = setup.config, setup.mesh, task.index
+  first = t == 0
+  batches = _task_batches(setup, state, task, view)
+  epochs = config.train.epochs_first if first else config.train.epochs_later
+  total = epochs * batches.steps_per_epoch
+  if state.task_step == 0:  # optimizer and schedule rebuilt for every task
+    state.train = state.train.replace(opt_state=parallel.replicate(
+        mesh, setup.tx.init(state.train.params)))
+  task_start = int(state.train.step) - state.task_step
+  context = parallel.replicate(mesh, steps.task_context(
+      task, task_start=task_start, total_steps=total,
+      lr_peak=config.optim.lr_first if first else config.optim.lr_later))
+  step_fn = compiled.later if not first else compiled.first
+  sums = diagnostics.LabelSums(state.label_sums)
+  state.label_sums = sums.sums
+  seconds_before = state.task_seconds
+  bad_step = parallel.replicate(mesh, np.asarray(-1, np.int32))
+  bar = tqdm.tqdm(total=total, initial=state.task_step,
+                  desc=f"task {t + 1}/{len(setup.tasks)}", unit="step",
+                  disable=not (config.train.progress and setup.is_chief),
+                  dynamic_ncols=True)
+
+  def check_finite():
+    bad = int(bad_step)
+    if bad >= 0:
+      bar.close()
+      raise NonFiniteLossError(
+          f"non-finite loss at task {t + 1}, step {bad - task_start + 1} "
+          f"of {total} (global step {bad}, counted from 0); the last good "
+          f"checkpoint in {setup.workdir} is kept")
+
+  started = time.time()
+  for step, host_batch in batches.iterate(state.task_step, total):
+    truth = host_batch.pop("true_labels")  # never inside the training batch
+    truth = (parallel.to_global(mesh, truth)
+             if config.train.label_diagnostics else None)
+    state.train, out, bad_step = step_fn(
+        state.train, state.old, parallel.to_global(mesh, host_batch), context,
+        setup.root_key, truth, bad_step)
+    bar.update(1)
+    if task_start + step == config.debug.kill_at_step:
+      os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests
+    last = step + 1 == total
+    if (step + 1) % config.train.log_every == 0 or last:
+      check_finite()
+      out = evaluation.to_host(out)
+      sums.add(out)
+      scalars = {k: v for k, v in out.items() if k != "labels"}
+      writer.write(int(state.train.step), scalars, task=t + 1,
+                   task_step=step + 1)
+      bar.set_postfix(loss=f"{float(out['loss']):.4f}")
+    every = config.train.checkpoint_every
+    if every and (step + 1) % every == 0 and not last:
+      check_finite()
+      state.task_step = step + 1
+      state.task_seconds = seconds_before + time.time() - started
+      save_fn(state)
+  bar.close()
+  state.task_step = total
+  state.task_seconds = seconds_before + time.time() - started
+  return state
+
+
+# ------------------------------------------------------------- after task --
+
+def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
+  """Evaluates, updates the replay memory, records the task's results row
+  and moves ``state`` to the next task's boundary."""
+  config, source = setup.config, setup.source
+  variables = steps.variables_of(state.train)
+  scores = evaluation.evaluate(setup.predictor, variables, source, task,
+                               setup.tasks, config.eval.threshold)
+  state.memory, buffer_quality = replay.after_task(
+      state.memory, config=config, method=setup.method, source=source,
+      view=view, task=task, tasks=setup.tasks, predictor=setup.predictor,
+      variables=variables, old_variables=state.old)
+  state.old = jax.tree.map(jnp.copy, variables)  # owns its buffers
+  sums = diagnostics.LabelSums(state.label_sums)
+  state.results.append({
+      "task": task.index + 1,
+      "classes": [source.class_names[c] for c in task.classes],
+      "map_seen": scores["map_seen"],
+      "map_per_task": scores["map_per_task"],
+      "train_steps": state.task_step, "train_seconds": state.task_seconds,
+      "num_train_images": len(view),
+      "memory_rows": int(memory_lib.valid_rows(state.memory).size),
+      "fpr_at_threshold": scores["fpr"],
+      "labels_online": sums.online(),
+      "labels_buffer": buffer_quality,
+      "cls_label_pos_neg_ratio": sums.cls_pos_neg_ratio(),
+      "f1": {k: scores[k] for k in
+             ("cf1", "cf1_cp_cr", "of1", "cp", "cr", "op", "or")},
+  })
+  state.task, state.task_step = task.index + 1, 0
+  state.label_sums, state.task_seconds = {}, 0.0
+  log.info("task %d: mAP on seen classes %.2f", task.index + 1,
+           scores["map_seen"])
+  return state
+
+
+# -------------------------------------------------------------------- run --
+
+def run(config, workdir: str) -> dict:
+  """Trains every task of ``config`` in ``workdir``; returns results."""
+  setup = set_up(config, workdir)
+  ckpt = _open_checkpoints(setup)
+  state, fingerprint = restore_or_init(setup, ckpt)
+  compiled = compile_steps(setup)
   writer = reporting.Writer(workdir)
-
-  def save(task_index, task_step, label_sums=None, task_seconds=0.0):
-    meta = {"task": task_index, "task_step": task_step,
-            "results": results_tasks, "fingerprint": fingerprint,
-            "global_step": int(state.step), "label_sums": label_sums or {},
-            "task_seconds": task_seconds, **meta_extra}
-    ckpt.save({"train": state, "old": old_variables,
-               "memory": _memory_tree(memory)}, meta)
-
-  for task in tasks[start_task:]:
-    t = task.index
-    first = t == 0
-    view = protocol.partial_view(source.train.labels, task.classes)
-    if len(view) == 0:
-      raise UserError(f"task {t + 1} has no training images (classes "
-                      f"{[source.class_names[c] for c in task.classes]})")
-    batches = loader.TaskBatches(
-        split=source.train, view=view, memory=replay.visible_rows(memory, source),
-        global_batch=config.train.global_batch,
-        local_rows=parallel.local_batch_slice(config.train.global_batch),
-        seed=config.seed, task=t, mix=config.memory.mix,
-        fraction=config.memory.fraction)
-    epochs = config.train.epochs_first if first else config.train.epochs_later
-    total = epochs * batches.steps_per_epoch
-    task_step0 = start_step if t == start_task else 0
-    if task_step0 == 0:  # optimizer and schedule rebuilt for every task
-      state = state.replace(opt_state=parallel.replicate(
-          mesh, tx.init(state.params)))
-    task_start = int(state.step) - task_step0
-    context = parallel.replicate(mesh, steps.task_context(
-        task, task_start=task_start, total_steps=total,
-        lr_peak=config.optim.lr_first if first else config.optim.lr_later))
-    step_fn = train_steps[not first]
-    resumed = t == start_task and task_step0 > 0
-    # Per-task sums of the label diagnostics, checkpointed with mid-task saves.
-    label_sums = resumed_sums if resumed else {}
-    seconds_before = resumed_seconds if resumed else 0.0
-    bad_step = parallel.replicate(mesh, np.asarray(-1, np.int32))
-
-    def check_finite():
-      bad = int(bad_step)
-      if bad >= 0:
-        bar.close()
-        raise NonFiniteLossError(
-            f"non-finite loss at task {t + 1}, step {bad - task_start + 1} "
-            f"of {total} (global step {bad}, counted from 0); the last good "
-            f"checkpoint in {workdir} is kept")
-
-    bar = tqdm.tqdm(total=total, initial=task_step0,
-                    desc=f"task {t + 1}/{len(tasks)}", unit="step",
-                    disable=not (config.train.progress and is_chief),
-                    dynamic_ncols=True)
-    started = time.time()
-    for step, host_batch in batches.iterate(task_step0, total):
-      batch = parallel.to_global(mesh, host_batch)
-      state, out, bad_step = step_fn(state, old_variables, batch, context,
-                                     root, bad_step)
-      bar.update(1)
-      if task_start + step == config.debug.kill_at_step:
-        os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests
-      last = step + 1 == total
-      if (step + 1) % config.train.log_every == 0 or last:
-        check_finite()
-        out = _host(out)
-        cls_sums = label_sums.setdefault("cls", {"pos": 0.0, "neg": 0.0})
-        cls_sums["pos"] += float(out["cls_positives"])
-        cls_sums["neg"] += float(out["cls_negatives"])
-        for group, counts in out["labels"].items():
-          sums = label_sums.setdefault(group, dict.fromkeys(counts, 0.0))
-          for k, v in counts.items():
-            sums[k] += float(v)
-        scalars = {k: v for k, v in out.items() if k != "labels"}
-        writer.write(int(state.step), scalars, task=t + 1,
-                     task_step=step + 1)
-        bar.set_postfix(loss=f"{float(out['loss']):.4f}")
-      every = config.train.checkpoint_every
-      if every and (step + 1) % every == 0 and not last:
-        check_finite()
-        save(t, step + 1, label_sums,
-             seconds_before + time.time() - started)
-    bar.close()
-    train_seconds = seconds_before + time.time() - started
-
-    variables = steps.variables_of(state)
-    evaluation = _evaluate(predictor, variables, source, task, tasks,
-                           config.eval.threshold)
-    memory, buffer_quality = replay.after_task(
-        mem=memory, config=config, method=method, source=source,
-        view=view, task=task, tasks=tasks, predictor=predictor,
-        variables=variables, old_variables=old_variables)
-    old_variables = jax.tree.map(jnp.copy, variables)  # owns its buffers
-    results_tasks.append({
-        "task": t + 1, "classes": [source.class_names[c]
-                                   for c in task.classes],
-        "map_seen": evaluation["map_seen"],
-        "map_per_task": evaluation["map_per_task"],
-        "train_steps": total, "train_seconds": train_seconds,
-        "num_train_images": len(view),
-        "memory_rows": int(memory_lib.valid_rows(memory).size),
-        "fpr_at_threshold": evaluation["fpr"],
-        "labels_online": {g: _rates(s) for g, s in label_sums.items()
-                          if g != "cls"},
-        "labels_buffer": buffer_quality,
-        "cls_label_pos_neg_ratio": (
-            label_sums["cls"]["pos"] / max(label_sums["cls"]["neg"], 1.0)
-            if "cls" in label_sums else 0.0),
-        "f1": {k: evaluation[k] for k in
-               ("cf1", "cf1_cp_cr", "of1", "cp", "cr", "op", "or")},
-    })
-    save(t + 1, 0)
-    log.info("task %d: mAP on seen classes %.2f", t + 1,
-             evaluation["map_seen"])
-
+  save_fn = lambda s: save(setup, ckpt, s, fingerprint)  # noqa: E731
+  for task in setup.tasks[state.task:]:
+    view = _task_view(setup, task)
+    state = train_task(setup, state, task, view, compiled, writer, save_fn)
+    state = finish_task(setup, state, task, view)
+    save_fn(state)
   writer.close()
   ckpt.close()
-  results = _summarise(config, source, tasks, results_tasks, mesh,
-                       trace_counts)
-  if is_chief:
-    path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:  # a kill never leaves half a file
-      json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
-    reporting.save_plots(workdir, results)
+  results = summarise(setup, state.results, compiled.trace_counts)
+  if setup.is_chief:
+    write_results(workdir, results)
   return results
 
 
-def _summarise(config, source, tasks, results_tasks, mesh, trace_counts):
+def write_results(workdir: str, results: dict):
+  path = os.path.join(workdir, "results.json")
+  with open(path + ".tmp", "w") as f:  # a kill never leaves half a file
+    json.dump(results, f, indent=2)
+  os.replace(path + ".tmp", path)
+  reporting.save_plots(workdir, results)
+
+
+def summarise(setup: Setup, results_tasks: list, trace_counts: dict) -> dict:
+  config, tasks, mesh = setup.config, setup.tasks, setup.mesh
   matrix = [t["map_per_task"] for t in results_tasks]
   final_f1 = results_tasks[-1]["f1"]
   seen = [t["map_seen"] for t in results_tasks]
   return {
-      "method": config.method, "dataset": source.name,
-      "setting": ("joint" if len(tasks) == 1 and config.method == "joint"
+      "method": config.method, "dataset": setup.source.name,
+      "setting": ("joint" if setup.method.joint
                   else protocol.setting_name(config.protocol.base,
                                              config.protocol.increment)),
-      "class_order": list(source.class_names),
+      "class_order": list(setup.source.class_names),
       "tasks": results_tasks,
       "avg_map": float(np.mean(seen)), "last_map": float(seen[-1]),
       "cf1": final_f1["cf1"], "cf1_cp_cr": final_f1["cf1_cp_cr"],

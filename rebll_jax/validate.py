@@ -12,7 +12,7 @@ import tempfile
 
 import numpy as np
 
-from rebll_jax import data, methods, models, optim, protocol
+from rebll_jax import config_base, data, methods, models, optim
 from rebll_jax.models import conv
 from rebll_jax.errors import UserError
 
@@ -22,33 +22,38 @@ def _check(condition: bool, message: str):
     raise UserError(message)
 
 
+def _registries() -> dict:
+  """Config field -> the registry (dict or tuple of names) it picks from.
+
+  Each registry lives with its components and owns its list of names."""
+  from rebll_jax import memory  # pylint: disable=g-import-not-at-top
+  from rebll_jax.data import loader  # pylint: disable=g-import-not-at-top
+  return {"method": methods.METHODS, "data.source": data.SOURCES,
+          "model.arch": models.ARCHS, "model.conv_impl": conv.IMPLS,
+          "model.dtype": models.DTYPES, "optim.name": optim.OPTIMIZERS,
+          "optim.schedule": optim.SCHEDULES,
+          "memory.selection": memory.SELECTIONS, "memory.mix": loader.MIXES}
+
+
+def _field(config, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
 def check_config(config):
   """Checks that need no data and no devices."""
-  methods.get_method(config.method)
-  _check(config.data.source in data.SOURCES,
-         f"unknown data.source {config.data.source!r}; valid: "
-         f"{sorted(data.SOURCES)}")
-  _check(config.model.arch in models.ARCHS,
-         f"unknown model.arch {config.model.arch!r}; valid: "
-         f"{sorted(models.ARCHS)}")
-  _check(config.model.conv_impl in conv.IMPLS,
-         f"unknown model.conv_impl {config.model.conv_impl!r}; valid: "
-         f"{list(conv.IMPLS)}")
-  _check(config.model.dtype in models.DTYPES,
-         f"unknown model.dtype {config.model.dtype!r}; valid: "
-         f"{sorted(models.DTYPES)}")
-  _check(config.optim.name in optim.OPTIMIZERS,
-         f"unknown optim.name {config.optim.name!r}; valid: "
-         f"{list(optim.OPTIMIZERS)}")
-  _check(config.optim.schedule in optim.SCHEDULES,
-         f"unknown optim.schedule {config.optim.schedule!r}; valid: "
-         f"{list(optim.SCHEDULES)}")
-  _check(config.memory.selection in ("herding", "random"),
-         f"unknown memory.selection {config.memory.selection!r}; valid: "
-         "['herding', 'random']")
-  _check(config.memory.mix in ("uniform", "fraction"),
-         f"unknown memory.mix {config.memory.mix!r}; valid: "
-         "['uniform', 'fraction']")
+  for name, registry in _registries().items():
+    value = _field(config, name)
+    valid = sorted(registry) if isinstance(registry, dict) else list(registry)
+    _check(value in registry,
+           f"unknown {name} {value!r}; valid: {valid}")
+  method = methods.get_method(config.method)
+  ignored = method.ignored_config(config, config_base.base_config())
+  _check(not ignored,
+         f"method {config.method!r} does not read {', '.join(ignored)} "
+         f"(it reads loss.{{{', '.join(method.loss_knobs_read())}}}); "
+         "drop the override or pick a method that uses it")
   _check(0.0 <= config.memory.fraction < 1.0,
          "memory.fraction must be in [0, 1)")
   _check(config.memory.per_class >= 0 and config.memory.total >= 0,
@@ -119,15 +124,13 @@ def check_config(config):
 
 def check_protocol(config, num_classes: int):
   """The class split fits the dataset (a joint method has one task)."""
-  if methods.get_method(config.method).joint:
-    return
-  protocol.task_blocks(num_classes, config.protocol.base,
-                       config.protocol.increment, config.protocol.num_tasks)
+  methods.get_method(config.method).tasks(num_classes, config.protocol)
 
 
 def check_all(config, *, num_classes: int, num_devices: int,
               num_processes: int = 1):
-  """Every check that needs neither data nor a workdir (fast; for tests)."""
+  """Every check that needs neither data nor a workdir (the run's own
+  checks, in the run's order; tests call it directly)."""
   check_config(config)
   check_protocol(config, num_classes)
   check_devices(config, num_devices, num_processes)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from rebll_jax import methods, train
+from rebll_jax import methods, train, validate
+from rebll_jax.errors import UserError
 from tests.test_train import _config
 
 
@@ -40,10 +41,10 @@ def test_relabel_thresholds_per_method():
   cfg = _config()
   cfg.relabel.update(tau_old=0.6, tau_cur=0.7, tau_pseudo=0.9,
                      tau_old_low=-1.0, tau_cur_low=0.2)
-  got = methods.relabel_thresholds(methods.METHODS["rebll"], cfg.relabel)
+  got = methods.METHODS["rebll"].thresholds(cfg.relabel)
   assert got == dict(tau_old=0.6, tau_old_low=0.6, tau_cur=0.7,
                      tau_cur_low=0.2)
-  got = methods.relabel_thresholds(methods.METHODS["asl_pl"], cfg.relabel)
+  got = methods.METHODS["asl_pl"].thresholds(cfg.relabel)
   assert got["tau_old"] == got["tau_old_low"] == 0.9
 
 
@@ -60,3 +61,29 @@ def test_two_threshold_relabeling_leaves_the_band_unknown(tmp_path):
     assert single[block]["unknown"] == 0
     assert wide[block]["unknown"] > 0
     assert wide[block]["count"] < single[block]["count"]
+
+
+def test_a_method_checks_its_enumerated_fields():
+  with pytest.raises(ValueError, match="cls_columns"):
+    methods.Method("bad", "x", cls_columns="everything")
+  with pytest.raises(ValueError, match="distill"):
+    methods.Method("bad", "x", distill="soft")
+  with pytest.raises(ValueError, match="needs replay"):
+    methods.Method("bad", "x", relabel_between_tasks=True)
+
+
+@pytest.mark.parametrize("name,knob,ignored", [
+    ("lwf", "g_pos", True),  # lwf's classification loss is fixed BCE
+    ("er", "lambda_kd", True),  # no distillation
+    ("lwf", "beta", True),  # plain distillation: no decay
+    ("rebll", "beta", False),
+    ("rebll", "g_neg", False),
+    ("lwf", "lambda_kd", False),
+])
+def test_a_loss_override_the_method_ignores_is_an_error(name, knob, ignored):
+  config = _config(method=name, **{f"loss.{knob}": 0.123})
+  if ignored:
+    with pytest.raises(UserError, match=f"does not read loss.{knob}"):
+      validate.check_config(config)
+  else:
+    validate.check_config(config)

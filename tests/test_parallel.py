@@ -42,12 +42,12 @@ def _step_inputs(config, num_classes=12, batch=16):
   known = np.where(is_memory[:, None], old[None], cur[None])
   labels = (rng.random((batch, num_classes)) < 0.3).astype(np.float32)
   host = {"images": rng.integers(0, 256, (batch, size, size, 3), np.uint8),
-          "labels": labels * known, "known": known, "is_memory": is_memory,
-          "true_labels": labels.astype(np.uint8)}
+          "labels": labels * known, "known": known, "is_memory": is_memory}
+  truth = labels.astype(np.uint8)
   context = {"current_mask": cur, "old_mask": old, "seen_mask": old | cur,
              "task_start": np.int32(0), "total_steps": np.int32(4),
              "lr_peak": np.float32(1e-2)}
-  return host, context
+  return host, truth, context
 
 
 def _init(model, size):
@@ -57,7 +57,7 @@ def _init(model, size):
       train=False))
 
 
-def _run_step(config, host, context, num_devices, variables):
+def _run_step(config, host, truth, context, num_devices, variables):
   model = models.build_model(config.model, 12)
   tx = optim.make_transform(config.optim)
   # A past model that differs from the current one (distillation matters).
@@ -75,16 +75,18 @@ def _run_step(config, host, context, num_devices, variables):
   batch = parallel.to_global(mesh, host)
   assert len(batch["images"].sharding.device_set) == num_devices
   new_state, metrics = jitted(state, jax.device_put(old, rep), batch,
-                              jax.device_put(context, rep), jax.random.key(1))
+                              jax.device_put(context, rep), jax.random.key(1),
+                              None if truth is None
+                              else parallel.to_global(mesh, truth))
   return jax.device_get((new_state, metrics))
 
 
 def test_one_rebll_step_eight_devices_equals_one():
   config = _config(**{"data.image_size": 16})
-  host, context = _step_inputs(config)
+  host, truth, context = _step_inputs(config)
   variables = _init(models.build_model(config.model, 12), 16)
-  one = _run_step(config, host, context, 1, variables)
-  eight = _run_step(config, host, context, 8, variables)
+  one = _run_step(config, host, truth, context, 1, variables)
+  eight = _run_step(config, host, truth, context, 8, variables)
   state1, metrics1 = one
   state8, metrics8 = eight
   assert max_abs_diff(state8.params, state1.params) < TOL
@@ -100,6 +102,12 @@ def test_one_rebll_step_eight_devices_equals_one():
       assert float(metrics8["labels"][group][k]) == float(v), (group, k)
   assert sum(float(v) for v in metrics1["labels"]["new"].values()) > 0
   assert max_abs_diff(state1.params, variables["params"]) > 1e-4  # it moved
+  # Without label diagnostics the truth never enters the step: same update,
+  # no counts.
+  blind_state, blind_metrics = _run_step(config, host, None, context, 1,
+                                         variables)
+  assert max_abs_diff(blind_state.params, state1.params) == 0
+  assert blind_metrics["labels"] == {}
 
 
 def test_batchnorm_statistics_are_global():

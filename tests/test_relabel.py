@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rebll_jax import relabel
+from rebll_jax import diagnostics, relabel
 
 C = 5
 H = 3
@@ -258,15 +258,15 @@ def test_confusion_counts_and_quality():
   pred = np.array([[1, 0, 1, 0], [1, 1, 0, 0]])
   true = np.array([[1, 1, 0, 0], [0, 1, 0, 1]])
   mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], bool)
-  q = relabel.relabel_quality(pred, mask, true)
+  q = diagnostics.relabel_quality(pred, mask, true)
   # masked entries: tp (0,0),(1,1); fp (0,2),(1,0); tn (0,3),(1,2); fn (0,1)
   assert (q["tp"], q["fp"], q["tn"], q["fn"], q["count"]) == (2, 2, 2, 1, 7)
   assert q["fpr"] == 0.5 and q["fnr"] == pytest.approx(1 / 3)
-  counts = jax.jit(lambda p, m, t: relabel.confusion_counts(
+  counts = jax.jit(lambda p, m, t: diagnostics.confusion_counts(
       pred_labels=p, mask=m, true_labels=t))(pred, mask, true)
-  assert relabel.quality_from_counts(counts) == q
+  assert diagnostics.quality_from_counts(counts) == q
   # Never NaN: nothing relabeled, or no negatives / positives among them.
-  empty = relabel.relabel_quality(pred, np.zeros_like(mask), true)
+  empty = diagnostics.relabel_quality(pred, np.zeros_like(mask), true)
   assert empty["fpr"] == 0.0 and empty["fnr"] == 0.0 and empty["count"] == 0
-  only_pos = relabel.relabel_quality(pred, true.astype(bool), true)
+  only_pos = diagnostics.relabel_quality(pred, true.astype(bool), true)
   assert only_pos["fpr"] == 0.0 and only_pos["fnr"] == 0.5

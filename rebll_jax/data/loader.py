@@ -21,6 +21,9 @@ from rebll_jax.data.base import Split
 from rebll_jax.protocol import TaskView
 
 
+MIXES = ("uniform", "fraction")  # memory.mix: how replay joins batches
+
+
 @dataclasses.dataclass
 class MemoryRows:
   """Host arrays of the replay rows visible this task (numpy)."""
