@@ -9,8 +9,9 @@ producer thread. This measures images/s of ``HostAugment`` on photo-like
 uint8 images at 64 and 224 px, with one thread and with more threads when
 asked (PIL releases the GIL inside its ops): images per wall-clock second
 and per CPU-second of the process (the per-core rate, which stays right on
-a machine other processes share). The first batch is a warm-up and is not timed. Each policy draw is
-random, so the rate is an average over the sub-policy table.
+a machine other processes share). The first batch is a warm-up and is not
+timed. Each policy draw is random, so the rate is an average over the
+sub-policy table.
 
 It also prints how many cores keep up with a GPU eating ``--assumed_step_ms``
 per batch of 64 at 224 px (an ASSUMED step time, not measured here; the
@@ -36,8 +37,8 @@ def _photo_like(rng, n, size):
   out = np.empty((n, size, size, 3), np.uint8)
   for i in range(n):
     phase = rng.uniform(0, 6.3, (3, 2))
-    base = [128 + 90 * np.sin(3 * xx + phase[c, 0]) * np.cos(2 * yy + phase[c, 1])
-            for c in range(3)]
+    base = [128 + 90 * np.sin(3 * xx + phase[c, 0])
+            * np.cos(2 * yy + phase[c, 1]) for c in range(3)]
     img = np.stack(base, -1) + rng.normal(0, 12, (size, size, 3))
     out[i] = np.clip(img, 0, 255).astype(np.uint8)
   return out

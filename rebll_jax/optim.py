@@ -49,9 +49,9 @@ def scale_by_adam_beta1_arg(b2: float = 0.999, eps: float = 1e-8
 
   The state is optax's ``ScaleByAdamState`` (same tree and shapes as
   ``optax.scale_by_adam``); with a constant beta1 the numbers are those of
-  ``optax.scale_by_adam(b1=beta1)`` up to 1 - beta1 being taken in float32. Like torch's Adam under a momentum
-  schedule, both the first-moment average and its bias correction use the
-  current step's beta1.
+  ``optax.scale_by_adam(b1=beta1)`` up to 1 - beta1 being taken in float32.
+  Like torch's Adam under a momentum schedule, both the first-moment average
+  and its bias correction use the current step's beta1.
   """
   init = optax.scale_by_adam(b2=b2, eps=eps).init
 

@@ -1,6 +1,7 @@
 """Tests for rebll_jax.data.augment (on-device augmentation)."""
 
 import functools
+import random
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from rebll_jax.data import augment
+from rebll_jax import config_base
+from rebll_jax.data import augment, field_augment as fa
+from rebll_jax.errors import UserError
 
 
 def _cfg(**kw):
@@ -198,7 +201,6 @@ def test_field_policy_leaves_only_the_eval_conversion(jitted):
 
 
 def test_unknown_policy_or_fill_is_a_user_error():
-  from rebll_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   with pytest.raises(UserError, match="augment.policy"):
     augment.augment_batch(jax.random.key(0), _images(n=1), _cfg(policy="x"))
   with pytest.raises(UserError, match="augment.cutout_fill"):
@@ -209,12 +211,15 @@ def test_unknown_policy_or_fill_is_a_user_error():
 # ------------------------------------- field policy against `randaugment`
 @pytest.fixture(scope="module")
 def ra_package():
-  """The reference package (it uses np.int, gone from numpy >= 1.24)."""
-  from rebll_jax.data import field_augment  # pylint: disable=g-import-not-at-top
+  """(the package's module, its RandAugment()); the package uses np.int,
+  gone from numpy >= 1.24, so it is put back while these tests run."""
   had = hasattr(np, "int")
-  np.int = int  # restored below
-  from randaugment import randaugment as package  # pylint: disable=g-import-not-at-top
-  yield package, field_augment, package.RandAugment()
+  np.int = int
+  package = pytest.importorskip(
+      "randaugment.randaugment",
+      reason="the reference is the PyPI package randaugment==1.0.2 (in the "
+      "`test` extra)")
+  yield package, package.RandAugment()
   if not had:
     del np.int
 
@@ -226,7 +231,7 @@ def _field_image(size=20, seed=0):
 
 
 def test_field_table_and_magnitudes_are_the_package_ones(ra_package):
-  package, fa, policy = ra_package
+  package, policy = ra_package
   ours = [list(fa.sub_policy(i)) for i in range(fa.NUM_POLICIES)]
   assert ours == [list(p) for p in policy.get_rand_policies()]
   assert list(fa.OPS) == package.RandAugment.get_trans_list()
@@ -239,8 +244,7 @@ def test_field_table_and_magnitudes_are_the_package_ones(ra_package):
 
 
 def test_field_ops_equal_the_package_ops(ra_package):
-  package, fa, _ = ra_package
-  import random  # pylint: disable=g-import-not-at-top
+  package, _ = ra_package
   for size, seed in ((20, 1), (17, 2)):
     x = _field_image(size, seed)
     for op in fa.OPS:
@@ -261,8 +265,8 @@ def test_field_ops_equal_the_package_ops(ra_package):
 
 
 def test_field_randaugment_equals_the_package_under_its_draws(ra_package):
-  _, fa, policy = ra_package
-  import random  # pylint: disable=g-import-not-at-top
+  _, policy = ra_package
+  policies = policy._policies  # pylint: disable=protected-access
   x = _field_image(16, 3)
   used = set()
   for seed in range(300):
@@ -273,9 +277,9 @@ def test_field_randaugment_equals_the_package_under_its_draws(ra_package):
     # its coin, and if applied its sign (random) or its centre (np.random).
     random.seed(seed)
     np.random.seed(seed)
-    index = random.randint(0, len(policy._policies) - 1)  # pylint: disable=protected-access
+    index = random.randint(0, len(policies) - 1)
     applied, signs, centres = [], [], []
-    for _, op, _ in policy._policies[index]:  # pylint: disable=protected-access
+    for _, op, _ in policies[index]:
       applied.append(random.random() < 0.5)
       signs.append(random.choice([-1, 1]) if applied[-1] and op in fa.SIGNED
                    else 1)
@@ -304,8 +308,7 @@ def _reference_cutout_pil(x, fraction, cy, cx, colour):
   return np.asarray(img)
 
 
-def test_field_cutout_equals_pil_rectangle(ra_package):
-  _, fa, _ = ra_package
+def test_field_cutout_equals_pil_rectangle():
   for size in (16, 17):
     x = _field_image(size, 4)
     for fraction in (0.5, 0.3):
@@ -320,8 +323,7 @@ def test_field_cutout_equals_pil_rectangle(ra_package):
   assert (out[..., 0] == 1).sum() == 33 * 33
 
 
-def test_host_augment_is_a_function_of_seed_task_step_row(ra_package):
-  _, fa, _ = ra_package
+def test_host_augment_is_a_function_of_seed_task_step_row():
   images = np.stack([_field_image(16, s) for s in range(6)])
   aug = fa.HostAugment()  # the baseline's: no flip, cutout 0.5, random fill
   rows = np.arange(6)
@@ -342,7 +344,8 @@ def test_host_augment_is_a_function_of_seed_task_step_row(ra_package):
                                        rows=rows)
   np.testing.assert_array_equal(threaded, a)
   # One image, one draw, replayed by hand: flip, grey cutout, sub-policy.
-  rng = np.random.default_rng([1, 2, 3, 4, fa._STREAM])  # pylint: disable=protected-access
+  stream = fa._STREAM  # pylint: disable=protected-access
+  rng = np.random.default_rng([1, 2, 3, 4, stream])
   draws = fa.draw(rng, 16, 16)
   flipped = images[4][:, ::-1] if draws.flip else images[4]
   ref = fa.randaugment(fa.cutout_pil(flipped, 0.25, draws.cutout_centre,
@@ -353,9 +356,6 @@ def test_host_augment_is_a_function_of_seed_task_step_row(ra_package):
 
 
 def test_host_augment_from_config():
-  from rebll_jax import config_base  # pylint: disable=g-import-not-at-top
-  from rebll_jax.data import field_augment as fa  # pylint: disable=g-import-not-at-top
-  from rebll_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   cfg = config_base.base_config().augment
   assert cfg.policy == "ours" and cfg.cutout_fill == "grey"
   assert fa.from_config(cfg) is None

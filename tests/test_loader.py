@@ -3,6 +3,7 @@
 import numpy as np
 
 from rebll_jax import protocol
+from rebll_jax.data import field_augment
 from rebll_jax.data.base import Split
 from rebll_jax.data.loader import MemoryRows, TaskBatches, eval_batches
 
@@ -106,7 +107,6 @@ def _image_split(n=40, c=6, size=12):
 
 
 def test_host_augment_in_the_loader_is_deterministic_and_slice_consistent():
-  from rebll_jax.data import field_augment  # pylint: disable=g-import-not-at-top
   split = _image_split()
   view = protocol.partial_view(split.labels, [0, 1, 2])
   aug = field_augment.HostAugment()

@@ -5,10 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 
 from rebll_jax import config_base, optim
 from rebll_jax.errors import UserError
+
+
+def _torch():
+  # The reference; in the `test` extra (CPU wheel).
+  return pytest.importorskip(
+      "torch", reason="the reference optimizer and schedule are torch's")
 
 
 def _cfg(**kw):
@@ -19,6 +24,7 @@ def _cfg(**kw):
 
 def _torch_schedule(total, pct, peak=1e-3, cycle=True):
   """(lr, beta1) of every step as torch's training loop sees them."""
+  torch = _torch()
   p = torch.nn.Parameter(torch.zeros(1))
   opt = torch.optim.Adam([p], lr=peak)
   sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -86,6 +92,7 @@ def _problem():
 
 
 def _torch_run(total, peak, wd, cycle):
+  torch = _torch()
   x, y, w, b = map(torch.from_numpy, _problem())
   w, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
   # The baseline's parameter groups: L2 on weights, none on biases.
