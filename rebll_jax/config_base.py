@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.schedule = "one_cycle"  # one_cycle | cosine | constant
   c.optim.warmup_frac = 0.2
   c.optim.momentum = 0.9  # sgd only
+  # Adam's beta1 goes 0.95 -> 0.85 -> 0.95 against the one-cycle lr, as
+  # torch's OneCycleLR(cycle_momentum=True) does (adam/adamw + one_cycle).
+  c.optim.cycle_beta1 = False
   c.optim.grad_clip = 0.0  # >0 clips the global norm
 
   c.train = ml_collections.ConfigDict()
@@ -80,18 +83,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.label_diagnostics = True
 
   c.augment = ml_collections.ConfigDict()
+  # "ours": the jitted transform below on the device; "field": the
+  # baseline's CutoutPIL + the `randaugment` package's RandAugment policy on
+  # the host, in the loader (rebll_jax/data/field_augment.py). flip, cutout
+  # and cutout_fill apply to both; randaugment_* to "ours" only.
+  c.augment.policy = "ours"
   c.augment.flip = True
   # Synthetic defaults: colour is part of each synthetic class's identity,
   # so RandAugment's colour ops would be label noise; the real-data configs
   # use the field's cutout 0.5 + RandAugment 2 ops.
   c.augment.cutout = 0.25  # cutout side as a fraction of the image side
+  c.augment.cutout_fill = "grey"  # grey | random (a random RGB colour)
   c.augment.randaugment_ops = 0  # ops per image (0 disables)
   c.augment.randaugment_magnitude = 0.3  # in [0, 1]
 
   c.memory = ml_collections.ConfigDict()
   c.memory.per_class = 20  # exemplars kept per class (growing budget)
   c.memory.total = 0  # >0: fixed total split evenly over seen classes
-  c.memory.selection = "herding"  # herding | random
+  # herding | herding_icarl | random (rebll_jax.memory.SELECTIONS)
+  c.memory.selection = "herding"
+  # One row per image id (merging the classes it was picked for); False
+  # stores an image once per (class, pick), as the baseline does on VOC.
+  c.memory.dedup = True
   c.memory.mix = "uniform"  # uniform over new+memory | fraction
   c.memory.fraction = 0.25  # share of each batch from memory (mix=fraction)
 

@@ -11,7 +11,13 @@ Each stored row keeps, for every class, the herding rank it was selected
 with (-1 = not selected for that class). That is what lets a fixed total
 budget shrink old classes' quotas by dropping their worst-ranked rows, and
 what lets one image chosen for several classes be stored once (dedup by
-image id) while still counting toward each class's quota.
+image id) while still counting toward each class's quota. With
+``dedup=False`` (``memory.dedup``; the baseline on VOC) an image is stored
+once per (class, pick) instead, each row ranked for its one class.
+
+Exemplar selection (``memory.selection``, the names of ``SELECTIONS``):
+``herding`` (nearest running mean without repeats), ``herding_icarl`` (the
+iCaRL code's running-target herding, the baseline's) and ``random``.
 
 Typical use after task t (host side):
 
@@ -19,9 +25,9 @@ Typical use after task t (host side):
   mem = shrink(mem, quotas)                   # fixed total: old quotas shrink
   picked = select_exemplars(feats, task_labels, new_classes, quotas,
                             method="herding", rng=rng)
-  rows, ranks = exemplar_rows(picked, num_classes=C)
+  rows, ranks = exemplar_rows(picked, num_classes=C, dedup=...)
   mem = add(mem, images=..., labels=..., known=..., ground_truth=...,
-            task=t, image_id=..., source_index=..., ranks=ranks)
+            task=t, image_id=..., source_index=..., ranks=ranks, dedup=...)
 """
 
 from __future__ import annotations
@@ -174,7 +180,61 @@ def herding(features: np.ndarray, k: int) -> np.ndarray:
   return order
 
 
-SELECTIONS = ("herding", "random")  # memory.selection
+HERDING_ICARL_ITERATIONS = 1000
+
+
+def herding_icarl(features: np.ndarray, k: int) -> np.ndarray:
+  """The iCaRL code's herding: k row indices of features [n, D], in order.
+
+  Rows are L2-normalised as that code does (``x / (|x| + 1e-8)``); with
+  ``mu`` their mean and the target ``w = mu``, each iteration picks
+  ``argmax(x @ w)`` (ties: the lowest index; a row may be picked again)
+  and moves the target, ``w += mu - x[pick]``, until k distinct rows are
+  picked or after 1000 iterations. The result is the distinct picks in the
+  order first picked; if fewer than k, the rows never picked follow in index
+  order (the reference code takes them in an arbitrary order). Computed in
+  float64 (the reference: float32). k > n returns all n rows.
+  """
+  x = np.asarray(features, np.float64)
+  x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
+  n = x.shape[0]
+  k = min(int(k), n)
+  if k <= 0:
+    return np.zeros((0,), np.int64)
+  mu = x.mean(axis=0)
+  target = mu.copy()
+  picked = np.zeros((n,), bool)
+  order = []
+  for _ in range(HERDING_ICARL_ITERATIONS):
+    if len(order) == k:
+      break
+    i = int(np.argmax(x @ target))
+    if not picked[i]:
+      picked[i] = True
+      order.append(i)
+    target += mu - x[i]
+  order += np.flatnonzero(~picked)[:k - len(order)].tolist()
+  return np.asarray(order, np.int64)
+
+
+def _herding(features, k, rng):
+  del rng
+  return herding(features, k)
+
+
+def _herding_icarl(features, k, rng):
+  del rng
+  return herding_icarl(features, k)
+
+
+def _random(features, k, rng):
+  return rng.permutation(len(features))[:k]
+
+
+# memory.selection name -> fn(candidate features [n, D] (or an array of
+# length n), k, rng) -> up to k candidate indices, best first.
+SELECTIONS = {"herding": _herding, "herding_icarl": _herding_icarl,
+              "random": _random}
 
 
 def select_exemplars(features, labels, classes: Sequence[int], quota,
@@ -190,7 +250,7 @@ def select_exemplars(features, labels, classes: Sequence[int], quota,
       current task's columns); rows with labels[:, c] > 0 are candidates for c.
     classes: the classes to select for (the current task's).
     quota: int, or int [num_classes] (from class_quotas).
-    method: "herding" or "random".
+    method: a name of ``SELECTIONS``.
     rng: numpy Generator or seed (random only).
 
   Returns:
@@ -200,31 +260,44 @@ def select_exemplars(features, labels, classes: Sequence[int], quota,
   if method not in SELECTIONS:
     raise ValueError(f"unknown memory.selection {method!r}; "
                      f"valid: {list(SELECTIONS)}")
+  select = SELECTIONS[method]
   labels = np.asarray(labels)
+  if features is None:
+    if method != "random":
+      raise ValueError(f"memory.selection {method!r} needs features")
+    features = np.zeros((labels.shape[0], 0), np.float32)
+  features = np.asarray(features)
   rng = np.random.default_rng(rng)
   out = {}
   for c in classes:
     c = int(c)
     k = int(quota if np.ndim(quota) == 0 else quota[c])
     cand = np.flatnonzero(labels[:, c] > 0)
-    if method == "herding":
-      chosen = cand[herding(np.asarray(features)[cand], max(k, 0))]
-    else:
-      chosen = rng.permutation(cand)[:max(k, 0)]
-    out[c] = chosen.astype(np.int64)
+    out[c] = cand[select(features[cand], max(k, 0), rng)].astype(np.int64)
   return out
 
 
-def exemplar_rows(selection: Mapping[int, np.ndarray], *,
-                  num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  """Merges per-class picks into unique rows (an image picked twice is one).
+def exemplar_rows(selection: Mapping[int, np.ndarray], *, num_classes: int,
+                  dedup: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Merges per-class picks into rows (dedup: an image picked twice is one).
 
   Returns:
-    rows: int64 [u], sorted unique candidate indices.
+    rows: int64 [u], candidate indices: sorted and unique with dedup, else
+      every class's picks in turn (a candidate may repeat).
     ranks: int32 [u, num_classes], rank of each row among each class's picks
-      (-1 where not picked for the class); pass to ``add``.
+      (-1 where not picked for the class); pass to ``add``. Without dedup
+      each row is ranked for its one class.
   """
   picks = [np.asarray(v, np.int64) for v in selection.values()]
+  if not dedup:
+    rows = np.concatenate(picks) if picks else np.zeros(0, np.int64)
+    ranks = np.full((rows.size, num_classes), -1, np.int32)
+    start = 0
+    for c, idx in selection.items():
+      size = np.asarray(idx).size
+      ranks[start:start + size, int(c)] = np.arange(size)
+      start += size
+    return rows, ranks
   rows = np.unique(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
   ranks = np.full((rows.size, num_classes), -1, np.int32)
   for c, idx in selection.items():
@@ -234,8 +307,11 @@ def exemplar_rows(selection: Mapping[int, np.ndarray], *,
 
 
 def add(mem: Memory, *, images, labels, known, ground_truth, task: int,
-        image_id, source_index, ranks) -> Memory:
+        image_id, source_index, ranks, dedup: bool = True) -> Memory:
   """Stores new rows, merging any whose image id is already stored.
+
+  With ``dedup=False`` nothing is merged: every incoming row takes its own
+  empty slot, even when its image id repeats or is already stored.
 
   Incoming arrays have a leading dimension n (the same image id may repeat:
   its ranks are merged and the first occurrence's data is kept). For an image
@@ -257,10 +333,15 @@ def add(mem: Memory, *, images, labels, known, ground_truth, task: int,
       old quotas first).
   """
   image_id = np.asarray(image_id, np.int64)
-  uniq, first, inverse = np.unique(image_id, return_index=True,
-                                   return_inverse=True)
-  in_ranks = np.full((uniq.size, mem.num_classes), -1, np.int32)
-  np.maximum.at(in_ranks, inverse.reshape(-1), np.asarray(ranks, np.int32))
+  if dedup:
+    uniq, first, inverse = np.unique(image_id, return_index=True,
+                                     return_inverse=True)
+    in_ranks = np.full((uniq.size, mem.num_classes), -1, np.int32)
+    np.maximum.at(in_ranks, inverse.reshape(-1), np.asarray(ranks, np.int32))
+  else:  # every row is its own entry
+    uniq, first = image_id, np.arange(image_id.size)
+    in_ranks = np.asarray(ranks, np.int32).reshape(image_id.size,
+                                                   mem.num_classes)
   in_labels = np.asarray(labels, np.float32)[first]
   in_known = np.asarray(known, bool)[first]
   in_gt = np.asarray(ground_truth, bool)[first] & in_known
@@ -269,7 +350,7 @@ def add(mem: Memory, *, images, labels, known, ground_truth, task: int,
   stored_rows = np.flatnonzero(mem.valid)
   stored_ids = mem.image_id[stored_rows]
   sort = np.argsort(stored_ids)
-  if stored_ids.size:
+  if stored_ids.size and dedup:
     pos = np.minimum(np.searchsorted(stored_ids[sort], uniq),
                      stored_ids.size - 1)
     present = stored_ids[sort][pos] == uniq

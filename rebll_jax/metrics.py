@@ -3,7 +3,9 @@
 Matches the field's code: non-interpolated AP (mean precision at the rank of
 each positive), a class without positives scores 0; CF1 as the mean of
 per-class F1 (F1 = 0 when TP = 0) and, named separately, the textbook
-2 CP CR / (CP + CR). No function here returns NaN.
+2 CP CR / (CP + CR). A score counts as a positive prediction when it is
+strictly above the threshold (``> 0.8``, as the field's code; not ``>=``).
+No function here returns NaN.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ def mean_ap(scores, targets, classes=None) -> float:
 
 
 def f1_scores(scores, targets, threshold: float = 0.8) -> dict:
-  """CP/CR/CF1 (both definitions), OP/OR/OF1, FPR, in percent."""
-  pred = np.asarray(scores) >= threshold
+  """CP/CR/CF1 (both definitions), OP/OR/OF1, FPR, in percent.
+
+  A prediction is ``score > threshold`` (strict) for every one of them.
+  """
+  pred = np.asarray(scores) > threshold
   true = np.asarray(targets) > 0
   tp = (pred & true).sum(0)
   fp = (pred & ~true).sum(0)

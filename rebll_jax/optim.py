@@ -1,9 +1,23 @@
-"""Per-task optimizers and learning-rate schedules.
+"""Per-task optimizers, learning-rate schedules and the update of one step.
 
 The schedule's numbers (peak rate, task length) are arrays in the train
 state, not Python constants: rebuilding them at a task boundary does not
 retrace the train step. The optax transformation itself only depends on the
 config, so it is built once per run.
+
+``step_updates`` is the whole optimizer side of a train step: the direction
+from ``tx``, Adam's beta1 of this step when ``optim.cycle_beta1`` is on, and
+the scaling by -lr(step).
+
+The one-cycle shape is PyTorch's ``OneCycleLR`` (cosine annealing,
+``div_factor`` 25, ``final_div_factor`` 1e4, two phases) step for step: with
+``T`` steps and warm-up fraction ``p``, phase 1 ends at the (float) step
+``e = p * T - 1`` and phase 2 at ``T - 1``; step ``s <= e`` anneals from
+peak/25 to peak over ``s / e``, later steps from peak to peak/25/1e4 over
+``(s - e) / (T - 1 - e)``. So the peak is reached at step ``p * T - 1`` and
+the last step of the task runs at the minimum rate. With
+``cycle_momentum=True`` (``optim.cycle_beta1``) torch moves Adam's beta1
+along the same phases the other way: 0.95 -> 0.85 -> 0.95.
 """
 
 from __future__ import annotations
@@ -17,34 +31,88 @@ from rebll_jax.errors import UserError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("one_cycle", "cosine", "constant")
 
+# torch OneCycleLR's defaults.
+DIV_FACTOR = 25.0  # first lr = peak / DIV_FACTOR
+FINAL_DIV_FACTOR = 1e4  # last lr = first lr / FINAL_DIV_FACTOR
+BETA1_MAX = 0.95  # max_momentum: beta1 at the start and the end
+BETA1_MIN = 0.85  # base_momentum: beta1 at the lr peak
+
 
 def _kernels_only(params):
   # L2 on weights only: conv and dense kernels, not biases or norm scales.
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def scale_by_adam_beta1_arg(b2: float = 0.999, eps: float = 1e-8
+                            ) -> optax.GradientTransformationExtraArgs:
+  """Adam's direction with beta1 given per step: ``update(..., beta1=b)``.
+
+  The state is optax's ``ScaleByAdamState`` (same tree and shapes as
+  ``optax.scale_by_adam``); with a constant beta1 the numbers are those of
+  ``optax.scale_by_adam(b1=beta1)`` up to 1 - beta1 being taken in float32.
+  Like torch's Adam under a momentum schedule, both the first-moment average
+  and its bias correction use the current step's beta1.
+  """
+  init = optax.scale_by_adam(b2=b2, eps=eps).init
+
+  def update(updates, state, params=None, *, beta1, **extra):
+    del params, extra
+    mu = optax.tree.update_moment(updates, state.mu, beta1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+    mu_hat = optax.tree.bias_correction(mu, beta1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps),
+                             mu_hat, nu_hat)
+    return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_transform(cfg) -> optax.GradientTransformation:
-  """The direction of the update; the caller scales it by -lr(step)."""
+  """The direction of the update; ``step_updates`` scales it by -lr(step)."""
   if cfg.name not in OPTIMIZERS:
     raise UserError(f"unknown optim.name {cfg.name!r}; valid: {list(OPTIMIZERS)}")
+  if cfg.cycle_beta1 and (cfg.name not in ("adam", "adamw")
+                          or cfg.schedule != "one_cycle"):
+    raise UserError("optim.cycle_beta1 needs optim.name adam or adamw and "
+                    f"optim.schedule one_cycle (got {cfg.name!r}, "
+                    f"{cfg.schedule!r})")
   decay = optax.add_decayed_weights(cfg.weight_decay, mask=_kernels_only)
+  adam = (scale_by_adam_beta1_arg() if cfg.cycle_beta1
+          else optax.scale_by_adam())
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   if cfg.name == "adam":  # PyTorch Adam's L2: decay joins the gradient
-    parts += [decay, optax.scale_by_adam()]
+    parts += [decay, adam]
   elif cfg.name == "adamw":  # decoupled decay
-    parts += [optax.scale_by_adam(), decay]
+    parts += [adam, decay]
   else:
     parts += [decay, optax.trace(decay=cfg.momentum)]
   return optax.chain(*parts)
 
 
+def _cosine_anneal(start, end, frac):
+  return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * frac) + 1.0)
+
+
+def _one_cycle(step, total, warmup_frac, start, middle, end):
+  """torch OneCycleLR's two cosine phases (see the module docstring)."""
+  up_end = warmup_frac * total - 1.0  # a float step, as in torch
+  down_end = total - 1.0
+  # up_end == 0 divides 0 by 0 in torch (it raises); here step 0 is the peak.
+  up = jnp.where(up_end > 0, step / jnp.where(up_end > 0, up_end, 1.0), 1.0)
+  down = (step - up_end) / jnp.maximum(down_end - up_end, 1e-6)
+  return jnp.where(step <= up_end, _cosine_anneal(start, middle, up),
+                   _cosine_anneal(middle, end, down))
+
+
 def learning_rate(step, *, total_steps, peak, warmup_frac, schedule: str):
   """Learning rate at ``step`` (arrays allowed) of a task of ``total_steps``.
 
-  one_cycle: PyTorch's OneCycleLR (cosine annealing): from peak/25 up to peak
-  over the warm-up fraction, then down to peak/(25 * 1e4).
+  one_cycle: PyTorch's OneCycleLR with its step boundaries (module
+  docstring): from peak/25 up to peak, then down to peak/(25 * 1e4).
   cosine: linear warm-up from 0, then cosine decay to 0.
   """
   step = jnp.asarray(step, jnp.float32)
@@ -53,15 +121,45 @@ def learning_rate(step, *, total_steps, peak, warmup_frac, schedule: str):
   if schedule == "constant":
     return jnp.asarray(peak, jnp.float32) * jnp.ones_like(step)
   if schedule == "one_cycle":
-    start, end = peak / 25.0, peak / 25.0 / 1e4
-    up = jnp.clip(step / warmup, 0.0, 1.0)
-    down = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0, 1)
-    rising = peak + (start - peak) * 0.5 * (1 + jnp.cos(jnp.pi * up))
-    falling = end + (peak - end) * 0.5 * (1 + jnp.cos(jnp.pi * down))
-    return jnp.where(step < warmup, rising, falling)
+    first = peak / DIV_FACTOR
+    return _one_cycle(step, total, warmup_frac, first, peak,
+                      first / FINAL_DIV_FACTOR)
   if schedule == "cosine":
     up = jnp.clip(step / warmup, 0.0, 1.0)
     down = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0, 1)
     return jnp.where(step < warmup, peak * up,
                      peak * 0.5 * (1 + jnp.cos(jnp.pi * down)))
   raise UserError(f"unknown optim.schedule {schedule!r}; valid: {list(SCHEDULES)}")
+
+
+def beta1(step, *, total_steps, warmup_frac):
+  """Adam's beta1 at ``step`` under torch's one-cycle momentum schedule."""
+  step = jnp.asarray(step, jnp.float32)
+  total = jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0)
+  return _one_cycle(step, total, warmup_frac, BETA1_MAX, BETA1_MIN, BETA1_MAX)
+
+
+def step_updates(tx, grads, opt_state, params, *, task_step, total_steps,
+                 lr_peak, cfg):
+  """The optimizer side of one train step (pure, jittable).
+
+  Args:
+    tx: from ``make_transform(cfg)``.
+    grads, opt_state, params: this step's gradients, ``tx``'s state, params.
+    task_step: the step within the task (0-based), an int array.
+    total_steps: the task's length; lr_peak: its peak learning rate.
+    cfg: ``config.optim``.
+
+  Returns:
+    (updates already scaled by -lr, the new optimizer state, lr).
+  """
+  if cfg.cycle_beta1:
+    b1 = beta1(task_step, total_steps=total_steps,
+               warmup_frac=cfg.warmup_frac)
+    updates, opt_state = tx.update(grads, opt_state, params, beta1=b1)
+  else:
+    updates, opt_state = tx.update(grads, opt_state, params)
+  lr = learning_rate(task_step, total_steps=total_steps, peak=lr_peak,
+                     warmup_frac=cfg.warmup_frac, schedule=cfg.schedule)
+  updates = jax.tree.map(lambda u: -lr * u, updates)
+  return updates, opt_state, lr

@@ -67,7 +67,8 @@ def after_task(mem, *, config, method, source, view, task, tasks, predictor,
       features, view.labels, task.classes, quotas,
       method=config.memory.selection,
       rng=np.random.default_rng([config.seed, task.index, 17]))
-  rows, ranks = memory_lib.exemplar_rows(picked, num_classes=num_classes)
+  rows, ranks = memory_lib.exemplar_rows(picked, num_classes=num_classes,
+                                         dedup=config.memory.dedup)
   indices = view.indices[rows]
   labels, known = view.labels[rows].copy(), view.known[rows].copy()
   ground_truth = known.copy()
@@ -85,6 +86,7 @@ def after_task(mem, *, config, method, source, view, task, tasks, predictor,
       mem, images=source.train.read_images(indices), labels=labels,
       known=known, ground_truth=ground_truth, task=task.index,
       image_id=source.train.image_ids[indices], source_index=indices,
+      dedup=config.memory.dedup,
       ranks=ranks)
 
   if method.relabels_buffer_after(task):

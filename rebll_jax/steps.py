@@ -135,12 +135,10 @@ def make_train_step(*, model: nn.Module, method: Method, config,
         loss_fn, has_aux=True)(state.params)
     if config.debug.nan_at_step >= 0:  # fault injection for tests
       loss = jnp.where(state.step == config.debug.nan_at_step, jnp.nan, loss)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    lr = optim.learning_rate(
-        task_step, total_steps=context["total_steps"],
-        peak=context["lr_peak"], warmup_frac=config.optim.warmup_frac,
-        schedule=config.optim.schedule)
-    updates = jax.tree.map(lambda u: -lr * u, updates)
+    updates, opt_state, lr = optim.step_updates(
+        tx, grads, state.opt_state, state.params, task_step=task_step,
+        total_steps=context["total_steps"], lr_peak=context["lr_peak"],
+        cfg=config.optim)
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)

@@ -38,7 +38,7 @@ from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
 from rebll_jax import memory as memory_lib
 from rebll_jax import models, optim, parallel, protocol, replay, reporting
 from rebll_jax import steps, validate
-from rebll_jax.data import loader
+from rebll_jax.data import field_augment, loader
 from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained
 
@@ -332,7 +332,9 @@ def _task_batches(setup: Setup, state: RunState, task, view):
       global_batch=config.train.global_batch,
       local_rows=parallel.local_batch_slice(config.train.global_batch),
       seed=config.seed, task=task.index, mix=config.memory.mix,
-      fraction=config.memory.fraction)
+      fraction=config.memory.fraction,
+      host_augment=field_augment.from_config(
+          config.augment, workers=config.data.num_workers))
 
 
 def _task_view(setup: Setup, task):

@@ -27,12 +27,14 @@ def _registries() -> dict:
 
   Each registry lives with its components and owns its list of names."""
   from rebll_jax import memory  # pylint: disable=g-import-not-at-top
-  from rebll_jax.data import loader  # pylint: disable=g-import-not-at-top
+  from rebll_jax.data import augment, loader  # pylint: disable=g-import-not-at-top
   return {"method": methods.METHODS, "data.source": data.SOURCES,
           "model.arch": models.ARCHS, "model.conv_impl": conv.IMPLS,
           "model.dtype": models.DTYPES, "optim.name": optim.OPTIMIZERS,
           "optim.schedule": optim.SCHEDULES,
-          "memory.selection": memory.SELECTIONS, "memory.mix": loader.MIXES}
+          "memory.selection": memory.SELECTIONS, "memory.mix": loader.MIXES,
+          "augment.policy": augment.POLICIES,
+          "augment.cutout_fill": augment.CUTOUT_FILLS}
 
 
 def _field(config, dotted: str):

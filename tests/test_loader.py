@@ -3,6 +3,7 @@
 import numpy as np
 
 from rebll_jax import protocol
+from rebll_jax.data import field_augment
 from rebll_jax.data.base import Split
 from rebll_jax.data.loader import MemoryRows, TaskBatches, eval_batches
 
@@ -17,9 +18,9 @@ def _split(n=40, c=6):
                read_images=lambda idx: images[np.asarray(idx)])
 
 
-def _memory(m=6, c=6):
+def _memory(m=6, c=6, size=2):
   images = (200 + np.arange(m, dtype=np.uint8))[:, None, None, None] * \
-      np.ones((1, 2, 2, 3), np.uint8)
+      np.ones((1, size, size, 3), np.uint8)
   return MemoryRows(images=images, labels=np.ones((m, c), np.float32),
                     known=np.ones((m, c), bool),
                     true_labels=np.ones((m, c), np.uint8))
@@ -94,3 +95,48 @@ def test_eval_batches_pad_the_last_chunk():
   chunks = list(eval_batches(split, np.arange(10), 4))
   assert [valid for _, valid in chunks] == [4, 4, 2]
   assert all(images.shape[0] == 4 for images, _ in chunks)
+
+
+def _image_split(n=40, c=6, size=12):
+  rng = np.random.default_rng(1)
+  labels = (rng.random((n, c)) < 0.4).astype(np.uint8)
+  labels[np.arange(n), rng.integers(0, c, n)] = 1
+  images = rng.integers(0, 256, (n, size, size, 3), np.uint8)
+  return Split(labels=labels, image_ids=np.arange(n) + 100,
+               read_images=lambda idx: images[np.asarray(idx)])
+
+
+def test_host_augment_in_the_loader_is_deterministic_and_slice_consistent():
+  split = _image_split()
+  view = protocol.partial_view(split.labels, [0, 1, 2])
+  aug = field_augment.HostAugment()
+
+  def batches(local, host_augment=aug):
+    return TaskBatches(split=split, view=view, memory=_memory(size=12),
+                       global_batch=8, local_rows=local, seed=3, task=1,
+                       host_augment=host_augment)
+
+  full, raw = batches(slice(0, 8)), batches(slice(0, 8), None)
+  a = full.batch(5)
+  np.testing.assert_array_equal(a["images"], batches(slice(0, 8)).batch(5)[
+      "images"])  # a function of the step: resume rebuilds it
+  plain = raw.batch(5)
+  for key in ("labels", "known", "is_memory", "true_labels"):
+    np.testing.assert_array_equal(a[key], plain[key])
+  # Each row is its raw image through the transform keyed by its global row.
+  for row in range(8):
+    np.testing.assert_array_equal(
+        a["images"][row],
+        aug.one(plain["images"][row], seed=3, task=1, step=5, row=row))
+  changed = [not np.array_equal(x, y)
+             for x, y in zip(a["images"], plain["images"])]
+  assert sum(changed) >= 6  # cutout alone changes nearly every image
+  # Two hosts' slices are the one-host batch, cut.
+  halves = [batches(slice(0, 4)).batch(5)["images"],
+            batches(slice(4, 8)).batch(5)["images"]]
+  np.testing.assert_array_equal(np.concatenate(halves), a["images"])
+  # The prefetching producer yields the same batches.
+  for step, batch in full.iterate(4, 7, prefetch=2):
+    np.testing.assert_array_equal(batch["images"],
+                                  full.batch(step)["images"])
+  assert not np.array_equal(full.batch(6)["images"], a["images"])

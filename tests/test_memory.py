@@ -27,6 +27,26 @@ def _plain_herding(features, k):
   return np.array(chosen)
 
 
+def _plain_icarl_herding(features, m):
+  """The iCaRL code's herding as described: a running target, repeats."""
+  n = len(features)
+  cols = features.T / (np.sqrt((features.T ** 2).sum(axis=0)) + 1e-8)
+  mu = cols.mean(axis=1)
+  w = mu.copy()
+  first_pick = {}  # row -> order of its first pick
+  iterations = 0
+  while len(first_pick) < min(m, n) and iterations < 1000:
+    scores = [float(np.dot(w, cols[:, j])) for j in range(n)]
+    best = max(range(n), key=lambda j: (scores[j], -j))  # ties: lowest j
+    iterations += 1
+    if best not in first_pick:
+      first_pick[best] = len(first_pick)
+    w = w + mu - cols[:, best]
+  order = sorted(first_pick, key=first_pick.get)
+  order += [j for j in range(n) if j not in first_pick]  # never picked
+  return np.array(order[:min(m, n)], np.int64)
+
+
 def _rows(ids, task, cls_ranks, gt_cols):
   """Incoming rows for ``add``: images encode the id, labels 1 on gt_cols."""
   n = len(ids)
@@ -76,6 +96,54 @@ def test_herding_equals_plain_numpy_herding():
     np.testing.assert_array_equal(got, _plain_herding(f, k))
     assert len(set(got.tolist())) == len(got) == min(n, k)
   assert memory.herding(rng.normal(size=(5, 3)), 0).size == 0
+
+
+def test_herding_icarl_equals_plain_loop():
+  rng = np.random.default_rng(2)
+  differs = 0
+  for n, d, k in [(15, 4, 5), (30, 8, 30), (7, 3, 12), (40, 16, 10),
+                  (25, 2, 20)]:
+    f = rng.normal(size=(n, d)) * rng.uniform(0.5, 3, size=(n, 1))
+    got = memory.herding_icarl(f, k)
+    np.testing.assert_array_equal(got, _plain_icarl_herding(f, k))
+    assert len(set(got.tolist())) == len(got) == min(n, k)
+    differs += not np.array_equal(got, memory.herding(f, k))
+  assert differs  # not the no-repeat herding under another name
+  assert memory.herding_icarl(rng.normal(size=(5, 3)), 0).size == 0
+
+
+def test_herding_icarl_ties_and_rows_never_picked():
+  # Rows 3..5 repeat rows 0..2: argmax always takes the lower index, so the
+  # copies are never picked and fill the selection in index order.
+  base = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+  f = np.concatenate([base, base])
+  got = memory.herding_icarl(f, 5)
+  np.testing.assert_array_equal(got, _plain_icarl_herding(f, 5))
+  np.testing.assert_array_equal(np.sort(got[:3]), [0, 1, 2])
+  np.testing.assert_array_equal(got[3:], [3, 4])
+  assert got[0] == 2  # closest to the mean direction
+
+
+def test_selection_registry():
+  assert set(memory.SELECTIONS) == {"herding", "herding_icarl", "random"}
+  rng = np.random.default_rng(3)
+  feats = rng.normal(size=(30, 5))
+  labels = (rng.random((30, C)) < 0.5).astype(np.uint8)
+  sel = memory.select_exemplars(feats, labels, [0, 1], 4,
+                                method="herding_icarl")
+  for c in (0, 1):
+    cand = np.flatnonzero(labels[:, c])
+    np.testing.assert_array_equal(
+        sel[c], cand[_plain_icarl_herding(feats[cand], 4)])
+  # random: the same numbers as before the registry, rng.permutation(cand).
+  got = memory.select_exemplars(None, labels, [0, 1, 2], 3, method="random",
+                                rng=9)
+  ref_rng = np.random.default_rng(9)
+  for c in (0, 1, 2):
+    cand = np.flatnonzero(labels[:, c])
+    np.testing.assert_array_equal(got[c], ref_rng.permutation(cand)[:3])
+  with pytest.raises(ValueError, match="needs features"):
+    memory.select_exemplars(None, labels, [0], 2, method="herding_icarl")
 
 
 def test_herding_first_pick_is_closest_to_mean():
@@ -151,6 +219,37 @@ def test_add_dedups_by_image_id():
   assert mem2.task[row20] == 1 and mem2.rank[row20, 2] == 1
   np.testing.assert_array_equal(memory.valid_rows(mem2),
                                 np.flatnonzero(mem2.valid))
+
+
+def test_without_dedup_an_image_is_stored_per_class_and_per_task():
+  # Candidate 3 picked for classes 0 and 2: two rows, one rank each.
+  rows, ranks = memory.exemplar_rows(
+      {0: np.array([7, 3]), 2: np.array([3, 9])}, num_classes=C, dedup=False)
+  np.testing.assert_array_equal(rows, [7, 3, 3, 9])
+  np.testing.assert_array_equal(ranks[:, 0], [0, 1, -1, -1])
+  np.testing.assert_array_equal(ranks[:, 2], [-1, -1, 0, 1])
+  assert np.all((ranks >= 0).sum(axis=1) == 1)
+  mem = memory.empty(8, SHAPE, C)
+  inc = _rows([17, 13, 13, 19], 0, {}, [0, 2])
+  inc["ranks"] = ranks
+  mem = memory.add(mem, **inc, dedup=False)
+  assert mem.size == 4
+  np.testing.assert_array_equal(mem.image_id[mem.valid], [17, 13, 13, 19])
+  np.testing.assert_array_equal(memory.class_counts(mem), [2, 0, 2, 0, 0, 0])
+  # Next task: image 13 again is a third row; nothing is merged.
+  mem2 = memory.add(mem, **_rows([13], 1, {1: [0]}, [1]), dedup=False)
+  assert mem2.size == 5 and (mem2.image_id == 13).sum() == 3
+  np.testing.assert_array_equal(mem2.rank[mem.valid], mem.rank[mem.valid])
+  np.testing.assert_array_equal(mem2.known[mem.valid], mem.known[mem.valid])
+  assert mem2.task[4] == 1 and mem2.rank[4, 1] == 0
+  # Quotas shrink the copies like any rows: class 0 keeps its rank-0 row.
+  mem3 = memory.shrink(mem2, np.array([1, 1, 0, 0, 0, 0]))
+  np.testing.assert_array_equal(mem3.image_id[mem3.valid], [17, 13])
+  # With dedup (the default) the same input merges into one row per image.
+  merged = memory.add(memory.empty(8, SHAPE, C), **inc)
+  assert merged.size == 3
+  with pytest.raises(ValueError, match="memory full"):
+    memory.add(memory.empty(3, SHAPE, C), **inc, dedup=False)
 
 
 def test_add_raises_when_full():

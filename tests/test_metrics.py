@@ -45,6 +45,23 @@ def test_f1_by_hand():
   assert f["fpr"] == pytest.approx(100 * 1 / 3)  # 1 FP of 3 negative entries
 
 
+def test_f1_threshold_is_strict():
+  # A score equal to the threshold is not a prediction (the field's "> th").
+  scores = np.array([[0.8, 0.8], [0.81, 0.2], [0.8, 0.79]])
+  targets = np.array([[1, 0], [1, 0], [0, 1]])
+  f = metrics.f1_scores(scores, targets, 0.8)
+  # Only (1, 0) is predicted: class 0 TP=1, FN=1; class 1 nothing predicted.
+  assert f["cp"] == pytest.approx(100 * (1.0 + 0.0) / 2)
+  assert f["cr"] == pytest.approx(100 * (0.5 + 0.0) / 2)
+  assert f["op"] == pytest.approx(100.0)
+  assert f["or"] == pytest.approx(100 / 3)  # 1 of 3 positive entries
+  assert f["fpr"] == 0.0  # the negatives at exactly 0.8 are not false pos.
+  # One float step above the threshold counts: TP 2 of 3, FP 2 of 3.
+  g = metrics.f1_scores(np.nextafter(scores, 1.0), targets, 0.8)
+  assert g["or"] == pytest.approx(100 * 2 / 3)
+  assert g["fpr"] == pytest.approx(100 * 2 / 3)
+
+
 def test_f1_never_nan():
   scores = np.zeros((4, 3))
   targets = np.zeros((4, 3))

@@ -12,9 +12,10 @@ The training transform, in the order the field's code (ASL / KRT) applies it:
 1. **Horizontal flip** with probability 0.5 (``cfg.flip``).
 2. **Cutout** (``cfg.cutout`` > 0): a square of side ``round(cutout * H)``
    (and ``cutout * W``), centre uniform over the image, clipped at the
-   borders (so it may be smaller near an edge), filled with 0.5 grey.
-   Always applied. The field's CutoutPIL fills with a random colour; we use
-   grey.
+   borders (so it may be smaller near an edge), filled with 0.5 grey
+   (``cfg.cutout_fill="grey"``) or, like the field's CutoutPIL, with a
+   random colour, each channel uniform over the 256 levels ``k / 255``
+   (``"random"``). Always applied.
 3. **RandAugment** (``cfg.randaugment_ops`` ops per image, 0 disables), each
    op drawn uniformly, with replacement, from ``OPS`` below and applied with
    probability 1 at magnitude ``m = cfg.randaugment_magnitude`` in [0, 1]
@@ -43,6 +44,10 @@ The training transform, in the order the field's code (ASL / KRT) applies it:
 
    Results are clipped to [0, 1] after each op.
 
+With ``cfg.policy="field"`` the whole training transform runs on the host
+(``rebll_jax.data.field_augment``, in the loader) and ``augment_batch`` only
+does the eval conversion below.
+
 ``eval_transform(images)`` is ``images / 255`` (plus the same optional
 normalisation). With ``normalize=True`` both subtract the ImageNet mean and
 divide by its std after augmentation (the field's recipe keeps it off).
@@ -55,10 +60,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rebll_jax.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 GREY = 0.5  # fill for Cutout and for pixels uncovered by geometric ops
+
+POLICIES = ("ours", "field")  # where / how the training transform runs
+CUTOUT_FILLS = ("grey", "random")
 
 # The RandAugment op list; the index is what gets sampled. Geometric ops are
 # handled by one shared affine warp, colour ops by a switch.
@@ -254,7 +264,7 @@ def _apply_op(x, op, sign, m):
 
 
 # ------------------------------------------------------------- the pipeline
-def _cutout(x, key, frac):
+def _cutout(x, key, frac, fill="grey"):
   h, w = x.shape[0], x.shape[1]
   ch = max(int(round(frac * h)), 1)
   cw = max(int(round(frac * w)), 1)
@@ -266,11 +276,15 @@ def _cutout(x, key, frac):
   yy = jnp.arange(h)[:, None, None]
   xx = jnp.arange(w)[None, :, None]
   box = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+  if fill == "random":  # its own key: the grey path's draws stay as they are
+    colour = jax.random.randint(jax.random.fold_in(key, 1), (3,), 0, 256)
+    return jnp.where(box, colour.astype(x.dtype) / 255.0, x)
   return jnp.where(box, GREY, x)
 
 
 def augment_one(key: jax.Array, image: jax.Array, *, flip: bool = True,
-                cutout: float = 0.5, randaugment_ops: int = 2,
+                cutout: float = 0.5, cutout_fill: str = "grey",
+                randaugment_ops: int = 2,
                 randaugment_magnitude: float = 0.3) -> jax.Array:
   """One uint8 [H, W, 3] image -> float32 [H, W, 3] in [0, 1]."""
   x = image.astype(jnp.float32) / 255.0
@@ -278,7 +292,7 @@ def augment_one(key: jax.Array, image: jax.Array, *, flip: bool = True,
   if flip:
     x = jnp.where(jax.random.bernoulli(k_flip), x[:, ::-1], x)
   if cutout > 0:
-    x = _cutout(x, k_cut, float(cutout))
+    x = _cutout(x, k_cut, float(cutout), cutout_fill)
   m = float(randaugment_magnitude)
   for k in jax.random.split(k_ra, int(randaugment_ops)):
     k_op, k_sign = jax.random.split(k)
@@ -296,18 +310,31 @@ def augment_batch(key: jax.Array, images: jax.Array, cfg,
     key: a PRNG key; example ``i`` uses ``fold_in(key, i)``.
     images: uint8 [N, H, W, 3].
     cfg: the ``config.augment`` ConfigDict (read at trace time: its values
-      are Python constants of the compiled function).
+      are Python constants of the compiled function). With
+      ``cfg.policy="field"`` the images were augmented on the host and this
+      is ``eval_transform``.
     normalize_images: subtract ImageNet mean / divide by std at the end
       (``config.data.normalize``).
 
   Returns:
     float32 [N, H, W, 3], in [0, 1] unless normalised.
   """
+  # Older hand-made configs lack the two fields: today's behaviour.
+  policy = getattr(cfg, "policy", "ours")
+  fill = getattr(cfg, "cutout_fill", "grey")
+  if policy not in POLICIES:
+    raise UserError(f"unknown augment.policy {policy!r}; valid: "
+                    f"{list(POLICIES)}")
+  if fill not in CUTOUT_FILLS:
+    raise UserError(f"unknown augment.cutout_fill {fill!r}; valid: "
+                    f"{list(CUTOUT_FILLS)}")
+  if policy == "field":
+    return eval_transform(images, normalize_images)
   n = images.shape[0]
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
   fn = lambda k, im: augment_one(  # noqa: E731
       k, im, flip=bool(cfg.flip), cutout=float(cfg.cutout),
-      randaugment_ops=int(cfg.randaugment_ops),
+      cutout_fill=fill, randaugment_ops=int(cfg.randaugment_ops),
       randaugment_magnitude=float(cfg.randaugment_magnitude))
   x = jax.vmap(fn)(keys, images)
   return normalize(x) if normalize_images else x

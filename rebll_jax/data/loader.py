@@ -7,6 +7,11 @@ batch (multi-host); a background thread keeps a few batches ready.
 
 The last partial batch of an epoch is dropped (static shapes, no recompile);
 a task smaller than one batch wraps around its permutation instead.
+
+With ``host_augment`` (``augment.policy=field``) each image of a batch is
+augmented here, in the producer thread, by a transform whose randomness is
+a function of (seed, task, step, global row): a batch stays a pure function
+of its step, and each host's slice equals that slice of a one-host batch.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -52,8 +58,12 @@ class TaskBatches:
 
   def __init__(self, *, split: Split, view: TaskView, memory: MemoryRows,
                global_batch: int, local_rows: slice, seed: int, task: int,
-               mix: str = "uniform", fraction: float = 0.25):
+               mix: str = "uniform", fraction: float = 0.25,
+               host_augment: Callable[..., np.ndarray] | None = None):
     self.split, self.view, self.memory = split, view, memory
+    # (images, *, seed, task, step, rows) -> images, e.g.
+    # field_augment.HostAugment; None = raw images (augmented on device).
+    self.host_augment = host_augment
     self.global_batch, self.local_rows = global_batch, local_rows
     self.seed, self.task = seed, task
     self.mix = mix if len(memory) else "uniform"
@@ -107,6 +117,10 @@ class TaskBatches:
       labels[is_mem] = self.memory.labels[mem_rows]
       known[is_mem] = self.memory.known[mem_rows]
       true[is_mem] = self.memory.true_labels[mem_rows]
+    if self.host_augment is not None:
+      rows_in_global = np.arange(self.global_batch)[self.local_rows]
+      images = self.host_augment(images, seed=self.seed, task=self.task,
+                                 step=step, rows=rows_in_global)
     return {"images": images, "labels": labels, "known": known,
             "is_memory": is_mem, "true_labels": true}
 
