@@ -299,7 +299,7 @@ def test_bfloat16_logits_computed_in_float32():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------- the baseline trainer's terms ---
+# --------------------------------------------- the baseline trainer's terms ---
 # The PyTorch baseline trainer (KRT code, MultiLabelIncremental_baseline.py)
 # sums ASL (gamma- 4, gamma+ 0, clip 0.05, eps 1e-8, focusing weights without
 # gradient) over batch and classes, and adds lambda_f * sqrt(n_seen /
@@ -340,7 +340,8 @@ def test_asl_summed_matches_torch_reference_with_gradients(seed):
   z, y, columns = _asl_inputs(seed)
   seen = int(columns.sum())
   zt = torch.tensor(z[:, :seen], dtype=torch.float64, requires_grad=True)
-  want = _torch_asl_sum(torch, zt, torch.tensor(y[:, :seen], dtype=torch.float64))
+  want = _torch_asl_sum(torch, zt,
+                        torch.tensor(y[:, :seen], dtype=torch.float64))
   want.backward()
 
   def ours(z):

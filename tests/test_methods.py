@@ -96,9 +96,9 @@ def _baseline_batch(seed, task=1):
 
 
 def _krt_baseline_objective(b, logits, features):
-  """The krt_baseline loss on our batch layout (rebll_jax/krt_baseline_draft.md):
-  seen columns read, unknown entries as 0 targets. Once the method object
-  exists, call its loss here instead."""
+  """The krt_baseline loss on our batch layout (krt_baseline_draft.md): seen
+  columns read, unknown entries as 0 targets. Once the method object exists,
+  call its loss here instead."""
   from rebll_jax import losses  # pylint: disable=g-import-not-at-top
   mask = np.broadcast_to(b["seen_mask"], logits.shape)
   cls = losses.asymmetric_bce(
