@@ -118,6 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.temperature = 1.0
   c.loss.beta = 1.0  # exp(-beta * conf) decay on distillation (our reading)
   c.loss.adaptive = True  # renormalise the decay to mean 1 (our reading)
+  # L_cls over the batch's examples: "" = the method's own (mean; sum for
+  # krt_baseline, as the PyTorch baseline trainer sums ASL) | mean | sum.
+  c.loss.reduction = ""
+  # krt_baseline: lambda_f of POD-flat, lambda_f * sqrt(seen / increment) *
+  # mean(1 - cos) of pooled features (180 in the baseline's shipped configs).
+  c.loss.pod_flat_weight = 180.0
 
   c.relabel = ml_collections.ConfigDict()
   c.relabel.tau_old = 0.5  # past-model threshold, new rows x old classes

@@ -1,9 +1,11 @@
-"""The losses of RebLL's AKD module (METHOD.md section 4), as pure functions.
+"""The losses of RebLL's AKD module (METHOD.md section 4), and POD-flat.
 
 Every function is keyword-only, works inside ``jax.jit``, and returns one value
 per example (a float32 vector of length N) summed over the classes its mask
 selects; the caller takes the mean over examples and combines
-``L = L_cls + lambda_kd * L_kd``.
+``L = L_cls + lambda_kd * L_kd``. ``reduction="mean" | "sum"`` reduces over the
+examples instead (the PyTorch baseline trainer sums its ASL over batch and
+classes, see ``reduce_examples``).
 
 Masks are arrays (float or bool, one entry per example and class), never
 Python constants, so the classes a task sees can change without a recompile.
@@ -48,8 +50,37 @@ def _log_one_minus_clipped(logits, margin):
   return jnp.where(positive, clipped, jax.nn.log_sigmoid(-logits))
 
 
+def _floored(log_prob, prob_floor):
+  """max(log_prob, log(prob_floor)); unchanged where prob_floor <= 0."""
+  floor = jnp.asarray(prob_floor, log_prob.dtype)
+  use = floor > 0
+  log_floor = jnp.log(jnp.where(use, floor, 1.0))
+  return jnp.where(use, jnp.maximum(log_prob, log_floor), log_prob)
+
+
+REDUCTIONS = ("none", "mean", "sum")
+POD_FLAT_EPS = 1e-12  # added to squared norms, as torch's cosine_embedding_loss
+
+
+def reduce_examples(values, *, reduction):
+  """Per-example values [N] -> themselves ("none"), their mean or their sum.
+
+  "sum" is the PyTorch baseline trainer's reduction of ASL (``-loss.sum()``
+  over batch and classes). Inside a data-parallel jit the sum and the mean
+  are over the global batch; the baseline under DDP with W processes steps
+  on the average of per-process sums, i.e. the global sum / W.
+  """
+  if reduction == "none":
+    return values
+  if reduction == "mean":
+    return jnp.mean(values)
+  if reduction == "sum":
+    return jnp.sum(values)
+  raise ValueError(f"reduction={reduction!r}; valid: {REDUCTIONS}")
+
+
 def asymmetric_bce(*, logits, labels, mask, g_pos=0., g_neg=0., margin=0.,
-                   w_pos=1., w_neg=1.):
+                   w_pos=1., w_neg=1., prob_floor=0., reduction="none"):
   """The asymmetric BCE family (L_cls of METHOD.md section 4), per example.
 
     L = - sum_c mask_c * [ w_pos * y_c * (1 - p_c)^g_pos * log(p_c)
@@ -69,16 +100,22 @@ def asymmetric_bce(*, logits, labels, mask, g_pos=0., g_neg=0., margin=0.,
     mask: float or bool [N, C]; the ``known`` mask times the class-column
       mask. Unknown entries contribute nothing.
     g_pos, g_neg, margin, w_pos, w_neg: Python numbers or traced scalars.
+    prob_floor: 0, or the eps of ASL's reference code: each log reads
+      max(probability, prob_floor), so a term is capped at -log(prob_floor)
+      and has no gradient past it (ASL's ``clamp(min=eps)``, eps = 1e-8).
+      Only a positive with logit below log(eps) ~ -18.4 (or, with margin 0,
+      a negative above +18.4) feels it. Number or traced scalar.
+    reduction: "none" (per example), "mean" or "sum" over the examples.
 
   Returns:
     float32 [N] (float64 for float64 logits), the loss of each example
-    summed over its masked classes.
+    summed over its masked classes; a scalar for "mean" / "sum".
   """
   dtype = _compute_dtype(logits)
   z = jnp.asarray(logits, dtype)
   y = jnp.asarray(labels, dtype)
-  log_p = jax.nn.log_sigmoid(z)
-  log_1m_pm = _log_one_minus_clipped(z, margin)
+  log_p = _floored(jax.nn.log_sigmoid(z), prob_floor)
+  log_1m_pm = _floored(_log_one_minus_clipped(z, margin), prob_floor)
   p = jax.nn.sigmoid(z)
   p_m = jnp.maximum(p - jnp.asarray(margin, dtype), 0.0)
   # jnp.power(0, 0) == 1, so g = 0 gives weight 1 even at saturated p.
@@ -86,7 +123,7 @@ def asymmetric_bce(*, logits, labels, mask, g_pos=0., g_neg=0., margin=0.,
   focus_neg = jax.lax.stop_gradient(jnp.power(p_m, g_neg))
   terms = (w_pos * y * focus_pos * log_p +
            w_neg * (1.0 - y) * focus_neg * log_1m_pm)
-  return -_masked_sum(terms, mask)
+  return reduce_examples(-_masked_sum(terms, mask), reduction=reduction)
 
 
 def distillation_weights(*, old_logits, mask, temperature=1., beta=0.,
@@ -154,3 +191,49 @@ def asymmetric_distillation(*, logits, old_logits, mask, temperature=1.,
                            adaptive=adaptive)
   terms = a * (q * jax.nn.log_sigmoid(z) + (1.0 - q) * jax.nn.log_sigmoid(-z))
   return -_masked_sum(terms, mask)
+
+
+def pod_flat(*, features, old_features, n_seen, task_size, weight,
+             reduction="none"):
+  """POD-flat distillation of pooled embeddings, per example.
+
+    L_i = weight * sqrt(n_seen / task_size) * (1 - cos(e_old_i, e_new_i))
+
+  The mean over examples of L_i is the PyTorch baseline trainer's term
+  ``lambda_f * sqrt(num_classes / task_size) * cosine_embedding_loss(old,
+  new, 1)``, with ``n_seen`` the classes seen including the current task and
+  ``task_size`` the size of an incremental task (not of the first one).
+  ``features`` are the model's ``features`` output (the pooled embedding the
+  head reads); ``old_features`` come from the frozen past model (gradient
+  stopped here).
+
+  cos = <a, b> / sqrt((|a|^2 + eps) (|b|^2 + eps)), eps = 1e-12, as torch
+  computes it: a zero vector gives cos = 0 (loss ``weight * scale``) with
+  finite value and gradient.
+
+  Args:
+    features: float [N, D], current model (any float dtype; computed in
+      float32, or float64 for float64 input).
+    old_features: float [N, D], past model.
+    n_seen, task_size, weight: Python numbers or traced scalars (n_seen can
+      then change per task without a recompile); task_size > 0.
+    reduction: "none" (per example), "mean" or "sum" over the examples.
+
+  Returns:
+    float32 [N] (or a scalar for "mean" / "sum").
+  """
+  for name, value in (("task_size", task_size), ("n_seen", n_seen)):
+    if isinstance(value, (int, float)) and (
+        value <= 0 if name == "task_size" else value < 0):
+      raise ValueError(f"pod_flat: {name}={value} must be "
+                       f"{'> 0' if name == 'task_size' else '>= 0'}")
+  dtype = _compute_dtype(features)
+  new = jnp.asarray(features, dtype)
+  old = jax.lax.stop_gradient(jnp.asarray(old_features, dtype))
+  dot = jnp.sum(new * old, axis=-1)
+  # Two rsqrt factors, not sqrt of the product: no overflow of |a|^2 |b|^2.
+  cos = (dot * jax.lax.rsqrt(jnp.sum(new * new, axis=-1) + POD_FLAT_EPS) *
+         jax.lax.rsqrt(jnp.sum(old * old, axis=-1) + POD_FLAT_EPS))
+  scale = weight * jnp.sqrt(jnp.asarray(n_seen, dtype) /
+                            jnp.asarray(task_size, dtype))
+  return reduce_examples(scale * (1.0 - cos), reduction=reduction)

@@ -32,16 +32,23 @@ from rebll_jax.errors import UserError
 
 BCE = dict(g_pos=0.0, g_neg=0.0, margin=0.0, w_pos=1.0, w_neg=1.0)
 ASL = dict(g_pos=0.0, g_neg=4.0, margin=0.05, w_pos=1.0, w_neg=1.0)
+# The PyTorch baseline trainer's ASL: its eps floors both log arguments.
+ASL_FIELD = dict(ASL, prob_floor=1e-8)
 
 CLS_COLUMNS = ("current", "seen")
 UNKNOWN_LABELS = ("masked", "negative")
-DISTILL_KINDS = ("none", "plain", "asymmetric")
+# plain / asymmetric: sigmoid-BCE toward the past model's logits (beta = 0
+# for plain); pod_flat: 1 - cos of pooled embeddings (the baseline trainer).
+DISTILL_KINDS = ("none", "plain", "asymmetric", "pod_flat")
 OLD_THRESHOLDS = ("or", "pseudo")
+CLS_REDUCTIONS = ("mean", "sum")  # of L_cls over the batch's examples
 
 # config.loss fields each part of a method reads.
 _CLS_KNOBS = ("g_pos", "g_neg", "margin", "w_pos", "w_neg")
 _KD_KNOBS = ("lambda_kd", "temperature")
 _ASYMMETRIC_KD_KNOBS = ("beta", "adaptive")
+_POD_FLAT_KNOBS = ("pod_flat_weight",)
+_ALWAYS_READ = ("reduction",)
 
 
 def _choose(value: str, valid: tuple[str, ...], what: str) -> str:
@@ -59,6 +66,7 @@ class Method:
   cls_columns: str = "current"  # CLS_COLUMNS
   unknown_labels: str = "masked"  # UNKNOWN_LABELS
   cls_loss: dict | None = None  # fixed (g_pos, ...); None = config.loss
+  cls_reduction: str = "mean"  # CLS_REDUCTIONS; config.loss.reduction wins
   distill: str = "none"  # DISTILL_KINDS: plain = beta 0, no renormalising
   replay: bool = False
   relabel_new_online: bool = False  # past model: new rows x old classes
@@ -75,8 +83,11 @@ class Method:
     _choose(self.unknown_labels, UNKNOWN_LABELS, f"{self.name}: unknown_labels")
     _choose(self.distill, DISTILL_KINDS, f"{self.name}: distill")
     _choose(self.old_threshold, OLD_THRESHOLDS, f"{self.name}: old_threshold")
-    if self.cls_loss is not None and set(self.cls_loss) != set(_CLS_KNOBS):
-      raise ValueError(f"{self.name}: cls_loss needs exactly {_CLS_KNOBS}")
+    _choose(self.cls_reduction, CLS_REDUCTIONS, f"{self.name}: cls_reduction")
+    if self.cls_loss is not None and (
+        set(self.cls_loss) - {"prob_floor"} != set(_CLS_KNOBS)):
+      raise ValueError(f"{self.name}: cls_loss needs exactly {_CLS_KNOBS} "
+                       "(and optionally prob_floor)")
     if (self.relabel_memory_online or self.relabel_between_tasks) and (
         not self.replay):
       raise ValueError(f"{self.name}: memory relabeling needs replay")
@@ -107,11 +118,16 @@ class Method:
       return dict(self.cls_loss)
     return {k: loss_cfg[k] for k in _CLS_KNOBS}
 
+  def reduction(self, loss_cfg) -> str:
+    """How ``L_cls`` is reduced over examples (``loss.reduction`` overrides
+    the method's own; "" keeps it)."""
+    return loss_cfg.get("reduction", "") or self.cls_reduction
+
   # --------------------------------------------------------- distillation --
 
   def distill_params(self, loss_cfg) -> dict | None:
-    """None without distillation, else the knobs of ``L_kd``."""
-    if self.distill == "none":
+    """None without logit distillation, else the knobs of ``L_kd``."""
+    if self.distill in ("none", "pod_flat"):
       return None
     asymmetric = self.distill == "asymmetric"
     return dict(temperature=loss_cfg.temperature,
@@ -149,11 +165,13 @@ class Method:
 
   def loss_knobs_read(self) -> tuple[str, ...]:
     """The ``config.loss`` fields this method reads."""
-    read = () if self.cls_loss is not None else _CLS_KNOBS
-    if self.distill != "none":
+    read = _ALWAYS_READ + (() if self.cls_loss is not None else _CLS_KNOBS)
+    if self.distill in ("plain", "asymmetric"):
       read += _KD_KNOBS
     if self.distill == "asymmetric":
       read += _ASYMMETRIC_KD_KNOBS
+    if self.distill == "pod_flat":
+      read += _POD_FLAT_KNOBS
     return read
 
   def ignored_config(self, config, defaults) -> list[str]:
@@ -188,6 +206,11 @@ METHODS = {m.name: m for m in [
            cls_columns="seen", cls_loss=BCE, distill="plain", replay=True,
            relabel_new_online=True, relabel_memory_online=True,
            relabel_between_tasks=True),
+    Method("krt_baseline", "the PyTorch baseline trainer (KRT code): ASL "
+           "summed over batch and seen columns, unknown labels as 0 targets, "
+           "POD-flat distillation of pooled features, herding replay",
+           cls_columns="seen", unknown_labels="negative", cls_loss=ASL_FIELD,
+           cls_reduction="sum", distill="pod_flat", replay=True),
     Method("joint", "upper bound: one task, all classes, full labels",
            cls_loss=BCE, joint=True),
 ]}

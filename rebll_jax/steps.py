@@ -54,13 +54,44 @@ def task_context(task, *, task_start, total_steps, lr_peak) -> dict:
   }
 
 
+def objective(*, method: Method, config, out, old_out, labels, mask,
+              context):
+  """The method's loss on one batch: (scalar loss, logged terms).
+
+  ``L_cls`` (asymmetric BCE on ``mask``, reduced over examples as the method
+  says) plus its distillation toward the past model's outputs ``old_out``
+  (None in the first task): logit distillation weighted by
+  ``loss.lambda_kd``, or POD-flat on pooled features.
+  """
+  logits = out["logits"]
+  cls = losses.asymmetric_bce(logits=logits, labels=labels, mask=mask,
+                              **method.cls_loss_params(config.loss))
+  loss = losses.reduce_examples(cls, reduction=method.reduction(config.loss))
+  terms = {"loss_cls": loss}
+  if old_out is None:
+    return loss, terms
+  kd_params = method.distill_params(config.loss)
+  if kd_params is not None:
+    kd_mask = jnp.broadcast_to(context["old_mask"], logits.shape)
+    kd = losses.asymmetric_distillation(
+        logits=logits, old_logits=jax.lax.stop_gradient(old_out["logits"]),
+        mask=kd_mask, **kd_params)
+    terms["loss_kd"] = jnp.mean(kd)
+    loss = loss + config.loss.lambda_kd * terms["loss_kd"]
+  elif method.distill == "pod_flat":
+    terms["loss_pod_flat"] = losses.pod_flat(
+        features=out["features"], old_features=old_out["features"],
+        n_seen=jnp.sum(context["seen_mask"]),
+        task_size=config.protocol.increment,
+        weight=config.loss.pod_flat_weight, reduction="mean")
+    loss = loss + terms["loss_pod_flat"]
+  return loss, terms
+
+
 def make_train_step(*, model: nn.Module, method: Method, config,
                     tx: optax.GradientTransformation, has_old: bool,
                     on_trace: Callable[[], None] | None = None):
   """Builds the (unjitted) pure train step for one method and config."""
-  cls_params = method.cls_loss_params(config.loss)
-  kd_params = method.distill_params(config.loss)
-  lambda_kd = config.loss.lambda_kd
   taus = method.thresholds(config.relabel)
 
   def train_step(state: TrainState, old_variables, batch, context, key,
@@ -76,7 +107,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
     given_known = known
     label_counts = {}
 
-    old_logits = None
+    old_out = old_logits = None
     if has_old:
       old_out = model.apply(old_variables, images, train=False)
       old_logits = jax.lax.stop_gradient(old_out["logits"])
@@ -116,16 +147,9 @@ def make_train_step(*, model: nn.Module, method: Method, config,
               known_before=before, known_after=k, labels=y, truth=truth,
               rows=is_memory)
       y, mask = method.loss_targets(y, k, columns)
-      cls = losses.asymmetric_bce(logits=logits, labels=y, mask=mask,
-                                  **cls_params)
-      loss = jnp.mean(cls)
-      terms = {"loss_cls": loss}
-      if kd_params is not None and has_old:
-        kd_mask = jnp.broadcast_to(context["old_mask"], logits.shape)
-        kd = losses.asymmetric_distillation(
-            logits=logits, old_logits=old_logits, mask=kd_mask, **kd_params)
-        terms["loss_kd"] = jnp.mean(kd)
-        loss = loss + lambda_kd * terms["loss_kd"]
+      loss, terms = objective(
+          method=method, config=config, out=out, old_out=old_out, labels=y,
+          mask=mask, context=context)
       positives = jnp.sum(mask * y)
       terms["cls_positives"] = positives
       terms["cls_negatives"] = jnp.sum(mask * (1 - y))

@@ -34,7 +34,8 @@ def _registries() -> dict:
           "optim.schedule": optim.SCHEDULES,
           "memory.selection": memory.SELECTIONS, "memory.mix": loader.MIXES,
           "augment.policy": augment.POLICIES,
-          "augment.cutout_fill": augment.CUTOUT_FILLS}
+          "augment.cutout_fill": augment.CUTOUT_FILLS,
+          "loss.reduction": ("",) + methods.CLS_REDUCTIONS}
 
 
 def _field(config, dotted: str):
@@ -116,6 +117,7 @@ def check_config(config):
     _check(l[name] >= 0, f"loss.{name} must be >= 0")
   _check(0.0 <= l.margin < 1.0, "loss.margin must be in [0, 1)")
   _check(l.temperature > 0, "loss.temperature must be > 0")
+  _check(l.pod_flat_weight >= 0, "loss.pod_flat_weight must be >= 0")
   _check(0.0 <= config.relabel.warmup_frac <= 1.0,
          "relabel.warmup_frac must be in [0, 1]")
   _check(0.0 < config.eval.threshold < 1.0, "eval.threshold must be in (0, 1)")

@@ -273,3 +273,83 @@ def test_cli_entry_point_exit_code_without_traceback(tmp_path):
   assert "not a TResNet state dict" in proc.stderr
   assert "Traceback" not in proc.stderr and not os.path.exists(
       tmp_path / "o")
+
+
+# ------------------------------------------- init_from a state-dict file ---
+
+def test_init_from_torchvision_resnet18_pth_in_process(tmp_path):
+  """--config.model.init_from=FILE.pth: the PyTorch baseline trainer writes
+  ``{'model': state_dict}``; a real torchvision-layout resnet18 saved so
+  loads into ours (converted in-process) with equal features and logits."""
+  torch = pytest.importorskip("torch", reason="torch is in the test extra")
+  from experiments.torch_baseline import models  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  ref = models.resnet18(num_classes=7).eval()
+  with torch.no_grad():  # norm statistics away from the identity
+    for m in ref.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0, 0.2)
+        m.running_mean.normal_(0, 0.2)
+        m.running_var.uniform_(0.5, 2.0)
+  src = str(tmp_path / "resnet18_init.pth")
+  torch.save({"model": ref.state_dict()}, src)
+
+  module = pretrained.build("resnet18", 7)
+  x = np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32)
+  fresh = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype),
+                       jax.eval_shape(module.init, jax.random.PRNGKey(0), x))
+  loaded, info = pretrained.load_pretrained(fresh, src, "resnet18")
+  assert info["format"] == "torchvision/timm" and info["num_loaded"] == 100
+  assert info["source"] == src and info["source_sha256"] == convert.sha256(src)
+  assert info["dropped"]["classifier head"] == ["fc.bias [7]",
+                                                "fc.weight [7, 512]"]
+  # The head of a run stays as initialised ...
+  np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"],
+                                fresh["params"]["fc"]["kernel"])
+  # ... so give it torch's to compare logits end to end (eval mode).
+  loaded["params"]["fc"] = {
+      "kernel": jnp.asarray(ref.fc.weight.detach().numpy().T),
+      "bias": jnp.asarray(ref.fc.bias.detach().numpy())}
+  got = jax.jit(lambda v, x: module.apply(v, x, train=False))(loaded, x)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  for key in ("features", "logits"):
+    ours = np.asarray(got[key], np.float64)
+    theirs = want[key].numpy().astype(np.float64)
+    err = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    print(f"{key}: max rel err {err:.2e}")
+    assert err < 1e-5, (key, err)
+
+
+def test_init_from_file_refusals_are_value_errors(tmp_path, r18):
+  """Every failure is a ValueError (train.py turns it into one error line)."""
+  torch = pytest.importorskip("torch", reason="torch is in the test extra")
+  module = pretrained.build("resnet18", 3)
+  fresh = jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                         jnp.zeros((1, 32, 32, 3)))
+  # A resnet18 file for a resnet50 model: the conversion's list and hint.
+  src = str(tmp_path / "r18.pth")
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in r18.items()}}, src)
+  with pytest.raises(ValueError, match=r"r18\.pth: the torchvision/timm "
+                     r"state dict does not match resnet50") as e:
+    pretrained.load_pretrained(fresh, src, "resnet50")
+  assert "looks like a resnet18" in str(e.value)
+  # A converted backbone that does not fit the model that was built.
+  small = jax.eval_shape(pretrained.build("resnet50", 3).init,
+                         jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match="does not fit the model"):
+    pretrained.load_state_dict_file(small, src, "resnet18")
+  # A pickled module, refused by weights_only loading; an unknown suffix.
+  bad = str(tmp_path / "module.pth")
+  torch.save(torch.nn.Linear(2, 2), bad)
+  with pytest.raises(ValueError, match=r"module\.pth: torch\.load\("
+                     r"weights_only=True\) refused it"):
+    pretrained.load_pretrained(fresh, bad, "resnet18")
+  odd = tmp_path / "weights.npz"
+  odd.write_bytes(b"x")
+  with pytest.raises(ValueError, match="unknown file type"):
+    pretrained.load_pretrained(fresh, str(odd), "resnet18")
+  # A folder that is not a converted checkpoint keeps its old message.
+  with pytest.raises(ValueError, match="is not a converted checkpoint"):
+    pretrained.load_pretrained(fresh, str(tmp_path), "resnet18")

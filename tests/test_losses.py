@@ -297,3 +297,225 @@ def test_bfloat16_logits_computed_in_float32():
   want = _np_asym_bce(np.asarray(jnp.asarray(z, jnp.bfloat16), np.float32), y,
                       mask, *AKD)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------- the baseline trainer's terms ---
+# The PyTorch baseline trainer (KRT code, MultiLabelIncremental_baseline.py)
+# sums ASL (gamma- 4, gamma+ 0, clip 0.05, eps 1e-8, focusing weights without
+# gradient) over batch and classes, and adds lambda_f * sqrt(n_seen /
+# task_size) * cosine_embedding_loss(old, new, 1) on pooled embeddings. The
+# references below are written from that description in PyTorch.
+
+
+def _torch():
+  return pytest.importorskip("torch", reason="torch is in the test extra")
+
+
+def _torch_asl_sum(torch, z, y, g_neg=4., g_pos=0., clip=0.05, eps=1e-8):
+  """ASL summed over batch and classes, as described; z requires grad."""
+  p = torch.sigmoid(z)
+  p_neg = (1 - p + clip).clamp(max=1) if clip > 0 else 1 - p
+  loss = (y * torch.log(p.clamp(min=eps)) +
+          (1 - y) * torch.log(p_neg.clamp(min=eps)))
+  with torch.no_grad():
+    pt = p * y + p_neg * (1 - y)
+    w = torch.pow(1 - pt, g_pos * y + g_neg * (1 - y))
+  return -(loss * w).sum()
+
+
+def _asl_inputs(seed, n=6, seen=7, total=10):
+  z, _, y, _ = _data(seed, n=n, c=total, scale=4.0)
+  # Saturated entries on both sides: a positive far below log(eps) (the
+  # floor binds) and a confident negative (the clip binds).
+  z[0, 0], y[0, 0] = -30.0, 1.0
+  z[1, 1], y[1, 1] = 25.0, 0.0
+  columns = np.zeros((total,), np.float32)
+  columns[:seen] = 1  # the seen columns; the rest is an unread future block
+  return z, y, columns
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_asl_summed_matches_torch_reference_with_gradients(seed):
+  torch = _torch()
+  z, y, columns = _asl_inputs(seed)
+  seen = int(columns.sum())
+  zt = torch.tensor(z[:, :seen], dtype=torch.float64, requires_grad=True)
+  want = _torch_asl_sum(torch, zt,
+                        torch.tensor(y[:, :seen], dtype=torch.float64))
+  want.backward()
+
+  def ours(z):
+    return losses.asymmetric_bce(
+        logits=z, labels=y, mask=np.broadcast_to(columns, z.shape), g_pos=0.,
+        g_neg=4., margin=0.05, prob_floor=1e-8, reduction="sum")
+
+  value, grad = jax.value_and_grad(ours)(z)
+  assert value.shape == () and value.dtype == jnp.float32
+  np.testing.assert_allclose(value, want.item(), rtol=1e-5)
+  np.testing.assert_allclose(grad[:, :seen], zt.grad.numpy(), rtol=1e-5,
+                             atol=1e-6)
+  assert np.all(np.asarray(grad[:, seen:]) == 0)
+  # The floored positive: capped at -log(eps), no gradient past it.
+  assert grad[0, 0] == 0.0 and zt.grad[0, 0].item() == 0.0
+  # The same in float64 (x64): agreement to float64 round-off.
+  with jax.enable_x64(True):
+    v64, g64 = jax.value_and_grad(ours)(z.astype(np.float64))
+    np.testing.assert_allclose(v64, want.item(), rtol=1e-12)
+    np.testing.assert_allclose(g64[:, :seen], zt.grad.numpy(), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_asl_summed_equals_sum_of_per_example_and_mean_reduction():
+  z, y, columns = _asl_inputs(3)
+  kw = dict(logits=z, labels=y, mask=np.broadcast_to(columns, z.shape),
+            g_pos=0., g_neg=4., margin=0.05)
+  per_example = losses.asymmetric_bce(**kw)
+  assert per_example.shape == (z.shape[0],)
+  np.testing.assert_allclose(losses.asymmetric_bce(**kw, reduction="sum"),
+                             np.sum(per_example), rtol=1e-6)
+  np.testing.assert_allclose(losses.asymmetric_bce(**kw, reduction="mean"),
+                             np.mean(per_example), rtol=1e-6)
+  # Summing over the batch scales the gradient by N against the mean.
+  g_sum = jax.grad(lambda z: losses.asymmetric_bce(
+      **dict(kw, logits=z), reduction="sum"))(z)
+  g_mean = jax.grad(lambda z: losses.asymmetric_bce(
+      **dict(kw, logits=z), reduction="mean"))(z)
+  np.testing.assert_allclose(g_sum, z.shape[0] * g_mean, rtol=1e-5,
+                             atol=1e-7)
+  with pytest.raises(ValueError, match="reduction='total'"):
+    losses.asymmetric_bce(**kw, reduction="total")
+
+
+def test_prob_floor_caps_the_term_and_its_gradient():
+  one = lambda z, y, floor: jax.value_and_grad(
+      lambda z: losses.asymmetric_bce(
+          logits=z, labels=np.array([[y]], np.float32), mask=np.ones((1, 1)),
+          prob_floor=floor, reduction="sum"))(np.array([[z]], np.float32))
+  # A positive at z = -30: exact BCE costs 30 with slope -1; floored at eps,
+  # the cost is -log(eps) = 18.42 and the slope is 0.
+  v, g = one(-30.0, 1.0, 0.0)
+  np.testing.assert_allclose([v, g[0, 0]], [30.0, -1.0], rtol=1e-6)
+  v, g = one(-30.0, 1.0, 1e-8)
+  np.testing.assert_allclose(v, -np.log(1e-8), rtol=1e-6)
+  assert g[0, 0] == 0.0
+  # Above the floor nothing changes (value and gradient).
+  for z, y in [(-3.0, 1.0), (2.0, 0.0), (15.0, 0.0)]:
+    for a, b in zip(one(z, y, 1e-8), one(z, y, 0.0)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  # A negative far above +log(1/eps) with margin 0 is floored too.
+  v, g = one(30.0, 0.0, 1e-8)
+  np.testing.assert_allclose(v, -np.log(1e-8), rtol=1e-6)
+  assert g[0, 0] == 0.0
+  # Traced floor under jit.
+  f = jax.jit(lambda z, floor: losses.asymmetric_bce(
+      logits=z, labels=np.ones((1, 1), np.float32), mask=np.ones((1, 1)),
+      prob_floor=floor))
+  np.testing.assert_allclose(f(np.full((1, 1), -30., np.float32), 1e-8),
+                             [-np.log(1e-8)], rtol=1e-6)
+  np.testing.assert_allclose(f(np.full((1, 1), -30., np.float32), 0.0),
+                             [30.0], rtol=1e-6)
+
+
+def _pod_inputs(seed, n=6, d=8):
+  rng = np.random.default_rng(seed)
+  new = np.abs(rng.normal(size=(n, d))).astype(np.float32)  # post-ReLU pool
+  old = np.abs(rng.normal(size=(n, d))).astype(np.float32)
+  old[1] = new[1] * 3.0  # same direction: cos = 1
+  new[2] = 0.0  # zero embeddings: cos = 0 by the eps in the norms
+  old[3] = 0.0
+  new[4] = old[4] = 0.0
+  return new, old
+
+
+@pytest.mark.parametrize("n_seen,task_size,weight", [(20, 5, 180.),
+                                                     (15, 5, 180.),
+                                                     (3, 2, 0.5)])
+def test_pod_flat_matches_torch_cosine_embedding_loss(n_seen, task_size,
+                                                      weight):
+  torch = _torch()
+  new, old = _pod_inputs(n_seen)
+  scale = weight * np.sqrt(n_seen / task_size)
+  new_t = torch.tensor(new, requires_grad=True)
+  old_t = torch.tensor(old, requires_grad=True)
+  ones = torch.ones(new.shape[0])
+  want = scale * torch.nn.functional.cosine_embedding_loss(old_t, new_t, ones)
+  want.backward()
+  per_row = torch.nn.functional.cosine_embedding_loss(
+      old_t, new_t, ones, reduction="none").detach().numpy()
+
+  kw = dict(n_seen=n_seen, task_size=task_size, weight=weight)
+  got = losses.pod_flat(features=new, old_features=old, **kw)
+  assert got.shape == (new.shape[0],) and got.dtype == jnp.float32
+  # float32 round-off of 1 - cos is ~1e-7, times the scale.
+  np.testing.assert_allclose(got, scale * per_row, rtol=1e-5,
+                             atol=1e-6 * scale)
+  np.testing.assert_allclose(np.asarray(got)[1:5], [0., scale, scale, scale],
+                             rtol=1e-6, atol=1e-6 * scale)
+  value, (g_new, g_old) = jax.value_and_grad(
+      lambda a, b: losses.pod_flat(features=a, old_features=b, **kw,
+                                   reduction="mean"), argnums=(0, 1))(new, old)
+  np.testing.assert_allclose(value, want.item(), rtol=1e-5)
+  assert np.all(np.isfinite(g_new))
+  np.testing.assert_allclose(g_new, new_t.grad.numpy(), rtol=1e-4,
+                             atol=1e-4 * np.abs(new_t.grad.numpy()).max())
+  # The past model is a constant: no gradient (torch's would be non-zero).
+  assert np.all(np.asarray(g_old) == 0)
+  assert np.abs(old_t.grad.numpy()).max() > 0
+  np.testing.assert_allclose(
+      losses.pod_flat(features=new, old_features=old, **kw, reduction="sum"),
+      np.sum(got), rtol=1e-6)
+
+
+def test_pod_flat_closed_forms_traced_scale_and_dtypes():
+  rng = np.random.default_rng(5)
+  e = rng.normal(size=(4, 16)).astype(np.float32)
+  kw = dict(n_seen=20, task_size=5, weight=180.)
+  np.testing.assert_allclose(losses.pod_flat(features=e, old_features=e, **kw),
+                             0.0, atol=1e-4)
+  np.testing.assert_allclose(
+      losses.pod_flat(features=-e, old_features=e, **kw), 2 * 180 * 2.0,
+      rtol=1e-6)
+  # Orthogonal pairs: 1 - cos = 1.
+  a = np.eye(4, 16, dtype=np.float32)
+  b = np.eye(4, 16, k=4, dtype=np.float32)
+  np.testing.assert_allclose(losses.pod_flat(features=a, old_features=b, **kw),
+                             360.0, rtol=1e-6)
+  # n_seen, task_size and weight may be traced: one executable per shape.
+  traces = []
+
+  def f(x, y, n_seen, weight):
+    traces.append(1)
+    return losses.pod_flat(features=x, old_features=y, n_seen=n_seen,
+                           task_size=5, weight=weight, reduction="mean")
+
+  jf = jax.jit(f)
+  new, old = _pod_inputs(7)
+  base = float(jf(new, old, 10, 180.))
+  np.testing.assert_allclose(float(jf(new, old, 40, 180.)), 2 * base,
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(jf(new, old, 10, 90.)), base / 2,
+                             rtol=1e-6)
+  assert len(traces) == 1
+  # bfloat16 features are computed in float32.
+  got = losses.pod_flat(features=jnp.asarray(new, jnp.bfloat16),
+                        old_features=old, **kw)
+  assert got.dtype == jnp.float32
+  want = losses.pod_flat(
+      features=np.asarray(jnp.asarray(new, jnp.bfloat16), np.float32),
+      old_features=old, **kw)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  with pytest.raises(ValueError, match="task_size=0 must be > 0"):
+    losses.pod_flat(features=e, old_features=e, n_seen=2, task_size=0,
+                    weight=1.)
+  with pytest.raises(ValueError, match="reduction="):
+    losses.pod_flat(features=e, old_features=e, **kw, reduction="avg")
+
+
+def test_pod_flat_check_grads_away_from_zero_vectors():
+  with jax.enable_x64(True):
+    new, old = (a.astype(np.float64) for a in _pod_inputs(9))
+    rows = [0, 5]  # generic rows (zero rows have a kink-free but huge slope)
+    check_grads(lambda x: losses.pod_flat(
+        features=x, old_features=old[rows], n_seen=6, task_size=2,
+        weight=1.5), (new[rows],), order=1, modes=("rev",), atol=1e-5,
+        rtol=1e-5)

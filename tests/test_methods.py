@@ -87,3 +87,103 @@ def test_a_loss_override_the_method_ignores_is_an_error(name, knob, ignored):
       validate.check_config(config)
   else:
     validate.check_config(config)
+
+# --------------------------------------------------------- krt_baseline ---
+# The PyTorch baseline trainer's objective (KRT code, issue 16), written from
+# its description: targets are the one-hot ground truth of the classes a row's
+# dataset makes visible (new rows: the current block; exemplars: their own
+# block up to the current one, the field-exact widening), sliced to the seen
+# columns; ASL (gamma- 4, gamma+ 0, clip 0.05, eps 1e-8, focusing weights
+# without gradient) summed over batch and seen columns, plus
+# 180 * sqrt(n_seen / task_size) * cosine_embedding_loss(old, new, 1) on the
+# pooled embeddings, old model in eval mode (a constant here).
+
+BLOCKS = [(0, 3), (3, 6), (6, 9)]  # three tasks of 3 classes, 9 columns
+
+
+def _baseline_batch(seed, task=1):
+  """Our batch layout for task ``task`` (0-based), field-exact labels."""
+  rng = np.random.default_rng(seed)
+  low, high = BLOCKS[task]
+  n_new, n_mem, classes, dim = 5, 3, 9, 6
+  n = n_new + n_mem
+  true = (rng.random((n, classes)) < 0.4).astype(np.float32)
+  own_low = np.array([low] * n_new + list(rng.integers(0, task, n_mem) * 3))
+  cols = np.arange(classes)
+  visible = (cols >= own_low[:, None]) & (cols < high)  # widened exemplars
+  return dict(
+      labels=np.where(visible, true, 0.0).astype(np.float32),
+      known=visible, true=true, own_low=own_low, low=low, high=high,
+      seen_mask=(cols < high).astype(np.float32),
+      current_mask=((cols >= low) & (cols < high)).astype(np.float32),
+      logits=(rng.normal(size=(n, classes)) * 3).astype(np.float32),
+      features=np.abs(rng.normal(size=(n, dim))).astype(np.float32),
+      old_features=np.abs(rng.normal(size=(n, dim))).astype(np.float32))
+
+
+def _krt_baseline_objective(b, logits, features):
+  """The krt_baseline method's own loss (steps.objective) on our batch
+  layout: seen columns read, unknown entries as 0 targets."""
+  from rebll_jax import steps  # pylint: disable=g-import-not-at-top
+  method = methods.METHODS["krt_baseline"]
+  config = _config(method="krt_baseline", **{
+      "protocol.increment": int(b["current_mask"].sum())})
+  context = {"seen_mask": b["seen_mask"], "current_mask": b["current_mask"],
+             "old_mask": b["seen_mask"] * (1 - b["current_mask"])}
+  y, mask = method.loss_targets(b["labels"], b["known"],
+                                method.loss_columns(context))
+  loss, _ = steps.objective(
+      method=method, config=config,
+      out={"logits": logits, "features": features},
+      old_out={"logits": logits, "features": b["old_features"]},
+      labels=y, mask=mask, context=context)
+  return loss
+
+
+def _torch_baseline_loss(torch, b, logits, features):
+  """The baseline's compute_loss, from the description (torch autograd)."""
+  high = b["high"]
+  target = torch.zeros(logits.shape[0], 9)
+  for i, row in enumerate(b["true"]):
+    for c in np.flatnonzero(row):
+      if b["own_low"][i] <= c < high:  # the dataset's visible classes
+        target[i, c] = 1
+  target = target[:, :high]
+  z = logits[:, :high]  # the baseline's head has exactly `high` outputs
+  p = torch.sigmoid(z)
+  p_neg = (1 - p + 0.05).clamp(max=1)
+  loss = (target * torch.log(p.clamp(min=1e-8)) +
+          (1 - target) * torch.log(p_neg.clamp(min=1e-8)))
+  with torch.no_grad():
+    w = torch.pow(1 - (p * target + p_neg * (1 - target)), 4 * (1 - target))
+  cls = -(loss * w).sum()
+  old = torch.from_numpy(b["old_features"])
+  flat = torch.nn.functional.cosine_embedding_loss(
+      old, features, torch.ones(features.shape[0]))
+  return cls + 180. * np.sqrt(high / 3) * flat
+
+
+@pytest.mark.parametrize("task", [1, 2])
+def test_krt_baseline_objective_matches_the_baseline_trainer(task):
+  torch = pytest.importorskip("torch", reason="torch is in the test extra")
+  import jax  # pylint: disable=g-import-not-at-top
+  b = _baseline_batch(task, task)
+  z_t = torch.tensor(b["logits"], requires_grad=True)
+  f_t = torch.tensor(b["features"], requires_grad=True)
+  want = _torch_baseline_loss(torch, b, z_t, f_t)
+  want.backward()
+  value, (g_z, g_f) = jax.value_and_grad(
+      lambda z, f: _krt_baseline_objective(b, z, f), argnums=(0, 1))(
+          b["logits"], b["features"])
+  np.testing.assert_allclose(value, want.item(), rtol=1e-5)
+  high = b["high"]
+  np.testing.assert_allclose(g_z[:, :high], z_t.grad[:, :high].numpy(),
+                             rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(g_z[:, high:]) == 0)  # future columns unread
+  np.testing.assert_allclose(g_f, f_t.grad.numpy(), rtol=1e-4, atol=1e-5)
+  # The layout facts the method relies on: old-class columns of new rows and
+  # columns below an exemplar's own block are read as 0 targets.
+  y = b["labels"] * b["known"]
+  new_rows = b["own_low"] == b["low"]
+  assert np.all(y[new_rows][:, :b["low"]] == 0)
+  assert b["true"][new_rows][:, :b["low"]].sum() > 0  # hidden positives

@@ -329,8 +329,11 @@ def load_pretrained(variables, ckpt_dir: str, arch: str):
   converted checkpoint in ``ckpt_dir`` (cast to the fresh leaf's dtype); the
   head, whose width is the dataset's class count, stays as initialised.
   Returns ``(variables, info)``; info records the source file and format.
-  Raises ValueError listing every mismatch.
+  Raises ValueError listing every mismatch. ``ckpt_dir`` may also be a
+  state-dict file, converted in-process (see ``load_state_dict_file``).
   """
+  if os.path.isfile(ckpt_dir):
+    return load_state_dict_file(variables, ckpt_dir, arch)
   info = read_info(ckpt_dir)
   if info.get("arch") != arch:
     raise ValueError(f"{ckpt_dir} holds a converted {info.get('arch')!r} "
@@ -359,6 +362,54 @@ def load_pretrained(variables, ckpt_dir: str, arch: str):
   for k in body:
     out[k] = jnp.asarray(src[k], dtype=fresh[k].dtype)
   info = dict(info, ckpt_dir=os.path.abspath(ckpt_dir),
+              num_loaded=len(body))
+  return flax.traverse_util.unflatten_dict(out), info
+
+
+def load_state_dict_file(variables, path: str, arch: str):
+  """``load_pretrained`` from a PyTorch or safetensors state-dict file.
+
+  The file is converted in-process by the rules of ``python -m
+  rebll_jax.convert`` (strict; the classifier head dropped), so e.g. a
+  torchvision ``resnet18`` state dict saved as ``{'model': state_dict}`` (the
+  PyTorch baseline trainer's wrapper) initialises ``--config.model.arch=
+  resnet18`` directly. Every ``params`` / ``batch_stats`` leaf outside the
+  head is replaced (cast to the fresh leaf's dtype); the head stays as
+  initialised. Returns ``(variables, info)``; info holds the conversion
+  report, the source path and its sha256. Raises ValueError (why, or every
+  mismatch).
+  """
+  from rebll_jax import convert  # pylint: disable=g-import-not-at-top
+  # (imported here: convert imports this module)
+  try:
+    obj = convert.read_state_dict(path)
+  except convert.UserError as e:
+    raise ValueError(str(e).replace(f"--src {path}: ", f"{path}: ", 1)) \
+        from None
+  try:
+    loaded, report = convert_state_dict(arch, obj)
+  except ConversionError as e:
+    raise ValueError(f"{path}: {e}") from None
+  head_name = build(arch, 1).head_name
+  fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  src = flax.traverse_util.flatten_dict(loaded)
+  body = {k for k in fresh
+          if k[0] in ("params", "batch_stats")
+          and not (k[0] == "params" and k[1] == head_name)}
+  # The conversion already matched the architecture's tensors, so this only
+  # fails when the model was built differently (another arch or width).
+  mismatched = sorted("/".join(k) for k in body ^ set(src)) + sorted(
+      "/".join(k) for k in body & set(src)
+      if tuple(src[k].shape) != tuple(fresh[k].shape))
+  if mismatched:
+    raise ValueError(f"{path}: the converted {arch} backbone does not fit "
+                     "the model:\n" + _listing("mismatched", mismatched))
+  out = dict(fresh)
+  for k in body:
+    out[k] = jnp.asarray(src[k], dtype=fresh[k].dtype)
+  info = dict(report, source=os.path.abspath(path),
+              source_sha256=convert.sha256(path),
+              converter="rebll_jax.models.pretrained.load_state_dict_file",
               num_loaded=len(body))
   return flax.traverse_util.unflatten_dict(out), info
 
