@@ -13,6 +13,9 @@ Faults this module guards against:
   restore fails, or the CRC-32 of the restored arrays disagrees with the one
   stored in ``meta``; either way it is skipped with a warning and the
   previous checkpoint is tried.
+- Edited or damaged metadata (results so far, position, label sums): the
+  CRC-32 of its canonical JSON is stored in it and checked before anything
+  else is read; a mismatch is damage, as above.
 - A checkpoint of another run. ``check_meta`` (the caller's fingerprint
   check) runs on the metadata before any array is read; its ``UserError``
   is never mistaken for damage and propagates.
@@ -20,6 +23,7 @@ Faults this module guards against:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import zlib
@@ -31,6 +35,12 @@ import orbax.checkpoint as ocp
 from rebll_jax.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def meta_checksum(meta: dict) -> str:
+  """CRC-32 of the metadata's canonical JSON (minus its own checksum)."""
+  body = {k: v for k, v in meta.items() if k != "meta_checksum"}
+  return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()):08x}"
 
 
 def checksum(tree) -> str:
@@ -64,6 +74,7 @@ class Checkpointer:
     steps = self.steps()
     number = steps[-1] + 1 if steps else 0
     meta = {**meta, "checksum": checksum(tree)}
+    meta["meta_checksum"] = meta_checksum(meta)
     self.manager.save(number, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
     self.manager.wait_until_finished()
@@ -91,6 +102,10 @@ class Checkpointer:
         meta = self.read_meta(number)
       except Exception as e:  # pylint: disable=broad-except
         failures.append(self._skip(number, "its metadata is unreadable", e))
+        continue
+      if meta.get("meta_checksum") != meta_checksum(meta):
+        failures.append(self._skip(number, "its metadata fails the checksum "
+                                   "(edited or damaged)", None))
         continue
       if check_meta is not None:
         check_meta(meta)  # UserError propagates: not damage

@@ -15,6 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.method = "rebll"  # see rebll_jax.methods.METHODS
   c.resume = True  # rerunning on a workdir continues from its last checkpoint
+  # Build the data and the protocol, write protocol.json, print the tasks and
+  # exit without compiling or training.
+  c.dry_run = False
   c.distributed = False  # jax.distributed.initialize() for multi-host runs
   # Multi-host settings; empty / 0 / -1 = take them from the environment
   # (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or let JAX

@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import time
-import zlib
 from typing import Any, Callable
 
 import jax
@@ -37,7 +36,7 @@ import tqdm
 from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
 from rebll_jax import memory as memory_lib
 from rebll_jax import models, optim, parallel, protocol, replay, reporting
-from rebll_jax import steps, validate
+from rebll_jax import run_identity, steps, validate, workdir_lock
 from rebll_jax.data import field_augment, loader
 from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained
@@ -46,12 +45,19 @@ log = logging.getLogger("rebll_jax")
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or inf; the last good checkpoint is kept.
+  """The loss, the gradient or the updated state became NaN or inf; the last
+  good checkpoint is kept.
 
-  Every step's loss is checked on the device (a running "first bad step"
-  scalar, no host sync); the host reads it at log steps and before every
-  save, so a state trained through a non-finite loss is never checkpointed.
+  Every step checks, on the device, its loss, its gradient norm and every
+  updated parameter and batch statistic (a running "first bad step" record,
+  no host sync); the host reads it at log steps and before every save, so a
+  non-finite state is never checkpointed.
   """
+
+
+# What went non-finite first (codes of the watch record).
+NON_FINITE_WHAT = {1: "loss", 2: "gradient", 3: "parameters or batch "
+                   "statistics"}
 
 
 # ------------------------------------------------------------------ setup --
@@ -72,6 +78,7 @@ class Setup:
   root_key: jax.Array
   is_chief: bool
   init_info: dict  # metadata of model.init_from, saved with checkpoints
+  lock: workdir_lock.WorkdirLock | None  # held by process 0 while it runs
 
 
 def set_up(config, workdir: str) -> Setup:
@@ -80,6 +87,18 @@ def set_up(config, workdir: str) -> Setup:
   validate.check_workdir(workdir)
   if config.distributed:
     parallel.initialize_distributed(config.dist)
+  lock = None
+  if jax.process_index() == 0:  # before anything in the workdir changes
+    lock = workdir_lock.WorkdirLock(workdir).acquire()
+  try:
+    return _set_up_locked(config, workdir, lock)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+
+
+def _set_up_locked(config, workdir, lock) -> Setup:
   method = methods.get_method(config.method)
   source = validate.build_source(config.data)
   mesh = parallel.make_mesh(config.num_devices)
@@ -93,7 +112,7 @@ def set_up(config, workdir: str) -> Setup:
                tx=optim.make_transform(config.optim),
                predictor=evaluation.Predictor(model, config, mesh),
                root_key=jax.random.key(config.seed),
-               is_chief=jax.process_index() == 0, init_info={})
+               is_chief=jax.process_index() == 0, init_info={}, lock=lock)
 
 
 def _versions() -> dict:
@@ -104,50 +123,6 @@ def _versions() -> dict:
           else jax.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "numpy": np.__version__,
           "orbax": orbax.checkpoint.__version__}
-
-
-def _data_digest(source) -> str:
-  """CRC-32 of the labels and ids of both splits and of a few images: the
-  same dataset name with other contents (another synthetic seed, another
-  folder) is another dataset."""
-  crc = 0
-  for split in (source.train, source.test):
-    for array in (split.labels, split.image_ids,
-                  split.read_images(np.arange(min(4, len(split))))):
-      crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1),
-                       crc)
-  return f"{crc:08x}"
-
-
-def _fingerprint(config, source, memory_capacity) -> dict:
-  """What a checkpoint must agree on to be resumed by this run.
-
-  The run's identity (data, protocol, method, seed) and everything that
-  shapes the saved arrays (model, optimizer, buffer size). Learning rates,
-  epochs of later tasks, num_tasks and devices may change on resume.
-  """
-  m = config.model
-  return {"dataset": source.name, "data_digest": _data_digest(source),
-          "class_order": list(source.class_names),
-          "setting": protocol.setting_name(config.protocol.base,
-                                           config.protocol.increment),
-          "method": config.method,
-          "arch": m.arch, "image_size": config.data.image_size,
-          "model_shape": f"width={m.width} stages={tuple(m.stage_sizes)} "
-                         f"stem_stride={m.stem_stride}",
-          "optimizer": config.optim.name,
-          "memory_capacity": int(memory_capacity),
-          "seed": config.seed}
-
-
-def _check_fingerprint(saved: dict, current: dict, workdir: str):
-  diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
-           for k, v in current.items() if saved.get(k) != v]
-  if diffs:
-    raise UserError(
-        f"workdir {workdir} holds a checkpoint of another run ("
-        + "; ".join(diffs) + "); run this config in a new --workdir, or "
-        "rerun with the checkpoint's settings to resume it")
 
 
 def _trim_metrics(workdir: str, global_step: int):
@@ -253,26 +228,33 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
   validate.check_disk_space(workdir, (
       validate.tree_bytes(state.arrays())
       * (config.train.keep_checkpoints + 1)))
-  fingerprint = _fingerprint(config, setup.source, state.memory.capacity)
-  if setup.is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  fingerprint = run_identity.fingerprint(config, setup.source,
+                                         state.memory.capacity)
+  resumed_step = 0  # metrics.jsonl keeps the lines up to here
   if config.resume and ckpt.steps():
     arrays, meta = ckpt.restore_latest(
         state.arrays(),
-        check_meta=lambda m: _check_fingerprint(m.get("fingerprint", {}),
+        check_meta=lambda m: run_identity.check(m.get("fingerprint", {}),
                                                 fingerprint, workdir))
     if arrays is not None:
       state = state.restored(arrays, meta)
-      if setup.is_chief:
-        _trim_metrics(workdir, meta["global_step"])
-      log.info("resumed from checkpoint at task %d step %d", state.task + 1,
-               state.task_step)
+      resumed_step = meta["global_step"]
+      if state.task >= len(setup.tasks):
+        log.info("the run in %s is complete (%d tasks); writing its results "
+                 "again", workdir, state.task)
+      else:
+        log.info("resumed from checkpoint at task %d step %d", state.task + 1,
+                 state.task_step)
   elif not config.resume and ckpt.steps():
     # resume=False never reads, overwrites or deletes a run's checkpoints.
     raise UserError(f"--config.resume=False but workdir {workdir} already "
                     "holds checkpoints of a run; pass a new --workdir to "
                     f"start fresh (or delete {ckpt.directory})")
+  # Only now, with the run's identity checked, does the workdir change.
+  if setup.is_chief:
+    _trim_metrics(workdir, resumed_step)  # a killed run's tail
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   state.train = parallel.replicate(setup.mesh, state.train)
   state.old = parallel.replicate(setup.mesh, state.old)
   return state, fingerprint
@@ -290,14 +272,20 @@ def save(setup: Setup, ckpt: checkpoint.Checkpointer, state: RunState,
 class CompiledSteps:
   """The jitted train steps (first task; later tasks) and their trace counts.
 
-  Each step also carries ``bad_step``: the first global step (0-based) with a
-  non-finite loss, or -1; it is updated on the device, so watching it costs
-  no host sync.
+  Each step also carries ``watch``, int32 [2]: the first global step
+  (0-based) where something went non-finite and what (``NON_FINITE_WHAT``),
+  or (-1, 0); it is updated on the device, so watching costs no host sync.
   """
 
   first: Callable
   later: Callable
   trace_counts: dict
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def compile_steps(setup: Setup) -> CompiledSteps:
@@ -312,10 +300,16 @@ def compile_steps(setup: Setup) -> CompiledSteps:
         on_trace=lambda: trace_counts.__setitem__(name,
                                                   trace_counts[name] + 1))
 
-    def step_and_watch(state, old, batch, context, key, truth, bad_step):
+    def step_and_watch(state, old, batch, context, key, truth, watch):
       new_state, out = fn(state, old, batch, context, key, truth)
-      bad = ~jnp.isfinite(out["loss"]) & (bad_step < 0)
-      return new_state, out, jnp.where(bad, state.step, bad_step)
+      what = jnp.where(
+          ~jnp.isfinite(out["loss"]), 1,
+          jnp.where(~jnp.isfinite(out["grad_norm"]), 2,
+                    jnp.where(_all_finite((new_state.params,
+                                           new_state.batch_stats)), 0, 3)))
+      first = (what > 0) & (watch[0] < 0)
+      return new_state, out, jnp.where(
+          first, jnp.stack([state.step, what]).astype(jnp.int32), watch)
 
     return jax.jit(step_and_watch, donate_argnums=0,
                    out_shardings=(replicated, replicated, replicated))
@@ -365,29 +359,29 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
   sums = diagnostics.LabelSums(state.label_sums)
   state.label_sums = sums.sums
   seconds_before = state.task_seconds
-  bad_step = parallel.replicate(mesh, np.asarray(-1, np.int32))
+  watch = parallel.replicate(mesh, np.asarray([-1, 0], np.int32))
   bar = tqdm.tqdm(total=total, initial=state.task_step,
                   desc=f"task {t + 1}/{len(setup.tasks)}", unit="step",
                   disable=not (config.train.progress and setup.is_chief),
                   dynamic_ncols=True)
 
   def check_finite():
-    bad = int(bad_step)
+    bad, what = (int(v) for v in np.asarray(watch))
     if bad >= 0:
       bar.close()
       raise NonFiniteLossError(
-          f"non-finite loss at task {t + 1}, step {bad - task_start + 1} "
-          f"of {total} (global step {bad}, counted from 0); the last good "
-          f"checkpoint in {setup.workdir} is kept")
+          f"non-finite {NON_FINITE_WHAT[what]} at task {t + 1}, step "
+          f"{bad - task_start + 1} of {total} (global step {bad}, counted "
+          f"from 0); the last good checkpoint in {setup.workdir} is kept")
 
   started = time.time()
   for step, host_batch in batches.iterate(state.task_step, total):
     truth = host_batch.pop("true_labels")  # never inside the training batch
     truth = (parallel.to_global(mesh, truth)
              if config.train.label_diagnostics else None)
-    state.train, out, bad_step = step_fn(
+    state.train, out, watch = step_fn(
         state.train, state.old, parallel.to_global(mesh, host_batch), context,
-        setup.root_key, truth, bad_step)
+        setup.root_key, truth, watch)
     bar.update(1)
     if task_start + step == config.debug.kill_at_step:
       os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests
@@ -454,22 +448,31 @@ def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
 def run(config, workdir: str) -> dict:
   """Trains every task of ``config`` in ``workdir``; returns results."""
   setup = set_up(config, workdir)
-  ckpt = _open_checkpoints(setup)
-  state, fingerprint = restore_or_init(setup, ckpt)
-  compiled = compile_steps(setup)
-  writer = reporting.Writer(workdir)
-  save_fn = lambda s: save(setup, ckpt, s, fingerprint)  # noqa: E731
-  for task in setup.tasks[state.task:]:
-    view = _task_view(setup, task)
-    state = train_task(setup, state, task, view, compiled, writer, save_fn)
-    state = finish_task(setup, state, task, view)
-    save_fn(state)
-  writer.close()
-  ckpt.close()
-  results = summarise(setup, state.results, compiled.trace_counts)
-  if setup.is_chief:
-    write_results(workdir, results)
-  return results
+  try:
+    ckpt = _open_checkpoints(setup)
+    try:
+      state, fingerprint = restore_or_init(setup, ckpt)
+      compiled = compile_steps(setup)
+      writer = reporting.Writer(workdir)
+      save_fn = lambda s: save(setup, ckpt, s, fingerprint)  # noqa: E731
+      try:
+        for task in setup.tasks[state.task:]:
+          view = _task_view(setup, task)
+          state = train_task(setup, state, task, view, compiled, writer,
+                             save_fn)
+          state = finish_task(setup, state, task, view)
+          save_fn(state)
+      finally:
+        writer.close()
+    finally:
+      ckpt.close()
+    results = summarise(setup, state.results, compiled.trace_counts)
+    if setup.is_chief:
+      write_results(workdir, results)
+    return results
+  finally:
+    if setup.lock is not None:
+      setup.lock.release()
 
 
 def write_results(workdir: str, results: dict):

@@ -136,13 +136,13 @@ def test_every_checkpoint_damaged_is_an_error(reference, tmp_path):
 
 @pytest.mark.parametrize("override,key", [
     ({"method": "er"}, "method"),
-    ({"protocol.base": 10, "protocol.increment": 5}, "setting"),
+    ({"protocol.base": 10, "protocol.increment": 5}, "protocol.base"),
     ({"seed": 3}, "seed"),
-    ({"data.image_size": 24}, "image_size"),
-    ({"model.width": 4}, "model_shape"),
-    ({"optim.name": "sgd"}, "optimizer"),
-    ({"memory.per_class": 3}, "memory_capacity"),
-    ({"data.synthetic.seed": 7}, "data_digest"),
+    ({"data.image_size": 24}, "data.image_size"),
+    ({"model.width": 4}, "model.width"),
+    ({"optim.name": "sgd"}, "optim.name"),
+    ({"memory.per_class": 3}, "memory.per_class"),
+    ({"data.synthetic.seed": 7}, "data.synthetic.seed"),
 ])
 def test_checkpoint_of_another_config_is_refused(reference, tmp_path,
                                                  override, key):

@@ -1,0 +1,100 @@
+"""What makes a run the same run: the fingerprint a resume must match.
+
+Every config field is part of the run's identity except the few on
+``MAY_CHANGE_ON_RESUME``: how the run is executed and observed (devices,
+processes, logging, checkpoint cadence), where inputs live (paths: the data
+digest and the checkpoint cover the content), and what a user may extend
+(later tasks' epochs and learning rate, the number of tasks). A field added
+to the config later is fingerprinted unless someone puts it on the list, so
+nothing slips through by omission.
+
+On top of the config, the fingerprint holds what the config does not say:
+the data's digest (another synthetic seed or another folder under the same
+name is another dataset), the class order and the replay buffer's size.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from rebll_jax.errors import UserError
+
+# Dotted config fields (or whole sections, ending in ".") that may differ
+# between the run that saved a checkpoint and the run that resumes it.
+MAY_CHANGE_ON_RESUME = (
+    "resume", "distributed", "dist.", "num_devices",  # machine
+    "data.num_workers", "data.data_dir",  # host threads; where data lives
+    "model.init_from",  # used at init only; the checkpoint holds the weights
+    "train.progress", "train.log_every", "train.label_diagnostics",  # logs
+    "train.checkpoint_every", "train.keep_checkpoints",  # cadence
+    "train.epochs_later", "optim.lr_later", "protocol.num_tasks",  # extend
+    "debug.",  # fault injection for tests
+    "dry_run",
+)
+
+
+def may_change(field: str) -> bool:
+  return any(field == p or (p.endswith(".") and field.startswith(p))
+             for p in MAY_CHANGE_ON_RESUME)
+
+
+def flatten(config, prefix: str = "") -> dict:
+  """{dotted field: value} of a ConfigDict (tuples as lists, JSON-like)."""
+  out = {}
+  for key in sorted(config.keys()):
+    value = config[key]
+    name = f"{prefix}{key}"
+    if hasattr(value, "keys"):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def data_digest(source) -> str:
+  """CRC-32 of the labels and ids of both splits and of a few images."""
+  crc = 0
+  for split in (source.train, source.test):
+    for array in (split.labels, split.image_ids,
+                  split.read_images(np.arange(min(4, len(split))))):
+      crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1),
+                       crc)
+  return f"{crc:08x}"
+
+
+def fingerprint(config, source, memory_capacity: int) -> dict:
+  """The identity a checkpoint must agree on to be resumed by this run."""
+  fields = {k: v for k, v in flatten(config).items() if not may_change(k)}
+  return {"dataset": source.name, "data_digest": data_digest(source),
+          "class_order": list(source.class_names),
+          "memory_capacity": int(memory_capacity), "config": fields}
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+  """Human-readable differences, config fields one by one."""
+  diffs = []
+  for key, value in current.items():
+    if key == "config":
+      old = saved.get("config", {})
+      for field in sorted(set(value) | set(old)):
+        if old.get(field, "<absent>") != value.get(field, "<absent>"):
+          diffs.append(f"{field}: checkpoint {old.get(field, '<absent>')!r} "
+                       f"vs config {value.get(field, '<absent>')!r}")
+    elif saved.get(key) != value:
+      diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs config {value!r}")
+  return diffs
+
+
+def check(saved: dict, current: dict, workdir: str):
+  """UserError unless the checkpoint's fingerprint matches this run's."""
+  diffs = differences(saved, current)
+  if diffs:
+    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more"
+                                    if len(diffs) > 6 else "")
+    raise UserError(
+        f"workdir {workdir} holds a checkpoint of another run ({shown}); "
+        "run this config in a new --workdir, or rerun with the checkpoint's "
+        "settings to resume it (fields that may change on resume: "
+        f"{', '.join(MAY_CHANGE_ON_RESUME)})")
