@@ -12,7 +12,7 @@ import tempfile
 
 import numpy as np
 
-from rebll_jax import data, methods, models, optim, protocol
+from rebll_jax import config_checks, data, methods, models, optim, protocol
 from rebll_jax.models import conv
 from rebll_jax.errors import UserError
 
@@ -24,6 +24,7 @@ def _check(condition: bool, message: str):
 
 def check_config(config):
   """Checks that need no data and no devices."""
+  config_checks.check_values(config)  # every numeric field in range, first
   methods.get_method(config.method)
   _check(config.data.source in data.SOURCES,
          f"unknown data.source {config.data.source!r}; valid: "
