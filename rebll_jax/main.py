@@ -217,9 +217,17 @@ def main(argv):
     results = train.run(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     _fail(str(e))
-  except (train.NonFiniteLossError, NoSpaceError) as e:
+  except train.NonFiniteLossError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(EXIT_RUN_FAILED)
+  except NoSpaceError as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    # Nothing more can be written: the exit handlers that flush logs and
+    # event files would each fail with a traceback of their own. The last
+    # checkpoint is committed; a rerun resumes from it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_RUN_FAILED)  # pylint: disable=protected-access
   print(reporting.final_table(results))
   print(f"results: {FLAGS.workdir}/results.json")
 
