@@ -19,22 +19,139 @@ Faults this module guards against:
 - A checkpoint of another run. ``check_meta`` (the caller's fingerprint
   check) runs on the metadata before any array is read; its ``UserError``
   is never mistaken for damage and propagates.
+- A disk that fills up. ``save`` first compares the free space with the
+  arrays' size and stops before writing when they cannot fit. If the disk
+  fills during the write, orbax fails inside its writer threads (tensorstore
+  reports ENOSPC as a ValueError), logs a traceback per thread, and the
+  writes still in flight later find their event loop closed; ``save`` holds
+  the log records back, silences that aftermath, removes the half-written
+  temporary directory and raises ``NoSpaceError`` with one line. Older
+  checkpoints are deleted only after a save commits, so the previous one is
+  intact and a rerun resumes from it.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import os
+import shutil
+import sys
+import threading
+import time
 import zlib
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rebll_jax.errors import UserError
+from rebll_jax.errors import NoSpaceError, UserError
 
 log = logging.getLogger(__name__)
+
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How tensorstore (orbax's array writer) words ENOSPC in its ValueError.
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded",
+                  "os_error_code='28'")
+# Loggers orbax's save machinery reports its threads' failures on.
+_SAVE_LOGGERS = ("absl", "asyncio")
+
+
+def is_no_space(error: BaseException) -> bool:
+  """Whether ``error`` (or anything it wraps) says the disk is full."""
+  stack, seen = [error], set()
+  while stack:
+    e = stack.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS:
+      return True
+    if any(t in str(e) for t in _NO_SPACE_TEXT):
+      return True
+    stack += [e.__cause__, e.__context__,
+              *getattr(e, "exceptions", ())]  # ExceptionGroup
+  return False
+
+
+class _HeldLogs(logging.Filter):
+  """Holds back what orbax reports during a save, to replay or drop after.
+
+  Log records of orbax's loggers, and exceptions its callback threads raise
+  outside any caller (``sys.unraisablehook``).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.records, self.unraisables = [], []
+    self._loggers = [logging.getLogger(n) for n in _SAVE_LOGGERS]
+    self._hook = None
+
+  def filter(self, record):
+    self.records.append(record)
+    return False
+
+  def __enter__(self):
+    for logger in self._loggers:
+      logger.addFilter(self)
+    self._hook = sys.unraisablehook
+    sys.unraisablehook = self.unraisables.append
+    return self
+
+  def __exit__(self, *exc):
+    for logger in self._loggers:
+      logger.removeFilter(self)
+    if sys.unraisablehook == self.unraisables.append:
+      sys.unraisablehook = self._hook
+
+  def replay(self):
+    for record in self.records:
+      logging.getLogger(record.name).handle(record)
+    for unraisable in self.unraisables:
+      sys.unraisablehook(unraisable)
+
+
+class _DropNoSpaceNoise(logging.Filter):
+  """Drops records about the no-space failure already reported."""
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage()
+    return not ((error is not None and is_no_space(error)) or
+                any(t in text for t in _NO_SPACE_TEXT) or
+                "Event loop is closed" in text)
+
+
+_aftermath_silenced = False
+
+
+def _silence_no_space_aftermath():
+  """After a failed save: writes still in flight fail later, off our stack.
+
+  They end in asyncio "exception was never retrieved" log records and in
+  "Event loop is closed" errors raised in tensorstore's callback threads
+  (reported through ``sys.unraisablehook``). The run is ending with one line
+  that says what happened; those are dropped, everything else still shows.
+  """
+  global _aftermath_silenced
+  if _aftermath_silenced:
+    return
+  _aftermath_silenced = True
+  for name in _SAVE_LOGGERS:
+    logging.getLogger(name).addFilter(_DropNoSpaceNoise())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if error is not None and (is_no_space(error) or (
+        isinstance(error, RuntimeError) and
+        "Event loop is closed" in str(error))):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def meta_checksum(meta: dict) -> str:
@@ -52,6 +169,31 @@ def checksum(tree) -> str:
     crc = zlib.crc32(array.view(np.uint8).reshape(-1) if array.size else b"",
                      crc)
   return f"{crc:08x}"
+
+
+_SAVE_SLACK_BYTES = 1 << 20  # orbax's metadata files and the JSON item
+_JOIN_SECONDS = 30.0  # most to wait for orbax's writers after a failed save
+
+
+def _join_orbax_threads(timeout: float):
+  """Waits for orbax's writer threads still running after a failed save.
+
+  One thread's failure ends the save while the others still write; left
+  alone they fail at interpreter exit with tracebacks of their own.
+  """
+  deadline = time.monotonic() + timeout
+  for thread in threading.enumerate():
+    if (thread is not threading.current_thread() and
+        type(thread).__module__.startswith("orbax.")):
+      try:
+        thread.join(max(0.0, deadline - time.monotonic()))
+      except Exception:  # pylint: disable=broad-except
+        pass  # orbax's threads re-raise their own failure on join
+
+
+def _no_space(number: int) -> NoSpaceError:
+  return NoSpaceError(f"no space left on device while saving checkpoint "
+                      f"{number}; free space and rerun to resume")
 
 
 class Checkpointer:
@@ -75,10 +217,38 @@ class Checkpointer:
     number = steps[-1] + 1 if steps else 0
     meta = {**meta, "checksum": checksum(tree)}
     meta["meta_checksum"] = meta_checksum(meta)
-    self.manager.save(number, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
-    self.manager.wait_until_finished()
+    self._check_free_space(tree, number)
+    with _HeldLogs() as held:
+      try:
+        self.manager.save(number, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_no_space(e):
+          held.replay()
+          raise
+        _join_orbax_threads(_JOIN_SECONDS)  # their failures: held, dropped
+        _silence_no_space_aftermath()
+        self._remove_temporary(number)
+        raise _no_space(number) from None
+    held.replay()
     return number
+
+  def _check_free_space(self, tree, number: int):
+    """Stops before writing a checkpoint that cannot fit (statvfs: cheap)."""
+    need = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
+    try:
+      free = shutil.disk_usage(self.directory).free
+    except OSError:
+      return  # cannot tell: let the save itself find out
+    if free < need + _SAVE_SLACK_BYTES:
+      raise _no_space(number)
+
+  def _remove_temporary(self, number: int):
+    """Frees what a failed save of ``number`` wrote (best effort)."""
+    for path in glob.glob(os.path.join(self.directory,
+                                       f"{number}.orbax-checkpoint-tmp*")):
+      shutil.rmtree(path, ignore_errors=True)
 
   def read_meta(self, number: int) -> dict:
     return self.manager.restore(number, args=ocp.args.Composite(

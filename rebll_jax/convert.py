@@ -11,7 +11,8 @@ state dict, from ``.pth`` / ``.pt`` / ``.bin`` (``torch.load`` with
 unexpected or wrongly shaped backbone tensor stops it with a list. The
 classifier head is dropped on purpose (a run's head has one column per
 dataset class). Train from the result with
-``--config.model.arch=ARCH --config.model.init_from=OUT``.
+``--config.model.arch=ARCH --config.model.init_from=OUT``. ``OUT/info.json``
+records the sha256 of every array file written, verified on every load.
 
 User mistakes end with a message on stderr and exit code 2.
 """
@@ -24,13 +25,10 @@ import os
 import re
 import sys
 
+from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
-
-
-class UserError(Exception):
-  pass
 
 
 def read_state_dict(path: str):
@@ -99,8 +97,7 @@ def convert_file(arch: str, src: str, out: str, overwrite: bool = False):
   if overwrite and os.path.isdir(out):
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(out)
-  pretrained.save_converted(out, variables, info)
-  return info
+  return pretrained.save_converted(out, variables, info)
 
 
 def summary(info: dict, out: str) -> str:

@@ -2,8 +2,11 @@
 
 Any config field can be overridden with ``--config.a.b=value``. Rerunning the
 same command on the same workdir resumes from its last checkpoint. A mistake
-in the input (unknown key, a split that does not fit, a batch the devices
-cannot share, an unwritable workdir) prints one line and exits with code 2.
+in the input (a config file that is missing, raises or returns something
+other than a ConfigDict; an unknown key; a value out of range; a split that
+does not fit; a batch the devices cannot share; an unwritable workdir) prints
+one line and exits with code 2. A non-finite loss, or a disk that fills up
+during a save, prints one line and exits with code 1.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
+import ml_collections
 from ml_collections import config_flags
 
-from rebll_jax.errors import UserError
+from rebll_jax.errors import NoSpaceError, UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -31,10 +35,64 @@ flags.DEFINE_string("workdir", None,
                     "it resumes.")
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 
 
 def _one_line(text: str) -> str:
   return " ".join(str(text).split())
+
+
+def _unquote(text: str) -> str:
+  """Drops one pair of quotes around the whole text (KeyError's repr)."""
+  text = str(text)
+  if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+    return text[1:-1]
+  return text
+
+
+class _ConfigFileError(Exception):
+  """The config file could not give a config; the message is the line.
+
+  Not a ValueError/TypeError, so absl passes it through unwrapped.
+  """
+
+
+def _describe(value) -> str:
+  if value is None:
+    return "None"
+  return f"a {type(value).__name__}"
+
+
+def _checked_config_loader(parse):
+  """Wraps the --config file parser: every way a file fails is one line."""
+
+  def load(spec: str):
+    path = spec.split(":", 1)[0]
+    if path and not os.path.isfile(path):
+      raise _ConfigFileError(f"config file {path!r} not found; pass e.g. "
+                             "--config=configs/synthetic.py")
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    # ml_collections logs "returned None" itself: we say it in one line.
+    absl_log.setLevel(logging.ERROR)
+    try:
+      config = parse(spec)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _ConfigFileError(_config_error(e, spec)) from None
+    finally:
+      absl_log.setLevel(level)
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise _ConfigFileError(
+          f"config {spec!r}: get_config() returned {_describe(config)}, not "
+          "an ml_collections.ConfigDict; start it from "
+          "rebll_jax.config_base.base_config()")
+    return config
+
+  return load
+
+
+FLAGS["config"].parser.parse = _checked_config_loader(
+    FLAGS["config"].parser.parse)
 
 
 def _fail(message: str):
@@ -64,18 +122,24 @@ def _config_arg(argv) -> str:
   return ""
 
 
-def _config_error(error: BaseException, argv) -> str:
+def _config_error(error: BaseException, spec: str) -> str:
   """One line for a config file that cannot be loaded or built."""
-  spec = _config_arg(argv)
   path = spec.split(":", 1)[0]
   if path and not os.path.isfile(path):
     return (f"config file {path!r} not found; pass e.g. "
             "--config=configs/synthetic.py")
   root = _root_cause(error)
-  text = str(root).strip("'\"")
+  text = str(root).strip()
   if "Traceback" in text:  # a wrapper that pasted a traceback: keep the end
-    text = text.strip().splitlines()[-1]
-  return f"cannot load config {spec!r}: {type(root).__name__}: {text}"
+    text = text.splitlines()[-1]
+    prefix = f"{type(root).__name__}: "
+    text = text[len(prefix):] if text.startswith(prefix) else text
+  if isinstance(root, KeyError):
+    text = _unquote(text)
+  if isinstance(root, AttributeError) and "get_config" in text:
+    return f"config file {path!r} defines no get_config() function"
+  return (f"cannot load config {spec!r}: {type(root).__name__}: "
+          f"{_one_line(text)}")
 
 
 def _override_named(key: str, argv) -> str:
@@ -91,6 +155,8 @@ def _override_named(key: str, argv) -> str:
 def _parse(argv):
   try:
     rest = FLAGS(argv)
+  except _ConfigFileError as e:
+    _fail(str(e))
   except SystemExit:
     if set(argv[1:]) & {"--help", "-h", "-?", "--helpshort", "--helpfull"}:
       sys.exit(0)  # absl exits 1 after printing the help; asking is no error
@@ -99,9 +165,9 @@ def _parse(argv):
     message = str(e).split("\n", 1)[0]
     if message.startswith("flag --config=") or message.startswith(
         "flag --config:"):
-      _fail(_config_error(e, argv))
+      _fail(_config_error(e, _config_arg(argv)))
     if message.startswith("flag --config."):
-      detail = str(_root_cause(e)).strip("'\"")
+      detail = _one_line(_root_cause(e))
       _fail(f"bad value in {message.split(':', 1)[0][5:]}: {detail}")
     if "Unknown command line flag 'config." in message:
       key = message.split("'")[1][len("config."):]
@@ -110,18 +176,18 @@ def _parse(argv):
     _fail(f"{message}. Run with --help for the flags.")
   except (KeyError, AttributeError) as e:
     # ml_collections reports an unknown key this way.
-    key = _override_named(str(e).strip("'\""), argv)
+    key = _override_named(_unquote(_unquote(str(e))), argv)
     _fail(f"unknown config key {key!r}; every --config.KEY must exist in "
           "the config (see rebll_jax/config_base.py for the fields)")
   except (ValueError, TypeError) as e:
     _fail(f"bad --config override: {e}")
   except (OSError, SyntaxError, ImportError) as e:
-    _fail(_config_error(e, argv))
+    _fail(_config_error(e, _config_arg(argv)))
   try:
     if FLAGS.config is not None:
       FLAGS.config.keys()  # the file loads lazily: surface its errors here
   except Exception as e:  # pylint: disable=broad-except
-    _fail(_config_error(e, argv))
+    _fail(_config_error(e, _config_arg(argv)))
   return rest
 
 
@@ -133,6 +199,11 @@ def main(argv):
     _fail("--config is required, e.g. --config=configs/synthetic.py")
   if not FLAGS.workdir:
     _fail("--workdir is required, e.g. --workdir=workdirs/synthetic")
+  from rebll_jax import config_checks  # pylint: disable=g-import-not-at-top
+  try:
+    config_checks.check_values(FLAGS.config)  # before JAX is even imported
+  except UserError as e:
+    _fail(str(e))
   # Quiet the libraries' INFO chatter; keep ours.
   absl_logging.set_verbosity(absl_logging.WARNING)
   ours = logging.getLogger("rebll_jax")
@@ -147,8 +218,16 @@ def main(argv):
   except UserError as e:
     _fail(str(e))
   except train.NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(EXIT_RUN_FAILED)
+  except NoSpaceError as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    # Nothing more can be written: the exit handlers that flush logs and
+    # event files would each fail with a traceback of their own. The last
+    # checkpoint is committed; a rerun resumes from it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_RUN_FAILED)  # pylint: disable=protected-access
   print(reporting.final_table(results))
   print(f"results: {FLAGS.workdir}/results.json")
 

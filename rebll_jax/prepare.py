@@ -12,21 +12,27 @@ The output is a standard TFDS dataset in array_record form (written by a
 encoded image bytes, ``image_id``, ``file_name`` and ``labels`` (the full
 multi-hot vector in the protocol's class order). Records are in increasing
 image id order (shuffling disabled). ``metadata.json`` holds the class names,
-the ids and positive classes of every record (so a reader loads all labels
+the ids, file names, positive classes and crowd-only classes (COCO: classes
+present only as crowd boxes) of every record (so a reader loads all labels
 without touching the images), the counts of skipped images, crowd
 annotations and difficult objects, and a fingerprint of the inputs.
 
 Atomic: TFDS writes into ``incomplete.*`` and renames the folder at the end,
 so a half-written output never looks prepared. Idempotent: rerunning with the
 same inputs finds the finished dataset and returns at once; other inputs are
-refused unless ``--overwrite``. Images that PIL cannot decode are skipped
-with a warning and counted. Input mistakes print one line and exit 2.
+refused unless ``--overwrite``. Refused (one line naming the first bad entry,
+exit 2): malformed annotation files (``coco.load_json``, ``voc.split_items``),
+an archive that cannot be opened, an output whose ``metadata.json`` is
+unreadable (unless ``--overwrite``). Skipped (a warning after the progress
+bars, counted and listed in ``metadata.json``): images that are missing or
+that PIL cannot decode. A full disk ends with one line and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import errno
 import io
 import json
 import logging
@@ -39,13 +45,14 @@ import time
 
 import numpy as np
 
-from rebll_jax.data import coco, voc
-from rebll_jax.data.archives import UserError
+from rebll_jax.data import coco, prepared, voc
+from rebll_jax.errors import UserError
 
 FORMAT_VERSION = 1
 BUILDER_NAMES = {"voc2007": "rebll_voc2007", "coco2014": "rebll_coco2014",
                  "coco_format": "rebll_coco_format"}
 _CHUNK = 64  # images read, then checked in parallel, per step
+_MAX_WARNINGS = 20  # skip warnings printed; metadata.json lists them all
 
 
 def _check_image(raw: bytes) -> str | None:
@@ -104,12 +111,12 @@ def _builder_class():
     def _generate_examples(self, split):
       items, store = self._plan["splits"][split]
       workers = self._plan["workers"]
-      kept_ids, kept_pos, skipped = [], [], []
+      kept_ids, kept_pos, kept_crowd, kept_files, skipped = [], [], [], [], []
       with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(items), _CHUNK):
           chunk = items[start:start + _CHUNK]
           raws = []
-          for _, path, _ in chunk:
+          for _, path, _, _ in chunk:
             try:
               raws.append(store.read(path))
             except (KeyError, OSError) as e:
@@ -117,19 +124,25 @@ def _builder_class():
           reasons = list(pool.map(
               lambda r: (f"missing: {r}" if isinstance(r, Exception)
                          else _check_image(r)), raws))
-          for (img_id, path, y), raw, why in zip(chunk, raws, reasons):
+          for (img_id, path, y, crowd), raw, why in zip(chunk, raws,
+                                                        reasons):
             if why is not None:
-              print(f"warning: skipping unreadable image {store.where}:"
-                    f"{path} ({why})", file=sys.stderr)
+              # Printed after the progress bars (prepare()), never inside.
+              self._plan["warnings"].append(
+                  f"warning: skipped unreadable image {store.where}:{path} "
+                  f"({why})")
               skipped.append(path)
               continue
             kept_ids.append(img_id)
             kept_pos.append(np.flatnonzero(y).tolist())
+            kept_crowd.append(np.flatnonzero(crowd).tolist())
+            kept_files.append(path)
             yield img_id, {"image": raw, "image_id": img_id,
                            "file_name": path, "labels": y}
       md = self.info.metadata
       md.setdefault("splits", {})[split] = {
           "image_ids": kept_ids, "positives": kept_pos,
+          "crowd_positives": kept_crowd, "file_names": kept_files,
           "num_skipped": len(skipped), "skipped": skipped}
       md["num_skipped"] = sum(v["num_skipped"]
                               for v in md["splits"].values())
@@ -180,15 +193,19 @@ def _plan(args) -> tuple[dict, list]:
                       f"categories (e.g. {extra[:5]})")
     splits = {}
     for split, d in jsons.items():
-      items, c = coco.labels_from_json(d, names, anns[split][1])
+      items, c = coco.labels_from_json(d, names)
       splits[split] = (items, stores[split])
       counts[f"{split}_crowd_annotations"] = c["crowd_annotations"]
   meta = {"format_version": FORMAT_VERSION, "dataset": kind,
           "class_names": names, **counts,
-          "num_without_label": {s: int(sum(not y.any() for _, _, y in it))
-                                for s, (it, _) in splits.items()}}
+          "num_without_label": {s: int(sum(not y.any() for _, _, y, _ in it))
+                                for s, (it, _) in splits.items()},
+          # Images whose every class is present only as crowd boxes.
+          "num_crowd_only": {s: int(sum(not y.any() and c.any()
+                                        for _, _, y, c in it))
+                             for s, (it, _) in splits.items()}}
   return {"class_names": names, "splits": splits, "description": desc,
-          "meta": meta}, names
+          "meta": meta, "warnings": []}, names
 
 
 def _fingerprint(args) -> list:
@@ -214,8 +231,12 @@ def prepare(args) -> dict:
   out = output_dir(args.dataset, args.data_dir, args.name)
   info_json = os.path.join(out, "dataset_info.json")
   if os.path.isfile(info_json):
-    with open(os.path.join(out, "metadata.json")) as f:
-      old = json.load(f)
+    try:
+      old = prepared.read_metadata(out)
+    except UserError as e:
+      if not args.overwrite:
+        raise UserError(f"{e}; pass --overwrite to rebuild it") from None
+      old = {}
     if old.get("fingerprint") == fp and not args.overwrite:
       summary = _summary(out, old, time.time() - t0, done_before=True)
       print(f"already prepared at {out}; nothing to do", file=sys.stderr)
@@ -259,9 +280,18 @@ def prepare(args) -> dict:
     shutil.rmtree(dl_tmp, ignore_errors=True)
     if old_dir is not None:
       shutil.rmtree(old_dir, ignore_errors=True)
-  with open(os.path.join(out, "metadata.json")) as f:
-    meta = json.load(f)
+  _print_warnings(plan["warnings"], os.path.join(out, "metadata.json"))
+  meta = prepared.read_metadata(out)
   return _summary(out, meta, time.time() - t0, done_before=False)
+
+
+def _print_warnings(warnings: list, where: str):
+  """The skip warnings, after the progress bars (at most _MAX_WARNINGS)."""
+  for line in warnings[:_MAX_WARNINGS]:
+    print(line, file=sys.stderr)
+  if len(warnings) > _MAX_WARNINGS:
+    print(f"warning: ... and {len(warnings) - _MAX_WARNINGS} more skipped "
+          f"images, all listed in {where}", file=sys.stderr)
 
 
 def _summary(out, meta, seconds, done_before) -> dict:
@@ -309,13 +339,26 @@ DATA_DIR/rebll_coco_format/NAME/1.0.0; train with --config.data.data_dir=DATA_DI
   return p
 
 
+def _one_line(error) -> str:
+  return " ".join(str(error).split())
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:
     s = prepare(args)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      print(f"error: no space left on device while preparing into "
+            f"{args.data_dir}; free space and rerun (nothing half-written "
+            "is taken as prepared)", file=sys.stderr)
+      return 1
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
     return 2
   print(json.dumps(s))
   data_dir = args.data_dir

@@ -106,6 +106,9 @@ def _set_up_locked(config, workdir, lock) -> Setup:
                      num_devices=mesh.size, num_processes=jax.process_count())
   tasks = method.tasks(source.num_classes, config.protocol)
   validate.check_tasks(source, tasks)
+  init_from = config.model.init_from
+  if init_from and not os.path.isfile(init_from):  # files convert at init
+    pretrained.check_init_from(init_from, config.model.arch)
   model = models.build_model(config.model, source.num_classes)
   return Setup(config=config, workdir=workdir, method=method, source=source,
                tasks=tasks, mesh=mesh, model=model,

@@ -12,7 +12,7 @@ import tempfile
 
 import numpy as np
 
-from rebll_jax import config_base, data, methods, models, optim
+from rebll_jax import config_base, config_checks, data, methods, models, optim
 from rebll_jax.models import conv
 from rebll_jax.errors import UserError
 
@@ -46,6 +46,7 @@ def _field(config, dotted: str):
 
 def check_config(config):
   """Checks that need no data and no devices."""
+  config_checks.check_values(config)  # every numeric field in range, first
   for name, registry in _registries().items():
     value = _field(config, name)
     valid = sorted(registry) if isinstance(registry, dict) else list(registry)

@@ -141,6 +141,7 @@ COCO_TRAIN = {
     77: [(1, 1)],  # crowd only: no label
     5: [(3, 0), (18, 0), (90, 0)],
     300: [(18, 0)],
+    88: [(1, 1), (1, 0)],  # a crowd and a plain person: person, not crowd
 }
 COCO_TEST = {
     632: [(1, 0)],
@@ -161,6 +162,21 @@ def coco_expected(image_anns, extra=()):
     rows[img_id] = y
   ids = np.array(sorted(rows), np.int64)
   return ids, np.stack([rows[i] for i in sorted(rows)])
+
+
+def coco_expected_crowd(image_anns, extra=()):
+  """Hand rule: classes whose every annotation on the image is crowd."""
+  by_id = {c["id"]: COCO_CLASSES.index(c["name"]) for c in COCO_CATEGORIES}
+  rows = {}
+  for img_id in list(image_anns) + list(extra):
+    y = np.zeros(4, np.uint8)
+    anns = image_anns.get(img_id, [])
+    plain = {by_id[cat] for cat, crowd in anns if not crowd}
+    for cat, crowd in anns:
+      if crowd and by_id[cat] not in plain:
+        y[by_id[cat]] = 1
+    rows[img_id] = y
+  return np.stack([rows[i] for i in sorted(rows)])
 
 
 def make_coco2014_zips(src, corrupt_id=None, image_size=(40, 30)):

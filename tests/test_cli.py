@@ -8,10 +8,13 @@ devices), so it can try hundreds of configs in seconds.
 """
 
 import errno
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import hypothesis
 from hypothesis import strategies as st
@@ -19,7 +22,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rebll_jax import config_base, protocol, train, validate
+from rebll_jax import config_base, config_checks, main, protocol, train
+from rebll_jax import validate
 from rebll_jax.data.base import Source, Split
 from rebll_jax.errors import UserError
 from tests.helpers import make_config
@@ -67,7 +71,12 @@ CASES = [
     (["--config.train.global_batch=12"], "not divisible by the 8 devices"),
     (["--config.method=nope"], "unknown method 'nope'"),
     (["--config.train.global_batch=abc"], "--config.train.global_batch"),
-    (["--config.seed=-1"], "seed must be >= 0"),
+    (["--config.seed=-1"], "seed must be an integer in [0, 2**32-1]"),
+    (["--config.seed=18446744073709551616"], "2**32-1] (jax.random.key"),
+    (["--config.data.synthetic.seed=-1"], "data.synthetic.seed must be"),
+    (["--config.loss.temperature=inf"], "loss.temperature must be a finite "
+     "number > 0.0, got inf"),
+    (["--config.loss.lambda_kd=inf"], "loss.lambda_kd must be a finite"),
     (["--config.data.source=voc2007"], "data_dir"),
     (["--config.data.synthetic.num_train=2"], "has no training images"),
     (["stray"], "unexpected argument"),
@@ -178,6 +187,8 @@ def _leaves(config, prefix=""):
 
 
 LEAVES = dict(_leaves(config_base.base_config()))
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+HUGE_INTS = [2**31, 2**32, 2**63, 2**64, 10**30, -2**63]
 
 
 def _value_for(key):
@@ -187,10 +198,11 @@ def _value_for(key):
   if isinstance(default, bool):
     return st.booleans()
   if isinstance(default, int):
-    return st.one_of(st.integers(-3, 40), st.sampled_from([0, 1, 8, 16, 64]))
+    return st.one_of(st.integers(-3, 40), st.sampled_from(HUGE_INTS),
+                     st.sampled_from([0, 1, 8, 16, 64]))
   if isinstance(default, float):
     return st.one_of(st.floats(-2, 2), st.sampled_from(
-        [0.0, 0.5, 1.0, float("nan"), float("inf"), -1e-9]))
+        [0.0, 0.5, 1.0, -1e-9, 1e30, -1e308, *NON_FINITE]))
   if isinstance(default, tuple):
     return st.lists(st.integers(-1, 3), max_size=4).map(tuple)
   return st.text(max_size=5)
@@ -220,7 +232,12 @@ def test_any_config_is_valid_or_one_user_error(overrides, num_devices):
     return
   # Accepted: the values the trainer relies on hold.
   assert config.train.global_batch % num_devices == 0
-  assert config.seed >= 0 and config.train.log_every > 0
+  assert 0 <= config.seed < 2**32 and config.train.log_every > 0
+  for key, value in _leaves(config):
+    if isinstance(value, float):
+      assert math.isfinite(value), key
+    elif isinstance(value, int) and not isinstance(value, bool):
+      assert -2**31 <= value < 2**32, key
   assert all(np.isfinite(float(config.optim[k]))
              for k in ("lr_first", "lr_later"))
   assert all(config.relabel[f"{k}_low"] <= config.relabel[k]
@@ -244,3 +261,165 @@ def test_cli_never_tracebacks_on_a_raw_override(key, raw, tmp_path_factory):
 def test_unknown_conv_impl_is_a_user_error():
   with pytest.raises(UserError, match="unknown model.conv_impl 'foo'"):
     validate.check_config(_config(**{"model.conv_impl": "foo"}))
+
+
+# --- the numeric rule table ------------------------------------------------
+
+
+def test_every_numeric_field_has_a_rule():
+  numeric = {k: v for k, v in LEAVES.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  assert sorted(numeric) == sorted(config_checks.RULES), (
+      "a numeric field of config_base.py without a rule in "
+      "rebll_jax/config_checks.py (or a rule for a field that is gone)")
+  for key, value in numeric.items():
+    assert config_checks.RULES[key].kind is type(value), key
+    config_checks.check_value(key, value)  # every default is accepted
+
+
+@pytest.mark.parametrize("key,value,ok", [
+    ("optim.lr_first", 1e30, True),  # finite: the non-finite guard's job
+    ("optim.lr_first", 0.0, False),
+    ("optim.lr_later", float("nan"), False),
+    ("loss.temperature", float("inf"), False),
+    ("loss.temperature", 0.0, False),
+    ("loss.temperature", 1e-3, True),
+    ("loss.lambda_kd", float("inf"), False),
+    ("loss.lambda_kd", 0.0, True),
+    ("loss.margin", 1.0, False),
+    ("loss.g_neg", -0.5, False),
+    ("relabel.tau_old_low", -1.0, True),  # the "same as tau_old" sentinel
+    ("relabel.tau_old_low", float("-inf"), False),
+    ("relabel.tau_old_low", 1.5, False),
+    ("relabel.tau_pseudo", 1.0, False),
+    ("memory.fraction", 1.0, False),
+    ("seed", 2**32 - 1, True),
+    ("seed", 2**32, False),  # jax.random.key would repeat seed 0
+    ("data.synthetic.seed", -1, False),
+    ("protocol.num_tasks", -1, True),
+    ("protocol.num_tasks", 0, False),
+    ("train.epochs_first", 0, False),
+    ("train.global_batch", 2**40, False),
+    ("model.stem_stride", 3, False),
+    ("train.global_batch", True, False),  # a bool is not a count
+    ("train.global_batch", 8.0, False),
+])
+def test_rule_examples(key, value, ok):
+  if ok:
+    config_checks.check_value(key, value)
+  else:
+    with pytest.raises(UserError, match=rf"^{re.escape(key)} must be .*, got "):
+      config_checks.check_value(key, value)
+
+
+def test_missing_and_unknown_fields_are_refused():
+  config = make_config()
+  config.unlock()
+  config.optim.lr = 0.1  # a typo: would be ignored silently
+  with pytest.raises(UserError, match="'optim.lr' is not in"):
+    config_checks.check_values(config)
+  with pytest.raises(UserError, match="lacks 1 field.*'seed'"):
+    config = make_config()
+    config.unlock()
+    del config["seed"]
+    config_checks.check_values(config)
+
+
+# --- config files that misbehave -------------------------------------------
+
+ENDINGS = {
+    "raises NameError": "return undefined_name",
+    "raises RuntimeError": "raise RuntimeError('boom')",
+    "returns a dict": "return {'seed': 0}",
+    "returns None": "return None",
+    "returns an int": "return 5",
+    "recurses": "return get_config()",
+    "returns a partial ConfigDict": "return ml_collections.ConfigDict("
+                                    "{'seed': 1})",
+    "returns the base config": "return config_base.base_config()",
+}
+
+
+def _config_file(directory, ending, assign=None, header=""):
+  lines = ["import ml_collections", "from rebll_jax import config_base",
+           header, "def get_config():"]
+  if assign is not None:
+    key, value = assign
+    literal = (f"float({str(value)!r})" if isinstance(value, float) and
+               not math.isfinite(value) else repr(value))
+    lines += ["  c = config_base.base_config()", f"  c.{key} = {literal}",
+              "  return c"]
+  else:
+    lines.append(f"  {ending}")
+  path = os.path.join(directory, "cfg.py")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+def _load_in_process(path):
+  """The CLI's own --config loader, then the CLI's first check."""
+  try:
+    config = main.FLAGS["config"].parser.parse(path)
+    config_checks.check_values(config)
+    return "accepted"
+  except (main._ConfigFileError, UserError) as e:  # pylint: disable=protected-access
+    assert "\n" not in str(e) and str(e), str(e)
+    return "refused"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ml_collections
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.given(
+    ending=st.sampled_from(sorted(ENDINGS)),
+    assign=st.one_of(st.none(), st.tuples(
+        st.sampled_from(sorted(config_checks.RULES)),
+        st.sampled_from([*NON_FINITE, *HUGE_INTS, -1, 0, 0.5, "x", None]))),
+    header=st.sampled_from(["", "import not_a_module", "x = (", "1 / 0"]))
+def test_any_config_file_loads_or_is_one_line(ending, assign, header,
+                                              tmp_path_factory):
+  path = _config_file(str(tmp_path_factory.mktemp("cfg")), ENDINGS[ending],
+                      assign, header)
+  outcome = _load_in_process(path)
+  if header:  # a file that does not import, compile or run
+    assert outcome == "refused"
+  elif assign is None:
+    assert outcome == ("accepted" if ending == "returns the base config"
+                       else "refused")
+  else:  # the base config with one field set in the file
+    key, value = assign
+    rule = config_checks.RULES[key]
+    valid = (config_checks.is_number(value) and
+             (rule.kind is float or isinstance(value, int)) and
+             math.isfinite(value) and rule.holds(value))
+    assert outcome == ("accepted" if valid else "refused"), assign
+
+
+@pytest.mark.parametrize("ending,expected", [
+    ("raises NameError", "NameError: name 'undefined_name' is not defined"),
+    ("returns a dict", "get_config() returned a dict, not an "
+     "ml_collections.ConfigDict"),
+    ("returns None", "get_config() returned None"),
+    ("returns a partial ConfigDict", "the config lacks"),
+])
+def test_misbehaving_config_file_is_one_line(tmp_path, ending, expected):
+  path = _config_file(str(tmp_path), ENDINGS[ending])
+  line = _assert_one_line_error(_cli(f"--config={path}",
+                                     f"--workdir={tmp_path}/w"))
+  assert expected in line
+
+
+def test_config_file_without_get_config(tmp_path):
+  path = tmp_path / "cfg.py"
+  path.write_text("x = 1\n")
+  line = _assert_one_line_error(_cli(f"--config={path}",
+                                     f"--workdir={tmp_path}/w"))
+  assert line == f"error: config file {str(path)!r} defines no get_config() " \
+      "function"
+
+
+def test_integer_parse_error_keeps_its_quotes(tmp_path):
+  line = _assert_one_line_error(_cli("--config=configs/test.py",
+                                     f"--workdir={tmp_path}",
+                                     "--config.train.global_batch=abc"))
+  assert line.endswith("invalid literal for int() with base 10: 'abc'")

@@ -9,6 +9,7 @@ test_models_backbones.py.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from rebll_jax import convert
+from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained, restore_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -353,3 +355,98 @@ def test_init_from_file_refusals_are_value_errors(tmp_path, r18):
   # A folder that is not a converted checkpoint keeps its old message.
   with pytest.raises(ValueError, match="is not a converted checkpoint"):
     pretrained.load_pretrained(fresh, str(tmp_path), "resnet18")
+
+# ------------------------------------------------- checksums, init_from ---
+
+@pytest.fixture(scope="module")
+def r18_converted(tmp_path_factory, r18):
+  out = str(tmp_path_factory.mktemp("r18") / "ckpt")
+  variables, report = pretrained.convert_state_dict("resnet18", r18)
+  pretrained.save_converted(out, variables, dict(report, source="x"))
+  return out
+
+
+def _array_files(ckpt_dir):
+  root = os.path.join(ckpt_dir, pretrained.VARIABLES_DIR)
+  return sorted((os.path.getsize(os.path.join(r, f)), os.path.join(r, f))
+                for r, _, fs in os.walk(root) for f in fs)
+
+
+def test_converted_checkpoint_records_every_file_sha256(r18_converted):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  info = json.load(open(os.path.join(r18_converted, "info.json")))
+  root = os.path.join(r18_converted, pretrained.VARIABLES_DIR)
+  want = {os.path.relpath(p, root): hashlib.sha256(open(p, "rb").read())
+          .hexdigest() for _, p in _array_files(r18_converted)}
+  assert info["variables_sha256"] == want and len(want) >= 3
+
+
+def test_check_init_from_is_cheap_and_names_the_problem(
+    r18_converted, tmp_path, monkeypatch):
+  # No model is built: building one would fail here.
+  monkeypatch.setattr(pretrained, "build", None)
+  monkeypatch.setattr(pretrained, "expected_tensors", None)
+  pretrained.check_init_from(r18_converted, "resnet18")
+  bad_info = tmp_path / "bad_info"
+  shutil.copytree(r18_converted, bad_info)
+  (bad_info / "info.json").write_text("{arch: resnet18")
+  no_arch = tmp_path / "no_arch"
+  shutil.copytree(r18_converted, no_arch)
+  (no_arch / "info.json").write_text("[1, 2]")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  for path, arch, why in (
+      (r18_converted, "resnet50", "holds a converted 'resnet18' backbone, "
+       "but model.arch is 'resnet50'"),
+      (r18_converted, "small_resnet", "model.arch='small_resnet' takes no "
+       "converted backbone"),
+      (str(tmp_path / "nope"), "resnet18", "does not exist"),
+      (str(a_file), "resnet18", "is a file, not a converted checkpoint"),
+      (str(tmp_path), "resnet18", "info.json missing"),
+      (str(bad_info), "resnet18", "info.json is not JSON"),
+      (str(no_arch), "resnet18", "info.json names no arch")):
+    with pytest.raises(UserError) as error:
+      pretrained.check_init_from(path, arch)
+    message = str(error.value)
+    assert message.startswith(f"model.init_from={path!r}: ") and why in message
+    assert "\n" not in message
+
+
+def test_flipped_byte_in_an_array_file_is_refused(r18_converted, tmp_path):
+  ckpt = str(tmp_path / "ckpt")
+  shutil.copytree(r18_converted, ckpt)
+  _, biggest = _array_files(ckpt)[-1]  # the array data, not the metadata
+  raw = bytearray(open(biggest, "rb").read())
+  raw[len(raw) // 2] ^= 0x01
+  open(biggest, "wb").write(bytes(raw))
+  why = "fails its sha256 checksum"
+  with pytest.raises(UserError, match=why):
+    pretrained.check_init_from(ckpt, "resnet18")
+  with pytest.raises(UserError, match=why):
+    pretrained.load_converted(ckpt)
+  with pytest.raises(UserError, match=why):
+    restore_backbone("resnet18", ckpt)
+  # A deleted file, or one that was not written by the converter.
+  os.remove(biggest)
+  with pytest.raises(UserError, match="is missing"):
+    pretrained.check_init_from(ckpt, "resnet18")
+  open(biggest, "wb").write(bytes(raw))
+  with pytest.raises(UserError, match="fails its sha256"):
+    pretrained.check_init_from(ckpt, "resnet18")
+
+
+def test_conversion_without_checksum_loads_with_a_warning(
+    r18_converted, tmp_path, caplog):
+  ckpt = str(tmp_path / "old")
+  shutil.copytree(r18_converted, ckpt)
+  info = json.load(open(os.path.join(ckpt, "info.json")))
+  del info["variables_sha256"]
+  json.dump(info, open(os.path.join(ckpt, "info.json"), "w"))
+  with caplog.at_level("WARNING"):
+    pretrained.check_init_from(ckpt, "resnet18")
+  assert "without a checksum" in caplog.text
+
+
+def test_one_user_error_class():
+  assert convert.UserError is UserError
+  assert issubclass(pretrained.UserError, ValueError)

@@ -4,16 +4,19 @@ One uninterrupted run of task 1 of configs/test.py (7 or 8 steps, a mid-task
 save every 3) is the reference; the faults are made on copies of its workdir.
 """
 
+import errno
 import glob
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from rebll_jax import checkpoint, train
+from rebll_jax import checkpoint, errors, train
 from rebll_jax.errors import UserError
 from tests.helpers import make_config
 
@@ -183,3 +186,125 @@ def test_nan_between_log_steps_is_never_checkpointed(reference, tmp_path):
     assert got.keys() == want.keys()
     for k in got:
       assert abs(got[k] - want[k]) <= 1e-6, (key, k)
+
+
+# --- a disk that fills up during a save -----------------------------------
+
+# What tensorstore raises inside orbax's writer threads on a full disk
+# (measured on a 2 MiB tmpfs).
+TENSORSTORE_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local '
+    'file "/x/2.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/": Failed '
+    'writing: "/x/d/25c7": Failed to write 201216 bytes to file 14: No space '
+    "left on device [os_error_code='28']")
+
+
+def _array_writer_fills_disk(monkeypatch):
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
+
+  def full(array):
+    raise ValueError(TENSORSTORE_ENOSPC)
+  monkeypatch.setattr(serialization, "estimate_write_memory_footprint", full)
+
+
+def _json_writer_fills_disk(monkeypatch):
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as h  # pylint: disable=g-import-not-at-top
+
+  async def full(self, x, directory):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(h.JsonCheckpointHandler, "_save_fn", full)
+
+
+@pytest.mark.parametrize("inject", [_array_writer_fills_disk,
+                                    _json_writer_fills_disk],
+                         ids=["arrays", "metadata"])
+def test_disk_full_mid_save_is_one_error_previous_intact(
+    tmp_path, monkeypatch, caplog, capfd, inject):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  trees = [{"a": jnp.arange(64.0) + i, "b": jnp.ones((3, 5)) * i}
+           for i in range(3)]
+  for i in range(2):
+    assert ckpt.save(trees[i], {"i": i}) == i
+  capfd.readouterr()
+  with monkeypatch.context() as patch:
+    inject(patch)
+    with caplog.at_level(logging.DEBUG), pytest.raises(
+        errors.NoSpaceError) as error:
+      ckpt.save(trees[2], {"i": 2})
+  assert str(error.value) == ("no space left on device while saving "
+                              "checkpoint 2; free space and rerun to resume")
+  # Nothing logged or printed by orbax's threads; no half-written folder;
+  # the previous checkpoint is the newest and restores exactly.
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+  assert capfd.readouterr().err == ""
+  assert ckpt.steps() == [0, 1]
+  assert sorted(os.listdir(str(tmp_path))) == ["0", "1"]
+  restored, meta = ckpt.restore_latest(trees[0])
+  assert meta["i"] == 1
+  np.testing.assert_array_equal(restored["a"], trees[1]["a"])
+  # Space freed: the same save goes through.
+  assert ckpt.save(trees[2], {"i": 2}) == 2
+  ckpt.close()
+
+
+def test_save_that_cannot_fit_stops_before_writing(tmp_path, monkeypatch):
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  usage = shutil.disk_usage(str(tmp_path))
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                      lambda path: usage._replace(free=4096))
+  with pytest.raises(errors.NoSpaceError, match="saving checkpoint 0;"):
+    ckpt.save({"w": np.zeros(1 << 16, np.float32)}, {})
+  assert os.listdir(str(tmp_path)) == []
+  ckpt.close()
+
+
+def test_is_no_space_looks_through_wrappers():
+  assert checkpoint.is_no_space(ValueError(TENSORSTORE_ENOSPC))
+  assert checkpoint.is_no_space(OSError(errno.EDQUOT, "quota"))
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "full")
+    except OSError as inner:
+      raise RuntimeError("save failed") from inner
+  except RuntimeError as outer:
+    assert checkpoint.is_no_space(outer)
+  assert checkpoint.is_no_space(ExceptionGroup(
+      "writes", [ValueError("x"), OSError(errno.ENOSPC, "full")]))
+  assert not checkpoint.is_no_space(OSError(errno.EACCES, "denied"))
+  assert not checkpoint.is_no_space(ValueError("RESOURCE_EXHAUSTED: memory"))
+
+
+_FULL_DISK_RUN = """
+import sys
+import jax.numpy as jnp
+from orbax.checkpoint._src.serialization import serialization
+from rebll_jax import checkpoint, main, train
+
+def run(config, workdir):  # a run whose third save meets a full disk
+  ckpt = checkpoint.Checkpointer(workdir + "/checkpoints")
+  for i in range(3):
+    if i == 2:
+      def full(array):
+        raise ValueError(%r)
+      serialization.estimate_write_memory_footprint = full
+    ckpt.save({"w": jnp.arange(256.0) + i}, {"i": i})
+
+train.run = run
+sys.argv = ["main", "--config=configs/test.py", "--workdir=" + sys.argv[1]]
+main.run()
+""" % TENSORSTORE_ENOSPC
+
+
+def test_cli_disk_full_is_one_line_exit_1(tmp_path):
+  script = tmp_path / "run.py"
+  script.write_text(_FULL_DISK_RUN)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, str(script), str(tmp_path / "w")], cwd=root,
+      env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr == ("error: no space left on device while saving "
+                           "checkpoint 2; free space and rerun to resume\n")
+  assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["0", "1"]

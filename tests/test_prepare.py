@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import zipfile
 
 import ml_collections
 import numpy as np
@@ -70,7 +72,12 @@ def test_coco2014_sparse_ids_crowd_and_corrupt(tmp_path, capsys):
   out = str(tmp_path / "out")
   assert _run("coco2014", "--src", src, "--data_dir", out) == 0
   err = capsys.readouterr().err
-  assert "skipping unreadable image" in err and "000000000300" in err
+  # The warning comes once, on its own line, after every progress bar.
+  lines = err.splitlines()
+  warned = [i for i, l in enumerate(lines) if "skipped unreadable" in l]
+  assert len(warned) == 1 and "000000000300" in lines[warned[0]]
+  assert lines[warned[0]].startswith("warning: ")
+  assert not any("examples" in l or "splits" in l for l in lines[warned[0]:])
   s = _source(out, "coco2014")
   assert list(s.class_names) == fx.COCO_CLASSES  # sorted names, not ids
   ids, y = fx.coco_expected(fx.COCO_TRAIN, fx.COCO_TRAIN_UNANNOTATED)
@@ -91,7 +98,7 @@ def test_coco2014_sparse_ids_crowd_and_corrupt(tmp_path, capsys):
   meta = _meta(s.info["path"])
   assert meta["splits"]["train"]["skipped"] == [
       "COCO_train2014_000000000300.jpg"]
-  assert meta["train_crowd_annotations"] == 2
+  assert meta["train_crowd_annotations"] == 3
 
 
 def test_coco_format_png_and_name(tmp_path):
@@ -224,3 +231,143 @@ def test_cli_subprocess_help_and_clean_error(tmp_path):
   assert "Traceback" not in r.stderr
   assert r.stderr.strip().startswith("error: missing train2014.zip")
   assert "tensorflow" not in r.stderr.lower()
+
+
+# --- malformed COCO files: refused naming the first bad entry --------------
+# Train images in order: 139, 9, 42, 77, 5, 300, 88, 61; annotation ids from
+# 1 (image 139: person, dog; image 9: zebra, zebra; ...); categories in the
+# fixture's order: zebra (90), person (1), dog (18), car (3).
+
+def _set(key, i, field, value):
+  return lambda d: d[key][i].__setitem__(field, value)
+
+
+MALFORMED = [
+    ("duplicate image id", _set("images", 1, "id", 139),
+     "images[1] (id 139): image id 139 is listed twice (also images[0])"),
+    ("category id twice, two names",
+     lambda d: d["categories"].append({"id": 18, "name": "puppy"}),
+     "categories[4]: category id 18 is listed twice (categories[2] 'dog' "
+     "and categories[4] 'puppy')"),
+    ("category id twice, same name",
+     lambda d: d["categories"].append({"id": 18, "name": "dog"}),
+     "categories[4]: category id 18 is listed twice"),
+    ("image_id a string", _set("annotations", 0, "image_id", "139"),
+     "annotations[0] (id 1): image_id '139' is not an integer"),
+    ("image_id of no image", _set("annotations", 2, "image_id", 4242),
+     "annotations[2] (id 3): image_id 4242 is not in 'images'"),
+    ("file_name a number", _set("images", 0, "file_name", 123),
+     "images[0] (id 139): file_name 123 is not a non-empty string"),
+    ("file_name null", _set("images", 3, "file_name", None),
+     "images[3] (id 77): file_name None is not a non-empty string"),
+    ("file_name twice", _set("images", 2, "file_name",
+                             "tr_000000000139.jpg"),
+     "images[2] (id 42): file_name 'tr_000000000139.jpg' is listed twice"),
+    ("file_name outside the folder", _set("images", 0, "file_name",
+                                          "../x.jpg"),
+     "images[0] (id 139): file_name '../x.jpg' must be a path inside"),
+    ("category name a number", _set("categories", 0, "name", 7),
+     "categories[0] (id 90): name 7 is not a non-empty string"),
+    ("category_id a list", _set("annotations", 2, "category_id", [3]),
+     "annotations[2] (id 3): category_id [3] is not an integer"),
+    ("category_id unknown", _set("annotations", 2, "category_id", 5),
+     "annotations[2] (id 3): category_id 5 is not in 'categories'"),
+    ("iscrowd not 0/1", _set("annotations", 1, "iscrowd", 2),
+     "annotations[1] (id 2): iscrowd 2 is not 0 or 1"),
+    ("empty images", lambda d: d.update(images=[], annotations=[]),
+     "the 'images' list is empty"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", [c[1:] for c in MALFORMED],
+                         ids=[c[0] for c in MALFORMED])
+def test_malformed_coco_is_refused_with_the_entry(tmp_path, capsys, mutate,
+                                                  expected):
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
+  with open(tr) as f:
+    d = json.load(f)
+  mutate(d)
+  with open(tr, "w") as f:
+    json.dump(d, f)
+  out = str(tmp_path / "out")
+  assert _run("coco_format", "--train_json", tr, "--test_json", te,
+              "--images", images, "--data_dir", out) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(f"error: {tr}: "), err
+  assert expected in err
+  assert not os.path.exists(os.path.join(out, "rebll_coco_format"))
+
+
+def test_malformed_coco2014_names_the_member(tmp_path, capsys):
+  src = fx.make_coco2014_zips(str(tmp_path / "src"))
+  ann_zip = os.path.join(src, "annotations_trainval2014.zip")
+  tr = fx.coco_json("COCO_train2014_", fx.COCO_TRAIN)
+  tr["images"][1]["id"] = 139
+  te = fx.coco_json("COCO_val2014_", fx.COCO_TEST)
+  with zipfile.ZipFile(ann_zip, "w") as z:
+    z.writestr("annotations/instances_train2014.json", json.dumps(tr))
+    z.writestr("annotations/instances_val2014.json", json.dumps(te))
+  assert _run("coco2014", "--src", src, "--data_dir",
+              str(tmp_path / "o")) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1
+  assert (f"{ann_zip}:annotations/instances_train2014.json: images[1] "
+          "(id 139): image id 139 is listed twice") in err
+
+
+def test_garbage_voc_tar_is_one_line(tmp_path, capsys):
+  src = fx.make_voc_tars(str(tmp_path / "src"))
+  with open(os.path.join(src, "VOCtest_06-Nov-2007.tar"), "wb") as f:
+    f.write(np.random.default_rng(0).bytes(5000))
+  assert _run("voc2007", "--src", src, "--data_dir",
+              str(tmp_path / "o")) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1, err
+  assert "cannot read tar archive" in err and "VOCtest" in err
+
+
+def test_corrupt_metadata_rerun_read_and_train(tmp_path, capsys):
+  from rebll_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.helpers import make_config  # pylint: disable=g-import-not-at-top
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
+  out = str(tmp_path / "out")
+  argv = ["coco_format", "--train_json", tr, "--test_json", te, "--images",
+          images, "--data_dir", out]
+  assert _run(*argv) == 0
+  path = prepare.output_dir("coco_format", out, "custom")
+  meta_path = os.path.join(path, "metadata.json")
+  good = _meta(path)
+  capsys.readouterr()
+  # Truncated JSON: rerunning prepare and reading it are one line each.
+  with open(meta_path, "w") as f:
+    f.write(json.dumps(good)[:100])
+  assert _run(*argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "metadata.json is unreadable" in err
+  assert "--overwrite" in err
+  with pytest.raises(prepared.UserError, match="metadata.json is unreadable"
+                     r" \(not JSON"):
+    _source(out, "coco_format")
+  config = make_config(**{"data.source": "coco_format", "data.data_dir": out})
+  with pytest.raises(prepared.UserError) as error:
+    train.run(config, str(tmp_path / "work"))
+  assert "metadata.json is unreadable" in str(error.value)
+  assert "\n" not in str(error.value)
+  # Valid JSON with impossible content is refused too, naming the field.
+  for edit, field in (
+      (lambda m: m["splits"]["train"]["positives"][0].append(9),
+       "splits.train.positives"),
+      (lambda m: m["splits"]["test"].update(image_ids=["x"]),
+       "splits.test.image_ids"),
+      (lambda m: m["splits"]["train"]["image_ids"].reverse(),
+       "splits.train.image_ids is not increasing"),
+      (lambda m: m.update(class_names=[1, 2]), "class_names")):
+    bad = json.loads(json.dumps(good))
+    edit(bad)
+    with open(meta_path, "w") as f:
+      json.dump(bad, f)
+    with pytest.raises(prepared.UserError, match=re.escape(field)):
+      _source(out, "coco_format")
+  # --overwrite rebuilds it.
+  assert _run(*argv, "--overwrite") == 0
+  assert _meta(path) == {**good, "fingerprint": _meta(path)["fingerprint"]}

@@ -139,6 +139,7 @@ def test_standard_tfds_voc2007(tmp_path):
     order = np.argsort(split.image_ids)
     np.testing.assert_array_equal(split.image_ids[order], ids)
     np.testing.assert_array_equal(split.labels[order], y)
+    assert sorted(split.dataset_ids) == sorted(st for st, _ in entries)
     imgs = split.read_images(np.arange(len(split)))
     for img, i in zip(imgs, split.image_ids):
       assert abs(int(img[8, 8, 0]) - fx.colour_of(int(i))) <= 3
@@ -173,3 +174,71 @@ def test_end_to_end_two_tasks_on_prepared_coco(coco_dir, tmp_path):
   for t in results["tasks"]:
     assert np.isfinite(t["map_seen"]) and 0 <= t["map_seen"] <= 100
   assert os.path.isfile(str(tmp_path / "work" / "results.json"))
+
+
+def test_crowd_only_classes_match_the_hand_rule_and_cat_to_imgs(coco_dir):
+  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
+  s = data.build_source(_cfg(coco_dir, "coco2014"))
+  for split, anns, extra, prefix in (
+      (s.train, fx.COCO_TRAIN, fx.COCO_TRAIN_UNANNOTATED, "COCO_train2014_"),
+      (s.test, fx.COCO_TEST, (), "COCO_val2014_")):
+    ids, y = fx.coco_expected(anns, extra)
+    np.testing.assert_array_equal(split.image_ids, ids)
+    np.testing.assert_array_equal(split.labels, y)
+    np.testing.assert_array_equal(split.crowd_labels,
+                                  fx.coco_expected_crowd(anns, extra))
+    assert split.crowd_labels.dtype == np.uint8
+    assert not (split.labels & split.crowd_labels).any()
+    assert split.dataset_ids == ids.tolist()
+    # labels | crowd_labels is pycocotools' catToImgs membership.
+    coco = COCO()
+    coco.dataset = fx.coco_json(prefix, anns, extra)
+    coco.createIndex()
+    for cat in fx.COCO_CATEGORIES:
+      col = fx.COCO_CLASSES.index(cat["name"])
+      union = split.labels[:, col] | split.crowd_labels[:, col]
+      assert set(ids[union == 1].tolist()) == set(coco.catToImgs[cat["id"]])
+  # By hand: 77 holds only a crowd person; 42 a car and a crowd person; 88 a
+  # crowd and a plain person (a label, not crowd-only); test 724 a car and a
+  # crowd zebra.
+  ids = s.train.image_ids.tolist()
+  person, zebra = fx.COCO_CLASSES.index("person"), 3
+  assert s.train.crowd_labels[ids.index(77)].tolist() == [0, 0, 1, 0]
+  assert s.train.crowd_labels[ids.index(42)].tolist() == [0, 0, 1, 0]
+  assert s.train.crowd_labels[ids.index(88)].tolist() == [0, 0, 0, 0]
+  assert s.train.labels[ids.index(88), person] == 1
+  tids = s.test.image_ids.tolist()
+  assert s.test.crowd_labels[tids.index(724)].tolist() == [0, 0, 0, 1]
+  assert s.test.crowd_labels[:, zebra].sum() == 1
+  assert s.info["num_crowd_only"] == {"train": 1, "test": 0}
+  # A subset keeps every per-row field aligned.
+  sub = s.train.take([ids.index(77), ids.index(5)])
+  assert sub.dataset_ids == [77, 5]
+  assert sub.crowd_labels.tolist() == [[0, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_dataset_ids_voc_stems_and_old_folders(voc_dir, coco_dir, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  s = data.build_source(_cfg(voc_dir, "voc2007"))
+  assert s.train.dataset_ids == [st for st, _ in sorted(fx.VOC_TRAINVAL)]
+  assert s.test.dataset_ids[0] == "000001"
+  assert not s.train.crowd_labels.any()
+  assert s.train.crowd_labels.shape == s.train.labels.shape
+  # A folder prepared before crowd_positives / file_names existed reads as
+  # no crowd-only class, VOC stems from the ids.
+  for kind, src in (("coco2014", coco_dir), ("voc2007", voc_dir)):
+    old = str(tmp_path / kind)
+    shutil.copytree(src, old)
+    path = prepared.find_dataset_dir(old, prepared.PREPARED[kind], "")
+    with open(os.path.join(path, "metadata.json")) as f:
+      meta = json.load(f)
+    for split in meta["splits"].values():
+      del split["crowd_positives"], split["file_names"]
+    with open(os.path.join(path, "metadata.json"), "w") as f:
+      json.dump(meta, f)
+    o = data.build_source(_cfg(old, kind))
+    n = data.build_source(_cfg(src, kind))
+    np.testing.assert_array_equal(o.train.labels, n.train.labels)
+    assert not o.train.crowd_labels.any() and not o.test.crowd_labels.any()
+    assert o.train.dataset_ids == n.train.dataset_ids

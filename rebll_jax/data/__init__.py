@@ -22,9 +22,7 @@ SOURCES: dict[str, Callable[..., Source]] = {
 
 
 def _subset(split: Split, rows: np.ndarray) -> Split:
-  read = split.read_images
-  return Split(labels=split.labels[rows], image_ids=split.image_ids[rows],
-               read_images=lambda idx: read(rows[np.asarray(idx)]))
+  return split.take(rows)
 
 
 def carve_validation(source: Source, fraction: float, seed: int) -> Source:

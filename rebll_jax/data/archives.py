@@ -3,6 +3,11 @@
 A *store* maps a relative path (``"JPEGImages/000005.jpg"``) to bytes. The
 official archives are read in place, without extracting them: an uncompressed
 tar is indexed once and then read at random; a zip has its own index.
+
+An archive that cannot be opened is a ``UserError`` on one line; a member
+that cannot be read (a truncated or damaged archive) is an ``OSError``, so an
+image is skipped like any unreadable one and an annotation stops prepare with
+one line.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import os
 import tarfile
 import threading
 import zipfile
+import zlib
 
-from rebll_jax.errors import UserError  # noqa: F401  (re-exported)
+from rebll_jax.errors import UserError
 
 
 class DirStore:
@@ -53,15 +59,23 @@ class TarStore(_MemberStore):
     try:
       self._tar = tarfile.open(path, "r:*")
       members = {m.name: m for m in self._tar.getmembers() if m.isfile()}
-    except (tarfile.TarError, OSError, EOFError) as e:
-      raise UserError(f"cannot read tar archive {path}: {e}") from None
+    except tarfile.ReadError:
+      raise UserError(f"cannot read tar archive {path}: not a tar file, or "
+                      "a damaged or truncated one") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+      raise UserError(f"cannot read tar archive {path}: "
+                      f"{_one_line(e)}") from None
     self._members = members
     super().__init__(path, members, prefix)
 
   def read(self, rel: str) -> bytes:
     with self._lock:
-      f = self._tar.extractfile(self._members[self._names[rel]])
-      return f.read()
+      try:
+        f = self._tar.extractfile(self._members[self._names[rel]])
+        return f.read()
+      except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise OSError(f"damaged member {rel} of {self.where}: "
+                      f"{_one_line(e)}") from None
 
 
 class ZipStore(_MemberStore):
@@ -71,13 +85,23 @@ class ZipStore(_MemberStore):
     try:
       self._zip = zipfile.ZipFile(path)
       names = [n for n in self._zip.namelist() if not n.endswith("/")]
-    except (zipfile.BadZipFile, OSError) as e:
-      raise UserError(f"cannot read zip archive {path}: {e}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+      raise UserError(f"cannot read zip archive {path}: "
+                      f"{_one_line(e)}") from None
     super().__init__(path, names, prefix)
 
   def read(self, rel: str) -> bytes:
     with self._lock:
-      return self._zip.read(self._names[rel])
+      try:
+        return self._zip.read(self._names[rel])
+      except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError,
+              RuntimeError) as e:
+        raise OSError(f"damaged member {rel} of {self.where}: "
+                      f"{_one_line(e)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
 
 
 def file_signature(path: str) -> list:

@@ -3,8 +3,10 @@
 Class order: the category *names* sorted alphabetically (METHOD.md section 1),
 whatever their ids; COCO's sparse ids (1..90 with gaps) are mapped through the
 names. An image is labelled with a category when it holds at least one
-annotation of it with ``iscrowd`` 0. Image ids are the JSON ``id`` fields.
-Annotations are read with pycocotools.
+annotation of it with ``iscrowd`` 0; a category whose only annotations on the
+image are crowd boxes is recorded apart (``crowd_labels``). Image ids are the
+JSON ``id`` fields. Malformed files are refused naming the first bad entry
+(``load_json``); annotations are then indexed with pycocotools.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import os
 
 import numpy as np
 
-from rebll_jax.data.archives import (DirStore, UserError, ZipStore,
-                                     file_signature)
+from rebll_jax.data.archives import DirStore, ZipStore, file_signature
+from rebll_jax.errors import UserError
 
 ZIPS = {"train": "train2014.zip", "test": "val2014.zip"}
 FOLDERS = {"train": "train2014", "test": "val2014"}
@@ -26,8 +28,25 @@ ANN_FILES = {"train": "annotations/instances_train2014.json",
              "test": "annotations/instances_val2014.json"}
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(key: str, index: int, entry) -> str:
+  """How a message names an entry: ``images[3] (id 42)``."""
+  ident = entry.get("id") if isinstance(entry, dict) else None
+  return f"{key}[{index}]" + (f" (id {ident!r})" if _is_int(ident) else "")
+
+
 def load_json(raw: bytes, where: str) -> dict:
-  """Parse and check that ``raw`` is a COCO instances-format annotation file."""
+  """Parse and check a COCO instances-format annotation file.
+
+  Anything that would silently change a label is refused with a UserError
+  naming the first bad entry: ids that are not integers or repeat, file names
+  that are not relative paths or repeat, category names that are not strings
+  or repeat, annotations whose image or category does not exist, an
+  ``iscrowd`` that is not 0 or 1, an empty ``images`` or ``categories`` list.
+  """
   try:
     d = json.loads(raw)
   except (ValueError, UnicodeDecodeError) as e:
@@ -41,47 +60,113 @@ def load_json(raw: bytes, where: str) -> dict:
   for key, fields in (("images", ("id", "file_name")),
                       ("annotations", ("image_id", "category_id")),
                       ("categories", ("id", "name"))):
-    for entry in d[key]:
+    for i, entry in enumerate(d[key]):
       if not isinstance(entry, dict) or any(f not in entry for f in fields):
-        raise UserError(f"{bad}: an entry of {key!r} lacks one of {fields}")
-  for entry in d["images"]:
-    if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
-      raise UserError(f"{bad}: image id {entry['id']!r} is not an integer")
-  names = [c["name"] for c in d["categories"]]
-  if len(set(names)) != len(names):
-    raise UserError(f"{where}: duplicate category names")
-  if not names:
-    raise UserError(f"{where}: no categories")
+        raise UserError(f"{bad}: {key}[{i}] is not an object with the "
+                        f"fields {', '.join(fields)}")
+  cat_ids = _check_categories(d["categories"], where)
+  image_ids = _check_images(d["images"], where)
+  _check_annotations(d["annotations"], image_ids, cat_ids, where)
   return d
+
+
+def _check_categories(categories: list, where: str) -> set:
+  if not categories:
+    raise UserError(f"{where}: the 'categories' list is empty")
+  by_id, by_name = {}, {}
+  for i, c in enumerate(categories):
+    at = f"{where}: categories[{i}]"
+    if not _is_int(c["id"]):
+      raise UserError(f"{at}: id {c['id']!r} is not an integer")
+    if not isinstance(c["name"], str) or not c["name"].strip():
+      raise UserError(f"{at} (id {c['id']}): name {c['name']!r} is not a "
+                      "non-empty string")
+    if c["id"] in by_id:
+      j = by_id[c["id"]]
+      raise UserError(f"{at}: category id {c['id']} is listed twice "
+                      f"(categories[{j}] {categories[j]['name']!r} and "
+                      f"categories[{i}] {c['name']!r})")
+    if c["name"] in by_name:
+      raise UserError(f"{at} (id {c['id']}): category name {c['name']!r} is "
+                      f"listed twice (also categories[{by_name[c['name']]}])")
+    by_id[c["id"]], by_name[c["name"]] = i, i
+  return set(by_id)
+
+
+def _check_images(images: list, where: str) -> set:
+  if not images:
+    raise UserError(f"{where}: the 'images' list is empty")
+  by_id, by_file = {}, {}
+  for i, im in enumerate(images):
+    at = f"{where}: {_entry('images', i, im)}"
+    if not _is_int(im["id"]):
+      raise UserError(f"{at}: id {im['id']!r} is not an integer")
+    name = im["file_name"]
+    if not isinstance(name, str) or not name.strip():
+      raise UserError(f"{at}: file_name {name!r} is not a non-empty string")
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+      raise UserError(f"{at}: file_name {name!r} must be a path inside the "
+                      "image folder")
+    if im["id"] in by_id:
+      raise UserError(f"{at}: image id {im['id']} is listed twice (also "
+                      f"images[{by_id[im['id']]}])")
+    if name in by_file:
+      raise UserError(f"{at}: file_name {name!r} is listed twice (also "
+                      f"images[{by_file[name]}])")
+    by_id[im["id"]], by_file[name] = i, i
+  return set(by_id)
+
+
+def _check_annotations(annotations: list, image_ids: set, cat_ids: set,
+                       where: str):
+  for i, a in enumerate(annotations):
+    at = f"{where}: {_entry('annotations', i, a)}"
+    if not _is_int(a["image_id"]):
+      raise UserError(f"{at}: image_id {a['image_id']!r} is not an integer")
+    if a["image_id"] not in image_ids:
+      raise UserError(f"{at}: image_id {a['image_id']} is not in 'images'")
+    if not _is_int(a["category_id"]):
+      raise UserError(f"{at}: category_id {a['category_id']!r} is not an "
+                      "integer")
+    if a["category_id"] not in cat_ids:
+      raise UserError(f"{at}: category_id {a['category_id']} is not in "
+                      "'categories'")
+    if a.get("iscrowd", 0) not in (0, 1) or isinstance(
+        a.get("iscrowd", 0), float):
+      raise UserError(f"{at}: iscrowd {a['iscrowd']!r} is not 0 or 1")
 
 
 def class_names(d: dict) -> list[str]:
   return sorted(c["name"] for c in d["categories"])
 
 
-def labels_from_json(d: dict, names: list[str], where: str
-                     ) -> tuple[list, dict]:
-  """[(image_id, file_name, labels uint8 [C])] sorted by id, plus counts."""
+def labels_from_json(d: dict, names: list[str]) -> tuple[list, dict]:
+  """[(image_id, file_name, labels, crowd_labels)] sorted by id, plus counts.
+
+  ``labels`` (uint8 [C]) marks the classes with at least one non-crowd
+  annotation on the image; ``crowd_labels`` the classes whose annotations on
+  the image are all crowd boxes (so the two never overlap, and their union is
+  pycocotools' ``catToImgs`` membership). ``d`` has passed ``load_json``.
+  """
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
   coco = COCO()
   coco.dataset = d
   with contextlib.redirect_stdout(io.StringIO()):  # "creating index..."
     coco.createIndex()
-  col = {c["id"]: names.index(c["name"]) for c in d["categories"]
-         if c["name"] in names}
+  col = {c["id"]: names.index(c["name"]) for c in d["categories"]}
   items = []
   n_crowd = 0
   for img_id in sorted(coco.getImgIds()):
     y = np.zeros(len(names), np.uint8)
+    crowd = np.zeros(len(names), np.uint8)
     for a in coco.imgToAnns.get(img_id, []):
-      if a["category_id"] not in col:
-        raise UserError(f"{where}: annotation {a.get('id')} has unknown "
-                        f"category_id {a['category_id']}")
       if a.get("iscrowd", 0):
         n_crowd += 1
-        continue
-      y[col[a["category_id"]]] = 1
-    items.append((int(img_id), coco.imgs[img_id]["file_name"], y))
+        crowd[col[a["category_id"]]] = 1
+      else:
+        y[col[a["category_id"]]] = 1
+    crowd[y == 1] = 0
+    items.append((int(img_id), coco.imgs[img_id]["file_name"], y, crowd))
   return items, {"crowd_annotations": n_crowd}
 
 

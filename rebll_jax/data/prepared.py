@@ -6,7 +6,9 @@ Sources registered in ``rebll_jax.data.SOURCES``:
   ``python -m rebll_jax.prepare``. ``config.data.data_dir`` is the folder
   given to ``prepare --data_dir`` or the dataset's own version folder
   (``.../rebll_coco_format/NAME/1.0.0``). Labels and ids come from the
-  dataset's ``metadata.json`` (no image is read to load them).
+  dataset's ``metadata.json`` (no image is read to load them), checked
+  field by field (``read_metadata``): a damaged file is one line, never a
+  traceback or a wrong label.
 - ``tfds_voc2007``: a standard TFDS ``voc/2007`` copy in array_record form
   (``tfds build voc/2007 --file_format=array_record``). Train = its
   ``train`` + ``validation`` splits (= VOC trainval), test = ``test``;
@@ -35,7 +37,7 @@ import threading
 import numpy as np
 
 from rebll_jax.data import voc
-from rebll_jax.data.archives import UserError
+from rebll_jax.errors import UserError
 from rebll_jax.data.base import Source, Split
 
 PREPARED = {"voc2007": "rebll_voc2007", "coco2014": "rebll_coco2014",
@@ -142,13 +144,81 @@ class _LazyPool:
       return self._pool
 
 
-def _labels_from_meta(meta, split, num_classes):
-  s = meta["splits"][split]
-  ids = np.asarray(s["image_ids"], np.int64)
-  y = np.zeros((len(ids), num_classes), np.uint8)
-  for i, pos in enumerate(s["positives"]):
+def _fail_meta(path: str, why: str):
+  raise UserError(f"{os.path.join(path, 'metadata.json')} is unreadable "
+                  f"({why}): prepare the dataset again with `python -m "
+                  "rebll_jax.prepare ... --overwrite`")
+
+
+def _int_list(value) -> bool:
+  return isinstance(value, list) and all(
+      isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def read_metadata(path: str) -> dict:
+  """``path/metadata.json`` of a prepared dataset, checked (UserError).
+
+  Everything the reader relies on is checked: the class names, and per
+  split the ids (strictly increasing, as the records are written), the
+  positive classes, and, when present, the crowd-only classes and file
+  names (older datasets lack them: no crowd-only classes, stems from ids).
+  """
+  try:
+    with open(os.path.join(path, "metadata.json"), "rb") as f:
+      meta = json.loads(f.read())
+  except OSError as e:
+    _fail_meta(path, e.strerror or str(e))
+  except (ValueError, UnicodeDecodeError) as e:
+    _fail_meta(path, f"not JSON: {' '.join(str(e).split())}")
+  if not isinstance(meta, dict):
+    _fail_meta(path, "the top level is not an object")
+  names = meta.get("class_names")
+  if (not isinstance(names, list) or not names or
+      not all(isinstance(n, str) for n in names) or
+      len(set(names)) != len(names)):
+    _fail_meta(path, "class_names is not a list of distinct names")
+  splits = meta.get("splits")
+  if not isinstance(splits, dict):
+    _fail_meta(path, "no splits")
+  for split in ("train", "test"):
+    s = splits.get(split)
+    if not isinstance(s, dict) or not _int_list(s.get("image_ids")):
+      _fail_meta(path, f"splits.{split}.image_ids is not a list of integers")
+    ids = s["image_ids"]
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+      _fail_meta(path, f"splits.{split}.image_ids is not increasing")
+    for key in ("positives", "crowd_positives"):
+      if key == "crowd_positives" and key not in s:
+        continue
+      rows = s.get(key)
+      if (not isinstance(rows, list) or len(rows) != len(ids) or
+          not all(_int_list(r) and all(0 <= c < len(names) for c in r)
+                  for r in rows)):
+        _fail_meta(path, f"splits.{split}.{key} is not one list of class "
+                   f"indices in [0, {len(names)}) per image")
+    if "file_names" in s and (
+        not isinstance(s["file_names"], list) or
+        len(s["file_names"]) != len(ids) or
+        not all(isinstance(n, str) for n in s["file_names"])):
+      _fail_meta(path, f"splits.{split}.file_names is not one name per "
+                 "image")
+  return meta
+
+
+def _multi_hot(rows, num_classes) -> np.ndarray:
+  y = np.zeros((len(rows), num_classes), np.uint8)
+  for i, pos in enumerate(rows):
     y[i, pos] = 1
-  return ids, y
+  return y
+
+
+def _dataset_ids(kind, s, ids) -> list:
+  """The dataset's own ids: VOC file stems, otherwise the integer ids."""
+  if kind != "voc2007":
+    return [int(i) for i in ids]
+  if "file_names" in s:
+    return [os.path.splitext(os.path.basename(f))[0] for f in s["file_names"]]
+  return [f"{int(i):06d}" for i in ids]  # VOC 2007's stems: six digits
 
 
 def build_prepared(cfg, kind: str) -> Source:
@@ -158,8 +228,7 @@ def build_prepared(cfg, kind: str) -> Source:
   hint = (f"prepare it with `python -m rebll_jax.prepare {kind} ... "
           f"--data_dir DIR` and pass --config.data.data_dir=DIR")
   path = find_dataset_dir(cfg.data_dir, PREPARED[kind], hint)
-  with open(os.path.join(path, "metadata.json")) as f:
-    meta = json.load(f)
+  meta = read_metadata(path)
   if meta.get("dataset") != kind:
     raise UserError(f"{path} holds {meta.get('dataset')!r}, not {kind!r}")
   names = list(meta["class_names"])
@@ -167,7 +236,8 @@ def build_prepared(cfg, kind: str) -> Source:
   pool = _LazyPool(cfg.num_workers)
   splits = {}
   for split in ("train", "test"):
-    ids, y = _labels_from_meta(meta, split, len(names))
+    s = meta["splits"][split]
+    ids = np.asarray(s["image_ids"], np.int64)
     reader = _Reader(builder, [split], int(cfg.image_size), pool)
     if len(reader) != len(ids):
       raise UserError(f"{path}: {split} has {len(reader)} records but its "
@@ -176,8 +246,12 @@ def build_prepared(cfg, kind: str) -> Source:
       first, last = reader.records([0, len(ids) - 1])
       if (int(first["image_id"]), int(last["image_id"])) != (ids[0], ids[-1]):
         raise UserError(f"{path}: {split} records do not match metadata")
-    splits[split] = Split(labels=y, image_ids=ids,
-                          read_images=reader.read_images)
+    splits[split] = Split(
+        labels=_multi_hot(s["positives"], len(names)), image_ids=ids,
+        read_images=reader.read_images,
+        crowd_labels=_multi_hot(s.get("crowd_positives", [[]] * len(ids)),
+                                len(names)),
+        dataset_ids=_dataset_ids(kind, s, ids))
   info = {"path": path, "num_skipped": meta.get("num_skipped", 0),
           **{k: v for k, v in meta.items()
              if k not in ("splits", "class_names")}}
@@ -207,17 +281,19 @@ def build_tfds_voc2007(cfg) -> Source:
     reader = _Reader(builder, parts, int(cfg.image_size), pool)
     n = len(reader)
     ids = np.zeros(n, np.int64)
+    stems = [""] * n
     y = np.zeros((n, len(voc.CLASSES)), np.uint8)
     for start in range(0, n, 256):
       idx = np.arange(start, min(n, start + 256))
       for i, r in zip(idx, reader.records(idx)):
         fname = r["image/filename"]
         fname = fname.decode() if isinstance(fname, bytes) else str(fname)
-        ids[i] = int(os.path.splitext(os.path.basename(fname))[0])
+        stems[i] = os.path.splitext(os.path.basename(fname))[0]
+        ids[i] = int(stems[i])
         raw = np.asarray(r["labels_no_difficult"], np.int64).reshape(-1)
         y[i, [order.index(c) for c in raw]] = 1
     splits[name] = Split(labels=y, image_ids=ids,
-                         read_images=reader.read_images)
+                         read_images=reader.read_images, dataset_ids=stems)
   return Source(name="tfds_voc2007", class_names=list(voc.CLASSES),
                 train=splits["train"], test=splits["test"],
                 info={"path": path})

@@ -13,7 +13,8 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from rebll_jax.data.archives import DirStore, TarStore, UserError
+from rebll_jax.data.archives import DirStore, TarStore
+from rebll_jax.errors import UserError
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
            "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike",
@@ -76,17 +77,34 @@ def parse_annotation(xml_bytes: bytes, where: str) -> tuple[np.ndarray, int]:
 
 
 def split_items(store, split: str) -> tuple[list, dict]:
-  """[(image_id, image_path_in_store, labels uint8 [20])] sorted by id."""
-  names = store.read(LISTS[split]).decode().split()
+  """[(image_id, image_path, labels uint8 [20], crowd uint8 [20])] by id.
+
+  VOC has no crowd boxes: ``crowd`` is all zeros (the slot keeps one record
+  layout for every dataset).
+  """
+  try:
+    names = store.read(LISTS[split]).decode().split()
+  except UnicodeDecodeError:
+    raise UserError(f"{store.where}:{LISTS[split]} is not a text file of "
+                    "image names") from None
   items = []
+  seen = {}
   n_difficult = 0
-  for stem in names:
+  for line, stem in enumerate(names, 1):
+    if not stem.isdigit():
+      raise UserError(f"{store.where}:{LISTS[split]} entry {line} {stem!r} "
+                      "is not a VOC image name (digits, e.g. 000005)")
+    if int(stem) in seen:
+      raise UserError(f"{store.where}:{LISTS[split]} lists image {stem} "
+                      f"twice (entries {seen[int(stem)]} and {line})")
+    seen[int(stem)] = line
     ann = f"Annotations/{stem}.xml"
     if not store.exists(ann):
       raise UserError(f"missing {ann} in {store.where}")
     y, d = parse_annotation(store.read(ann), f"{store.where}:{ann}")
     n_difficult += d
-    items.append((int(stem), f"JPEGImages/{stem}.jpg", y))
+    items.append((int(stem), f"JPEGImages/{stem}.jpg", y,
+                  np.zeros_like(y)))
   items.sort(key=lambda t: t[0])
   return items, {"difficult_objects": n_difficult}
 
