@@ -15,7 +15,18 @@ faults:
 - a poisoned step (``debug.nan_at_step``): the run must stop with exit 1,
   keep its last good checkpoint, and the rerun without the poison must end
   as the uninterrupted run;
-- bad configs and flags: each must end in one ``error:`` line, exit 2.
+- bad configs and flags: each must end in one ``error:`` line, exit 2;
+- a learning rate of 1e30 (finite loss, NaN parameters): exit 1, and no
+  checkpoint may hold a non-finite parameter;
+- two processes on one workdir: the second must refuse at once (exit 2,
+  naming the first), the first must finish identically;
+- an edited number in the newest checkpoint's metadata: skipped as damage,
+  the rerun identical;
+- a fingerprinted field (``loss.g_pos``) changed between a kill and the
+  resume: refused (exit 2), ``config.json`` untouched.
+
+Every finished run is also checked for finite parameters in every
+checkpoint and for metrics.jsonl without a duplicated step.
 
 A run "resumed identically" when its results.json equals the uninterrupted
 run's within 1e-6 (wall times aside). "Results lost" counts runs that did
@@ -100,6 +111,47 @@ def _same(a, b) -> bool:
   return a == b
 
 
+def _checkpoints_finite(workdir) -> bool:
+  """Every parameter and batch statistic of every checkpoint is finite."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+    if not name.isdigit():
+      continue
+    try:
+      tree = ocp.StandardCheckpointer().restore(
+          os.path.join(ckpt_dir, name, "state"))
+    except Exception:  # pylint: disable=broad-except
+      continue  # damaged on purpose by this report
+    for leaf in jax.tree.leaves((tree["train"]["params"],
+                                 tree["train"]["batch_stats"])):
+      if not np.all(np.isfinite(np.asarray(leaf))):
+        return False
+  return True
+
+
+def _metric_steps_unique(workdir) -> bool:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return True
+  steps = [json.loads(line)["step"] for line in open(path) if line.strip()]
+  return len(steps) == len(set(steps))
+
+
+def _edit_newest_meta(workdir) -> bool:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  numbers = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  path = os.path.join(ckpt_dir, str(numbers[-1]), "meta", "metadata")
+  meta = json.load(open(path))
+  if not meta.get("results"):
+    return False
+  meta["results"][0]["map_seen"] = 99.0  # valid JSON, a believable number
+  json.dump(meta, open(path, "w"))
+  return True
+
+
 def _damage_newest(workdir, rng) -> str:
   ckpt_dir = os.path.join(workdir, "checkpoints")
   numbers = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
@@ -135,6 +187,9 @@ BAD_INPUTS = [
     ["--config.resume=maybe"],
     ["--config.num_devices=-1"],
     ["stray_argument"],
+    ["--config.loss.temperature=inf"],
+    ["--config.seed=99999999999999999999999"],
+    ["--config.data.synthetic.seed=-1"],
 ]
 
 
@@ -150,6 +205,7 @@ def main():
   runner = Runner(args.workdir)
   wd = lambda name: os.path.join(args.workdir, name)  # noqa: E731
   faults, identical, scenarios, lost = 0, 0, 0, 0
+  non_finite_saved, duplicated_steps, mixed_runs = 0, 0, 0
   started = time.time()
 
   base = runner.run(wd("uninterrupted"))
@@ -160,15 +216,19 @@ def main():
   bounds = [sum(steps[:i]) for i in range(len(steps) + 1)]
 
   def finish(workdir, note):
-    nonlocal identical, lost, scenarios
+    nonlocal identical, lost, scenarios, non_finite_saved, duplicated_steps
     scenarios += 1
     for _ in range(5):  # a damaged newest checkpoint may cost a retry
       result = runner.run(workdir)
       if result.returncode == 0:
         break
     path = os.path.join(workdir, "results.json")
-    ok = (result.returncode == 0 and os.path.exists(path)
-          and _same(_metrics(path), expected))
+    finite = _checkpoints_finite(workdir)
+    unique = _metric_steps_unique(workdir)
+    non_finite_saved += not finite
+    duplicated_steps += not unique
+    ok = (result.returncode == 0 and os.path.exists(path) and finite
+          and unique and _same(_metrics(path), expected))
     identical += ok
     lost += not ok
     print(f"  {note}: {'identical' if ok else 'LOST'}", flush=True)
@@ -212,7 +272,67 @@ def main():
     print(f"  nan@{step}: not stopped as expected ({result.returncode})")
   finish(workdir, f"nan@{step} ({line[:60]}...)")
 
-  # 4. Bad input: one line, exit 2, no traceback.
+  # 4. A huge learning rate: the loss stays finite while the parameters do
+  # not. Exit 1, nothing non-finite saved.
+  workdir = wd("huge_lr")
+  result = runner.run(workdir, "--config.optim.lr_first=1e30",
+                      "--config.train.log_every=2")
+  faults += 1
+  line = result.stderr.strip().splitlines()[-1] if result.stderr else ""
+  finite = _checkpoints_finite(workdir)
+  non_finite_saved += not finite
+  if result.returncode != 1 or "non-finite" not in line or not finite:
+    mixed_runs += 1
+    print(f"  lr 1e30: exit {result.returncode}, finite={finite}, {line!r}")
+  else:
+    print(f"  lr 1e30: stopped ({line[:70]}...)")
+
+  # 5. Two processes on one workdir: the second refuses at once.
+  workdir = wd("two_processes")
+  first = subprocess.Popen(runner.cmd(workdir), cwd=ROOT,
+                           env=_env(runner.cache),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+  time.sleep(4.0)  # let it take the lock
+  second = runner.run(workdir)
+  first_err = first.communicate(timeout=600)[1]
+  faults += 1
+  refused = second.returncode == 2 and f"pid {first.pid}" in second.stderr
+  path = os.path.join(workdir, "results.json")
+  same = (first.returncode == 0 and os.path.exists(path)
+          and _same(_metrics(path), expected)
+          and _metric_steps_unique(workdir))
+  if not (refused and same):
+    mixed_runs += 1
+    print(f"  two processes: second exit {second.returncode} "
+          f"({second.stderr.strip()[-120:]!r}), first ok={same} "
+          f"{first_err[-200:]!r}")
+  else:
+    print("  two processes: second refused, first identical")
+
+  # 6. An edited number in the newest checkpoint's metadata.
+  workdir = wd("edited_meta")
+  step = rng.randrange(bounds[1] + 1, bounds[2])
+  runner.run(workdir, f"--config.debug.kill_at_step={step}")
+  faults += _edit_newest_meta(workdir)
+  finish(workdir, f"kill@{step} + edited metadata")
+
+  # 7. A fingerprinted field changed between a kill and the resume.
+  workdir = wd("changed_config")
+  runner.run(workdir, f"--config.debug.kill_at_step={bounds[1] + 2}")
+  config_before = open(os.path.join(workdir, "config.json")).read()
+  result = runner.run(workdir, "--config.loss.g_pos=2.0")
+  faults += 1
+  if (result.returncode != 2 or "loss.g_pos" not in result.stderr
+      or open(os.path.join(workdir, "config.json")).read() != config_before):
+    mixed_runs += 1
+    print(f"  changed loss.g_pos on resume: exit {result.returncode} "
+          f"{result.stderr.strip()[-160:]!r}")
+  else:
+    print("  changed loss.g_pos on resume: refused, config.json untouched")
+  finish(workdir, "resumed with the original config")
+
+  # 8. Bad input: one line, exit 2, no traceback.
   bad_ok = 0
   for extra in BAD_INPUTS:
     result = runner.run(wd("bad"), *extra)
@@ -227,11 +347,14 @@ def main():
 
   print(f"faults injected: {faults}, runs resumed identically: "
         f"{identical}/{scenarios}, bad inputs tried: {len(BAD_INPUTS)} "
-        f"({bad_ok} rejected with one line, exit 2), results lost: {lost} "
-        f"[{time.time() - started:.0f} s]")
+        f"({bad_ok} rejected with one line, exit 2), results lost: {lost}, "
+        f"non-finite checkpoints: {non_finite_saved}, runs with duplicated "
+        f"metric steps: {duplicated_steps}, mixed or unrefused runs: "
+        f"{mixed_runs} [{time.time() - started:.0f} s]")
   if args.overhead:
     measure_overhead(args.workdir)
-  sys.exit(1 if lost or bad_ok != len(BAD_INPUTS) else 0)
+  sys.exit(1 if lost or mixed_runs or non_finite_saved or duplicated_steps
+           or bad_ok != len(BAD_INPUTS) else 0)
 
 
 def measure_overhead(root):

@@ -49,8 +49,7 @@ from rebll_jax.data import coco, prepared, voc
 from rebll_jax.errors import UserError
 
 FORMAT_VERSION = 1
-BUILDER_NAMES = {"voc2007": "rebll_voc2007", "coco2014": "rebll_coco2014",
-                 "coco_format": "rebll_coco_format"}
+BUILDER_NAMES = prepared.PREPARED  # the one dataset table
 _CHUNK = 64  # images read, then checked in parallel, per step
 _MAX_WARNINGS = 20  # skip warnings printed; metadata.json lists them all
 
