@@ -149,6 +149,11 @@ def main(argv):
   except train.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  if FLAGS.config.get("dry_run", False):
+    from rebll_jax import dry_run  # pylint: disable=g-import-not-at-top
+    print(dry_run.table(results))
+    print(f"protocol: {os.path.join(FLAGS.workdir, 'protocol.json')}")
+    return
   print(reporting.final_table(results))
   print(f"results: {FLAGS.workdir}/results.json")
 
