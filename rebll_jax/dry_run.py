@@ -65,8 +65,8 @@ def plan(config, source, method, tasks) -> dict:
   test_ids = dataset_ids(source, source.test)
   entries = []
   for task in tasks:
-    view = protocol.train_view(source.train, task.classes, config.protocol)
-    rows = protocol.eval_rows(source.test, task.seen, config.protocol)
+    view = protocol.train_view(source, task.classes, config.protocol)
+    rows = protocol.eval_rows(source, task.seen, config.protocol)
     entries.append({
         "task": task.index + 1,
         "classes": [source.class_names[c] for c in task.classes],

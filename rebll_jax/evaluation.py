@@ -75,7 +75,7 @@ def evaluate(predictor, variables, source, task, tasks, threshold, *,
   ``protocol_cfg`` also those holding one only as crowd boxes).
   """
   view_rows = protocol.eval_rows(
-      source.test, task.seen, {} if protocol_cfg is None else protocol_cfg)
+      source, task.seen, {} if protocol_cfg is None else protocol_cfg)
   scores, _ = predictor.predict_split(variables, source.test, view_rows)
   targets = source.test.labels[view_rows]
   per_task = [metrics.mean_ap(scores, targets, t.classes)

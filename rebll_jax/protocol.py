@@ -145,24 +145,45 @@ def scored_rows(test_labels: np.ndarray, seen,
   return _members(test_labels, np.asarray(seen, np.int64), crowd_labels)
 
 
-def crowd_labels_of(split, protocol_cfg) -> np.ndarray | None:
-  """The split's crowd-only labels when the protocol keeps crowd-only
-  images, else None. A source that records none (synthetic, VOC, data
-  prepared before crowd boxes were recorded) gives None either way."""
+# Sources whose data can hold crowd boxes, and the info key their prepare
+# writes once it records them (datasets prepared before have none).
+CROWD_SOURCES = ("coco2014", "coco_format")
+CROWD_RECORDED = "num_crowd_only"
+
+
+def crowd_labels_of(source, split: str, protocol_cfg) -> np.ndarray | None:
+  """``source``'s ``split`` ("train" | "test") crowd-only labels when the
+  protocol keeps crowd-only images, else None (also when the split has no
+  crowd box: synthetic, VOC).
+
+  Raises UserError when the protocol keeps them but a COCO source was
+  prepared before crowd boxes were recorded (the switch would silently do
+  nothing).
+  """
   if not protocol_cfg.get("keep_crowd_only_images", False):
     return None
-  crowd = getattr(split, "crowd_labels", None)
+  info = getattr(source, "info", None) or {}
+  if (getattr(source, "name", "") in CROWD_SOURCES
+      and CROWD_RECORDED not in info):
+    raise UserError(
+        f"protocol.keep_crowd_only_images=True but the {source.name} data "
+        f"in {info.get('path', 'data.data_dir')} records no crowd boxes "
+        "(prepared by an older version): prepare it again with `python -m "
+        "rebll_jax.prepare ... --overwrite`, or set "
+        "--config.protocol.keep_crowd_only_images=False")
+  crowd = getattr(getattr(source, split), "crowd_labels", None)
   if crowd is None or not np.any(crowd):
     return None
   return np.asarray(crowd)
 
 
-def train_view(split, classes, protocol_cfg) -> TaskView:
-  """``partial_view`` of a training split as ``protocol_cfg`` asks."""
-  return partial_view(split.labels, classes,
-                      crowd_labels_of(split, protocol_cfg))
+def train_view(source, classes, protocol_cfg) -> TaskView:
+  """``partial_view`` of ``source.train`` as ``protocol_cfg`` asks."""
+  return partial_view(source.train.labels, classes,
+                      crowd_labels_of(source, "train", protocol_cfg))
 
 
-def eval_rows(split, seen, protocol_cfg) -> np.ndarray:
-  """``scored_rows`` of a test split as ``protocol_cfg`` asks."""
-  return scored_rows(split.labels, seen, crowd_labels_of(split, protocol_cfg))
+def eval_rows(source, seen, protocol_cfg) -> np.ndarray:
+  """``scored_rows`` of ``source.test`` as ``protocol_cfg`` asks."""
+  return scored_rows(source.test.labels, seen,
+                     crowd_labels_of(source, "test", protocol_cfg))

@@ -338,7 +338,7 @@ def _task_batches(setup: Setup, state: RunState, task, view):
 
 
 def _task_view(setup: Setup, task):
-  view = protocol.train_view(setup.source.train, task.classes,
+  view = protocol.train_view(setup.source, task.classes,
                              setup.config.protocol)
   if len(view) == 0:
     names = [setup.source.class_names[c] for c in task.classes]

@@ -38,8 +38,8 @@ def _check_against_protocol(result, source, config):
   tasks = protocol.make_tasks(source.num_classes, config.protocol.base,
                               config.protocol.increment,
                               config.protocol.num_tasks)
-  crowd_train = protocol.crowd_labels_of(source.train, config.protocol)
-  crowd_test = protocol.crowd_labels_of(source.test, config.protocol)
+  crowd_train = protocol.crowd_labels_of(source, "train", config.protocol)
+  crowd_test = protocol.crowd_labels_of(source, "test", config.protocol)
   assert result["class_order"] == list(source.class_names)
   assert [t["task"] for t in result["tasks"]] == [1, 2, 3]
   for task, entry in zip(tasks, result["tasks"]):

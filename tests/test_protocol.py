@@ -155,20 +155,39 @@ class _Split:
     return len(self.labels)
 
 
+def _source(name="synthetic", info=None, crowd=CROWD):
+  split = _Split(CROWD_LABELS, crowd)
+  return type("Source", (), {"name": name, "info": info or {},
+                             "train": split, "test": split})()
+
+
 def test_crowd_labels_are_read_only_when_the_protocol_keeps_them():
   keep = {"keep_crowd_only_images": True}
-  split = _Split(CROWD_LABELS, CROWD)
-  assert protocol.crowd_labels_of(split, {}) is None
+  source = _source()
+  assert protocol.crowd_labels_of(source, "train", {}) is None
   assert protocol.crowd_labels_of(
-      split, {"keep_crowd_only_images": False}) is None
-  np.testing.assert_array_equal(protocol.crowd_labels_of(split, keep), CROWD)
-  assert protocol.crowd_labels_of(_Split(CROWD_LABELS), keep) is None
+      source, "train", {"keep_crowd_only_images": False}) is None
   np.testing.assert_array_equal(
-      protocol.train_view(split, [0, 1], keep).indices, [0, 3, 5])
+      protocol.crowd_labels_of(source, "test", keep), CROWD)
+  assert protocol.crowd_labels_of(_source(crowd=None), "train", keep) is None
   np.testing.assert_array_equal(
-      protocol.train_view(split, [0, 1], {}).indices, [0, 5])
-  np.testing.assert_array_equal(protocol.eval_rows(split, [2, 3], keep),
+      protocol.train_view(source, [0, 1], keep).indices, [0, 3, 5])
+  np.testing.assert_array_equal(
+      protocol.train_view(source, [0, 1], {}).indices, [0, 5])
+  np.testing.assert_array_equal(protocol.eval_rows(source, [2, 3], keep),
                                 [2, 4, 5])
+
+
+def test_keeping_crowd_only_images_of_coco_prepared_without_them_fails():
+  keep = {"keep_crowd_only_images": True}
+  old = _source("coco2014", {"path": "/data/rebll_coco2014/1.0.0"},
+                crowd=np.zeros_like(CROWD))
+  with pytest.raises(UserError, match="records no crowd boxes.*--overwrite"):
+    protocol.train_view(old, [0, 1], keep)
+  assert protocol.crowd_labels_of(old, "train", {}) is None  # default: fine
+  recorded = _source("coco_format", {protocol.CROWD_RECORDED: {"train": 2}})
+  np.testing.assert_array_equal(
+      protocol.train_view(recorded, [0, 1], keep).indices, [0, 3, 5])
 
 
 def test_evaluate_scores_the_crowd_only_test_images_when_kept():
@@ -182,7 +201,7 @@ def test_evaluate_scores_the_crowd_only_test_images_when_kept():
       scores = np.linspace(0.1, 0.9, len(indices) * 4).reshape(-1, 4)
       return scores, None
 
-  source = type("S", (), {"test": _Split(CROWD_LABELS, CROWD)})()
+  source = _source()
   tasks = protocol.make_tasks(4, 0, 2)
   for protocol_cfg, rows in ((None, [0, 5]),
                              ({"keep_crowd_only_images": False}, [0, 5]),
