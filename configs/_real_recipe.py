@@ -43,5 +43,6 @@ def recipe(source: str, lr_first: float, lr_later: float, per_class: int):
 def pick(settings: dict, arg, default: str):
   setting = arg or default
   if setting not in settings:
-    raise ValueError(f"unknown setting {setting!r}; valid: {sorted(settings)}")
+    raise ValueError(f"unknown setting {setting!r}; valid: {sorted(settings)} "
+                     "(each also as NAME_field: the baseline's recipe)")
   return setting, settings[setting]

@@ -16,7 +16,10 @@ Prepare the data first (see README): ``python -m rebll_jax.prepare coco2014
 --src DIR_WITH_ZIPS --data_dir $HOME/rebll_data``.
 
 Settings (``--config=configs/coco.py:NAME``): ``b0c10`` (default, 8 tasks
-of 10 classes), ``b40c10`` (40 then 4 x 10).
+of 10 classes), ``b40c10`` (40 then 4 x 10). ``NAME_field`` (``b0c10_field``,
+``b40c10_field``) is the same setting with every row of the PyTorch
+baseline's recipe and protocol (``config_base.apply_field_recipe``; README
+"Field-exact mode"), to reproduce its numbers.
 
 Recipe (METHOD.md section 7): lr 4e-5 for the first task, 1e-4 for the later
 ones; memory 20 exemplars per class (herding).
@@ -28,12 +31,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _real_recipe  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from rebll_jax import config_base  # noqa: E402
+
 SETTINGS = {"b0c10": (0, 10), "b40c10": (40, 10)}
 
 
 def get_config(arg=None):
-  _, (base, increment) = _real_recipe.pick(SETTINGS, arg, "b0c10")
+  setting, field = config_base.field_setting(arg, "b0c10")
+  _, (base, increment) = _real_recipe.pick(SETTINGS, setting, "b0c10")
   c = _real_recipe.recipe("coco2014", lr_first=4e-5, lr_later=1e-4,
                           per_class=20)
   c.protocol.base, c.protocol.increment = base, increment
+  if field:
+    config_base.apply_field_recipe(c, dataset="coco")
   return c

@@ -15,6 +15,8 @@ $HOME/rebll_data``. Classes are the category names sorted alphabetically.
 The argument is the setting ``b{base}c{increment}``, any numbers (default
 ``b0c10``); a split that does not fit the dataset's class count is refused
 before training, with the counts. 20 exemplars per class; lr 4e-5 then 1e-4.
+``b{base}c{increment}_field`` adds every row of the PyTorch baseline's
+recipe and protocol (``config_base.apply_field_recipe``, as COCO).
 """
 
 import os
@@ -24,14 +26,19 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _real_recipe  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from rebll_jax import config_base  # noqa: E402
+
 
 def get_config(arg=None):
-  setting = arg or "b0c10"
+  setting, field = config_base.field_setting(arg, "b0c10")
   m = re.fullmatch(r"b(\d+)c(\d+)", setting)
   if not m:
     raise ValueError(f"setting {setting!r}: use b{{base}}c{{increment}}, "
-                     "e.g. b0c10 or b40c10")
+                     "e.g. b0c10 or b40c10 (add _field for the baseline's "
+                     "recipe)")
   c = _real_recipe.recipe("coco_format", lr_first=4e-5, lr_later=1e-4,
                           per_class=20)
   c.protocol.base, c.protocol.increment = int(m.group(1)), int(m.group(2))
+  if field:
+    config_base.apply_field_recipe(c, dataset="coco")
   return c

@@ -17,6 +17,10 @@ instead.
 
 Settings (``--config=configs/voc.py:NAME``): ``b0c4`` (default, 5 tasks of
 4 classes), ``b10c2`` (10 then 5 x 2), ``b5c3`` (5 then 5 x 3).
+``NAME_field`` (e.g. ``b0c4_field``) is the same setting with every row of
+the PyTorch baseline's recipe and protocol (``config_base.
+apply_field_recipe``; no dedup of the memory on VOC; README "Field-exact
+mode").
 
 Memory: 2 exemplars per class (``memory.per_class=2``), the budget most VOC
 papers use (KRT's VOC runs; some use 20: ``--config.memory.per_class=20``).
@@ -31,12 +35,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _real_recipe  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from rebll_jax import config_base  # noqa: E402
+
 SETTINGS = {"b0c4": (0, 4), "b10c2": (10, 2), "b5c3": (5, 3)}
 
 
 def get_config(arg=None):
-  _, (base, increment) = _real_recipe.pick(SETTINGS, arg, "b0c4")
+  setting, field = config_base.field_setting(arg, "b0c4")
+  _, (base, increment) = _real_recipe.pick(SETTINGS, setting, "b0c4")
   c = _real_recipe.recipe("voc2007", lr_first=4e-5, lr_later=4e-5,
                           per_class=2)
   c.protocol.base, c.protocol.increment = base, increment
+  if field:
+    config_base.apply_field_recipe(c, dataset="voc")
   return c

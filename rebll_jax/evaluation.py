@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rebll_jax import metrics, parallel, steps
+from rebll_jax import metrics, parallel, protocol, steps
 from rebll_jax.data import loader
 
 
@@ -66,12 +66,16 @@ class Predictor:
     return np.concatenate(scores), np.concatenate(features)
 
 
-def evaluate(predictor, variables, source, task, tasks, threshold) -> dict:
+def evaluate(predictor, variables, source, task, tasks, threshold, *,
+             protocol_cfg=None) -> dict:
   """mAP on the seen classes after ``task``, plus per-task and F1 stats.
 
-  Scored on the test images that hold at least one seen class.
+  Scored on the test images that hold at least one seen class
+  (``protocol.eval_rows``: with ``protocol.keep_crowd_only_images`` in
+  ``protocol_cfg`` also those holding one only as crowd boxes).
   """
-  view_rows = np.flatnonzero(source.test.labels[:, task.seen].any(axis=1))
+  view_rows = protocol.eval_rows(
+      source, task.seen, {} if protocol_cfg is None else protocol_cfg)
   scores, _ = predictor.predict_split(variables, source.test, view_rows)
   targets = source.test.labels[view_rows]
   per_task = [metrics.mean_ap(scores, targets, t.classes)

@@ -228,6 +228,11 @@ def main(argv):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_RUN_FAILED)  # pylint: disable=protected-access
+  if FLAGS.config.get("dry_run", False):
+    from rebll_jax import dry_run  # pylint: disable=g-import-not-at-top
+    print(dry_run.table(results))
+    print(f"protocol: {os.path.join(FLAGS.workdir, 'protocol.json')}")
+    return
   print(reporting.final_table(results))
   print(f"results: {FLAGS.workdir}/results.json")
 

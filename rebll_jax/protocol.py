@@ -5,6 +5,15 @@ cuts them into consecutive blocks. A task's training view holds the images
 with at least one class of its block, labelled on that block only (the rest
 is *unknown*, not negative). The test view after task t holds the images with
 at least one seen class, scored on all seen classes.
+
+Crowd-only images (``protocol.keep_crowd_only_images``, issue 11): a COCO
+image can hold a class only as crowd boxes (``iscrowd`` 1), which make no
+label. The PyTorch baseline takes a task's images from pycocotools'
+``catToImgs``, crowd boxes included, so such an image joins the task's
+training view (with no positive on the block: its labels there are known
+0s) and the test set after it. The functions below take the split's
+``crowd_labels`` ([N, C], the classes present only as crowd boxes) as an
+optional argument; None (or all zeros) keeps today's views.
 """
 
 from __future__ import annotations
@@ -67,11 +76,28 @@ class TaskView:
     return int(self.indices.shape[0])
 
 
-def partial_view(full_labels: np.ndarray, classes) -> TaskView:
-  """Images holding at least one of ``classes``, labelled on them only."""
+def _members(full_labels, classes, crowd_labels=None) -> np.ndarray:
+  """Rows holding one of ``classes``, as a label or (given) a crowd box."""
+  held = np.asarray(full_labels)[:, classes] != 0
+  if crowd_labels is not None:
+    if np.shape(crowd_labels) != np.shape(full_labels):
+      raise ValueError(f"crowd_labels has shape {np.shape(crowd_labels)}, "
+                       f"labels {np.shape(full_labels)}")
+    held = held | (np.asarray(crowd_labels)[:, classes] != 0)
+  return np.flatnonzero(held.any(axis=1)).astype(np.int64)
+
+
+def partial_view(full_labels: np.ndarray, classes,
+                 crowd_labels: np.ndarray | None = None) -> TaskView:
+  """Images holding at least one of ``classes``, labelled on them only.
+
+  With ``crowd_labels`` ([N, C]) an image whose only objects of ``classes``
+  are crowd boxes is in the view too, with 0 (known) on every class of the
+  block.
+  """
   classes = np.asarray(classes, np.int64)
   visible = class_mask(full_labels.shape[1], classes).astype(bool)
-  indices = np.flatnonzero(full_labels[:, classes].any(axis=1))
+  indices = _members(full_labels, classes, crowd_labels)
   labels = full_labels[indices].astype(np.float32) * visible
   known = np.broadcast_to(visible, labels.shape).copy()
   return TaskView(indices=indices.astype(np.int64), labels=labels,
@@ -109,3 +135,55 @@ def make_tasks(num_classes: int, base: int, increment: int,
     tasks.append(Task(index=t, classes=block, seen=seen,
                       num_classes=num_classes))
   return tasks
+
+
+def scored_rows(test_labels: np.ndarray, seen,
+                crowd_labels: np.ndarray | None = None) -> np.ndarray:
+  """int64 rows of the test split scored after a task whose seen classes
+  are ``seen``: every image holding a seen class (with ``crowd_labels``,
+  also those holding one only as crowd boxes)."""
+  return _members(test_labels, np.asarray(seen, np.int64), crowd_labels)
+
+
+# Sources whose data can hold crowd boxes, and the info key their prepare
+# writes once it records them (datasets prepared before have none).
+CROWD_SOURCES = ("coco2014", "coco_format")
+CROWD_RECORDED = "num_crowd_only"
+
+
+def crowd_labels_of(source, split: str, protocol_cfg) -> np.ndarray | None:
+  """``source``'s ``split`` ("train" | "test") crowd-only labels when the
+  protocol keeps crowd-only images, else None (also when the split has no
+  crowd box: synthetic, VOC).
+
+  Raises UserError when the protocol keeps them but a COCO source was
+  prepared before crowd boxes were recorded (the switch would silently do
+  nothing).
+  """
+  if not protocol_cfg.get("keep_crowd_only_images", False):
+    return None
+  info = getattr(source, "info", None) or {}
+  if (getattr(source, "name", "") in CROWD_SOURCES
+      and CROWD_RECORDED not in info):
+    raise UserError(
+        f"protocol.keep_crowd_only_images=True but the {source.name} data "
+        f"in {info.get('path', 'data.data_dir')} records no crowd boxes "
+        "(prepared by an older version): prepare it again with `python -m "
+        "rebll_jax.prepare ... --overwrite`, or set "
+        "--config.protocol.keep_crowd_only_images=False")
+  crowd = getattr(getattr(source, split), "crowd_labels", None)
+  if crowd is None or not np.any(crowd):
+    return None
+  return np.asarray(crowd)
+
+
+def train_view(source, classes, protocol_cfg) -> TaskView:
+  """``partial_view`` of ``source.train`` as ``protocol_cfg`` asks."""
+  return partial_view(source.train.labels, classes,
+                      crowd_labels_of(source, "train", protocol_cfg))
+
+
+def eval_rows(source, seen, protocol_cfg) -> np.ndarray:
+  """``scored_rows`` of ``source.test`` as ``protocol_cfg`` asks."""
+  return scored_rows(source.test.labels, seen,
+                     crowd_labels_of(source, "test", protocol_cfg))

@@ -9,6 +9,13 @@ diagonal of the label block matrix); then the trained model writes task t's
 columns of every older row (above the diagonal). Finally the relabeled
 entries are scored against the hidden ground truth, per block.
 
+Before each task (``before_task``), with ``protocol.memory_future_labels=
+ground_truth`` (the PyTorch baseline's rule, issue 11), every stored row's
+visible range is widened to its own block plus every later block up to the
+current task, with ground truth (``widen_labels``). The widened entries are
+marked ground truth, so neither the online relabel (it fills unknown entries
+only) nor the between-task pass (it skips ground truth) overwrites them.
+
 Every model call goes through ``evaluation.Predictor``; what to do is asked
 of the ``Method``.
 """
@@ -35,6 +42,55 @@ def create(config, method, source) -> memory_lib.Memory:
         num_classes=source.num_classes, per_class=config.memory.per_class,
         total=config.memory.total)
   return memory_lib.empty(capacity, (size, size, 3), source.num_classes)
+
+
+# protocol.memory_future_labels: what an exemplar may see of later blocks.
+MEMORY_FUTURE_LABELS = ("unknown", "ground_truth")
+
+
+def widen_labels(mem: memory_lib.Memory, train_labels: np.ndarray, *, task,
+                 tasks) -> memory_lib.Memory:
+  """Ground truth on every stored row's own block up to ``task``'s block.
+
+  Entry (i, c) of a valid row i stored in task s is set to
+  ``train_labels[source_index[i], c]`` and marked known and ground truth
+  when c belongs to the block of a task s..task.index; every other entry
+  (older blocks, later tasks, empty rows) is left as it was. Pure and
+  idempotent: widening twice for the same task is widening once.
+
+  Args:
+    train_labels: [N, C] full ground truth of the training split
+      (``source_index`` rows into it).
+    task: the task about to train; tasks: the protocol's tasks (blocks).
+  """
+  block_of = np.full((mem.num_classes,), np.iinfo(np.int32).max, np.int64)
+  for t in tasks:
+    block_of[np.asarray(t.classes, np.int64)] = t.index
+  widen = (mem.valid[:, None]
+           & (block_of[None, :] >= mem.task[:, None])
+           & (block_of[None, :] <= task.index))
+  if not widen.any():
+    return mem
+  rows = np.where(mem.valid, mem.source_index, 0)
+  truth = np.asarray(train_labels)[rows].astype(np.float32)
+  return dataclasses.replace(
+      mem, labels=np.where(widen, truth, mem.labels),
+      known=mem.known | widen, ground_truth=mem.ground_truth | widen)
+
+
+def before_task(mem, *, config, source, task, tasks) -> memory_lib.Memory:
+  """The buffer as ``task`` trains on it (``protocol.memory_future_labels``).
+
+  Called at the start of every task, also when a run resumes mid-task:
+  ``widen_labels`` is idempotent, so that resume trains on the same rows.
+  """
+  future = config.protocol.get("memory_future_labels", "unknown")
+  if future not in MEMORY_FUTURE_LABELS:
+    raise ValueError(f"protocol.memory_future_labels must be one of "
+                     f"{MEMORY_FUTURE_LABELS}, got {future!r}")
+  if future == "unknown" or mem.capacity == 0:
+    return mem
+  return widen_labels(mem, source.train.labels, task=task, tasks=tasks)
 
 
 def visible_rows(mem: memory_lib.Memory, source) -> MemoryRows:

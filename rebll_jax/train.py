@@ -335,7 +335,8 @@ def _task_batches(setup: Setup, state: RunState, task, view):
 
 
 def _task_view(setup: Setup, task):
-  view = protocol.partial_view(setup.source.train.labels, task.classes)
+  view = protocol.train_view(setup.source, task.classes,
+                             setup.config.protocol)
   if len(view) == 0:
     names = [setup.source.class_names[c] for c in task.classes]
     raise UserError(f"task {task.index + 1} has no training images (classes "
@@ -348,6 +349,9 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
   """Trains ``task`` from ``state.task_step`` to its last step."""
   config, mesh, t = setup.config, setup.mesh, task.index
   first = t == 0
+  state.memory = replay.before_task(state.memory, config=config,
+                                    source=setup.source, task=task,
+                                    tasks=setup.tasks)
   batches = _task_batches(setup, state, task, view)
   epochs = config.train.epochs_first if first else config.train.epochs_later
   total = epochs * batches.steps_per_epoch
@@ -417,7 +421,8 @@ def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
   config, source = setup.config, setup.source
   variables = steps.variables_of(state.train)
   scores = evaluation.evaluate(setup.predictor, variables, source, task,
-                               setup.tasks, config.eval.threshold)
+                               setup.tasks, config.eval.threshold,
+                               protocol_cfg=config.protocol)
   state.memory, buffer_quality = replay.after_task(
       state.memory, config=config, method=setup.method, source=source,
       view=view, task=task, tasks=setup.tasks, predictor=setup.predictor,
@@ -450,6 +455,9 @@ def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
 
 def run(config, workdir: str) -> dict:
   """Trains every task of ``config`` in ``workdir``; returns results."""
+  if config.get("dry_run", False):  # the protocol only: no model, no compile
+    from rebll_jax import dry_run  # pylint: disable=g-import-not-at-top
+    return dry_run.run(config, workdir)
   setup = set_up(config, workdir)
   try:
     ckpt = _open_checkpoints(setup)

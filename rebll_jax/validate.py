@@ -26,7 +26,7 @@ def _registries() -> dict:
   """Config field -> the registry (dict or tuple of names) it picks from.
 
   Each registry lives with its components and owns its list of names."""
-  from rebll_jax import memory  # pylint: disable=g-import-not-at-top
+  from rebll_jax import memory, replay  # pylint: disable=g-import-not-at-top
   from rebll_jax.data import augment, loader  # pylint: disable=g-import-not-at-top
   return {"method": methods.METHODS, "data.source": data.SOURCES,
           "model.arch": models.ARCHS, "model.conv_impl": conv.IMPLS,
@@ -35,7 +35,8 @@ def _registries() -> dict:
           "memory.selection": memory.SELECTIONS, "memory.mix": loader.MIXES,
           "augment.policy": augment.POLICIES,
           "augment.cutout_fill": augment.CUTOUT_FILLS,
-          "loss.reduction": ("",) + methods.CLS_REDUCTIONS}
+          "loss.reduction": ("",) + methods.CLS_REDUCTIONS,
+          "protocol.memory_future_labels": replay.MEMORY_FUTURE_LABELS}
 
 
 def _field(config, dotted: str):

@@ -1,0 +1,91 @@
+r"""How much two rows of the field-exact mode move the default experiment.
+
+  python experiments/field_rows.py --seeds 0,1,2 --out workdirs/field_rows \
+      [--variants ours,field_augment,widened] [--workers 2]
+
+RebLL on synthetic B0-C4 (``configs/synthetic.py``, every default), three
+variants, each one flag set apart from ``ours``:
+
+- ``ours``: the default experiment as it is;
+- ``field_augment``: the baseline's augmentation row (issue 11): the host
+  ``field`` policy (CutoutPIL + the ``randaugment`` package's policy), no
+  flip, cutout 0.5 with a random colour;
+- ``widened``: ``protocol.memory_future_labels=ground_truth`` (replay
+  exemplars get ground truth on their own block and every later one up to
+  the current task).
+
+Runs go through ``experiments/method_table.py``'s ``run_one`` (one
+subprocess each, workdir ``OUT/VARIANT/b0c4/rebll/seedS``; a finished run is
+not run again). Prints a markdown table, mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import method_table  # noqa: E402  pylint: disable=g-import-not-at-top
+
+VARIANTS = {
+    "ours": [],
+    "field_augment": ["augment.policy=field", "augment.flip=False",
+                      "augment.cutout=0.5", "augment.cutout_fill=random"],
+    "widened": ["protocol.memory_future_labels=ground_truth"],
+}
+COLUMNS = (("avg mAP", "avg_map"), ("last mAP", "last_map"), ("CF1", "cf1"),
+           ("OF1", "of1"), ("forgetting", "forgetting"))
+
+
+def _cell(values) -> str:
+  values = np.asarray(values, np.float64)
+  if values.size == 1:
+    return f"{values[0]:.1f}"
+  return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--seeds", default="0")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--out", default="workdirs/field_rows")
+  parser.add_argument("--workers", type=int, default=2)
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  variants = args.variants.split(",")
+  for v in variants:
+    if v not in VARIANTS:
+      parser.error(f"unknown variant {v!r}; valid: {list(VARIANTS)}")
+  jobs = [(v, s) for s in seeds for v in variants]
+  with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+    futures = {pool.submit(method_table.run_one, os.path.join(args.out, v),
+                           "b0c4", "rebll", s, VARIANTS[v], False): (v, s)
+               for v, s in jobs}
+    for future in concurrent.futures.as_completed(futures):
+      workdir, seconds, how = future.result()
+      print(f"{futures[future]}: {how} in {seconds:.0f} s ({workdir})",
+            flush=True)
+  print("\n| variant | seeds | " + " | ".join(c for c, _ in COLUMNS)
+        + " | train s/run |")
+  print("|---|---|" + "---|" * (len(COLUMNS) + 1))
+  for v in variants:
+    rows = []
+    for s in seeds:
+      path = os.path.join(args.out, v, "b0c4", "rebll", f"seed{s}",
+                          "results.json")
+      with open(path) as f:
+        rows.append(json.load(f))
+    cells = [_cell([r[key] for r in rows]) for _, key in COLUMNS]
+    seconds = _cell([sum(t["train_seconds"] for t in r["tasks"])
+                     for r in rows])
+    print(f"| {v} | {len(seeds)} | " + " | ".join(cells)
+          + f" | {seconds} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,164 @@
+"""Protocol dry run (``--config.dry_run=True``): what a run would train on.
+
+Builds the data source and the protocol exactly as a run does, writes
+``protocol.json`` into the workdir and returns it; the CLI prints ``table``.
+No model is built, nothing is compiled, no image is decoded (sources load
+labels and ids without reading images; the run's data digest, which reads a
+few, is not computed).
+
+``protocol.json``: ``dataset``, ``setting``, ``method``, ``class_order``,
+the two protocol switches (``memory_future_labels``,
+``keep_crowd_only_images``) and ``tasks``, one entry per task with ``task``
+(1-based), ``classes`` (names), ``train_image_ids`` and ``test_image_ids``
+(the dataset's own ids, in split order: COCO's integer ids, VOC's file
+stems), their counts, the memory budget after the task, and how many
+images of the task's classes hold them only as crowd boxes (kept in the
+id lists only with ``keep_crowd_only_images``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from rebll_jax import memory as memory_lib
+from rebll_jax import methods, protocol, validate
+
+VOC_SOURCES = ("voc2007", "tfds_voc2007")
+
+
+def dataset_ids(source, split) -> list:
+  """The dataset's own id of every row: the split's ``dataset_ids`` when it
+  has them, else VOC's six-digit stems or the integer ids."""
+  ids = getattr(split, "dataset_ids", None)
+  if ids is not None:
+    return list(ids)
+  if source.name in VOC_SOURCES:
+    return [f"{int(i):06d}" for i in split.image_ids]
+  return [int(i) for i in split.image_ids]
+
+
+def memory_budget(config, method, task) -> int:
+  """Exemplar slots over the classes seen after ``task`` (0 without
+  replay): what the buffer may hold when the task ends."""
+  if not method.replay:
+    return 0
+  quotas = memory_lib.class_quotas(
+      task.seen, num_classes=task.num_classes,
+      per_class=config.memory.per_class, total=config.memory.total)
+  return int(quotas.sum())
+
+
+def _crowd_only(split, classes) -> int:
+  """Images holding ``classes`` only as crowd boxes (kept or not)."""
+  crowd = getattr(split, "crowd_labels", None)
+  if crowd is None:
+    return 0
+  with_crowd = protocol.scored_rows(split.labels, classes, crowd)
+  return int(with_crowd.size - protocol.scored_rows(split.labels,
+                                                    classes).size)
+
+
+def plan(config, source, method, tasks) -> dict:
+  """The protocol as a run would follow it (the content of protocol.json)."""
+  train_ids = dataset_ids(source, source.train)
+  test_ids = dataset_ids(source, source.test)
+  entries = []
+  for task in tasks:
+    view = protocol.train_view(source, task.classes, config.protocol)
+    rows = protocol.eval_rows(source, task.seen, config.protocol)
+    entries.append({
+        "task": task.index + 1,
+        "classes": [source.class_names[c] for c in task.classes],
+        "num_train_images": len(view),
+        "num_test_images": int(rows.size),
+        "memory_budget": memory_budget(config, method, task),
+        "crowd_only_train_images": _crowd_only(source.train, task.classes),
+        "crowd_only_test_images": _crowd_only(source.test, task.seen),
+        "train_image_ids": [train_ids[i] for i in view.indices.tolist()],
+        "test_image_ids": [test_ids[i] for i in rows.tolist()],
+    })
+  return {
+      "dataset": source.name,
+      "setting": ("joint" if method.joint else protocol.setting_name(
+          config.protocol.base, config.protocol.increment)),
+      "method": config.method,
+      "class_order": list(source.class_names),
+      "num_train_images": len(source.train),
+      "num_test_images": len(source.test),
+      "memory_future_labels": config.protocol.memory_future_labels,
+      "keep_crowd_only_images": bool(config.protocol.keep_crowd_only_images),
+      "tasks": entries,
+  }
+
+
+def _dumps(result: dict) -> str:
+  """JSON with one line per top-level field and per task (the id lists of
+  full COCO are a few MB: one id per line would be millions of lines)."""
+  lines = []
+  for key, value in result.items():
+    if key == "tasks":
+      tasks = ",\n  ".join(json.dumps(t) for t in value)
+      lines.append(f' "tasks": [\n  {tasks}\n ]')
+    else:
+      lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+  return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def run(config, workdir: str) -> dict:
+  """Checks the config, builds the source and protocol, writes
+  ``workdir/protocol.json``; returns its content."""
+  validate.check_config(config)
+  validate.check_workdir(workdir)
+  method = methods.get_method(config.method)
+  source = validate.build_source(config.data)
+  validate.check_protocol(config, source.num_classes)
+  tasks = method.tasks(source.num_classes, config.protocol)
+  validate.check_tasks(source, tasks)
+  result = plan(config, source, method, tasks)
+  path = os.path.join(workdir, "protocol.json")
+  with open(path + ".tmp", "w") as f:  # a kill never leaves half a file
+    f.write(_dumps(result))
+  os.replace(path + ".tmp", path)
+  return result
+
+
+def _classes_cell(names, width: int = 44) -> str:
+  text = ", ".join(names)
+  if len(text) <= width:
+    return text
+  shown = []
+  for name in names:
+    if len(", ".join(shown + [name])) > width - 12:
+      break
+    shown.append(name)
+  return f"{', '.join(shown)}, ... ({len(names)})"
+
+
+def table(result: dict) -> str:
+  """The per-task table the CLI prints."""
+  head = (f"{result['dataset']} {result['setting']}: "
+          f"{len(result['class_order'])} classes, "
+          f"{result['num_train_images']} train / "
+          f"{result['num_test_images']} test images; "
+          f"memory_future_labels={result['memory_future_labels']}, "
+          f"keep_crowd_only_images={result['keep_crowd_only_images']}")
+  rows = [("task", "classes", "train", "test", "memory", "crowd-only")]
+  for t in result["tasks"]:
+    rows.append((str(t["task"]), _classes_cell(t["classes"]),
+                 str(t["num_train_images"]), str(t["num_test_images"]),
+                 str(t["memory_budget"]),
+                 f"{t['crowd_only_train_images']}/"
+                 f"{t['crowd_only_test_images']}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines = [head]
+  for r in rows:
+    cells = [r[0].rjust(widths[0]), r[1].ljust(widths[1])]
+    cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:])]
+    lines.append("  ".join(cells).rstrip())
+  lines.append("crowd-only: train / test images holding the task's (seen) "
+               "classes only as crowd boxes"
+               + ("" if result["keep_crowd_only_images"]
+                  else " (left out of the counts above)"))
+  return "\n".join(lines)
+
