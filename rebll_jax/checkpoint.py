@@ -244,11 +244,23 @@ class Checkpointer:
     if free < need + _SAVE_SLACK_BYTES:
       raise _no_space(number)
 
-  def _remove_temporary(self, number: int):
-    """Frees what a failed save of ``number`` wrote (best effort)."""
-    for path in glob.glob(os.path.join(self.directory,
-                                       f"{number}.orbax-checkpoint-tmp*")):
-      shutil.rmtree(path, ignore_errors=True)
+  def _remove_temporary(self, number: int, settle_seconds: float = 5.0):
+    """Frees what a failed save of ``number`` wrote (best effort).
+
+    A writer thread that outlived the join may still create files: remove
+    until the folder stays gone for a moment (bounded by settle_seconds).
+    """
+    pattern = os.path.join(self.directory, f"{number}.orbax-checkpoint-tmp*")
+    deadline = time.monotonic() + settle_seconds
+    while True:
+      paths = glob.glob(pattern)
+      for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+      if not paths and time.monotonic() > deadline - settle_seconds + 0.5:
+        return  # nothing reappeared for half a second
+      if time.monotonic() > deadline:
+        return
+      time.sleep(0.1)
 
   def read_meta(self, number: int) -> dict:
     return self.manager.restore(number, args=ocp.args.Composite(

@@ -45,7 +45,7 @@ def _step_inputs(config, num_classes=12, batch=16):
           "labels": labels * known, "known": known, "is_memory": is_memory}
   truth = labels.astype(np.uint8)
   context = {"current_mask": cur, "old_mask": old, "seen_mask": old | cur,
-             "task_start": np.int32(0), "total_steps": np.int32(4),
+             "task_start": np.int32(0), "total_steps": np.int32(6),
              "lr_peak": np.float32(1e-2)}
   return host, truth, context
 
