@@ -15,7 +15,8 @@ under one ``jax.jit`` with the state donated; PyTorch runs
 memory), resolution and precision; augmentation is off on both sides
 (uint8 -> [0, 1] only) and the relabel warm-up is 0, so every branch runs
 every step. ``--model small_resnet`` is the net of the default experiment
-(configs/synthetic.py: width 16, stages (1, 1, 1), stem stride 2).
+(configs/synthetic.py: width 16, stages (1, 1, 1), stem stride 2);
+``tiny_resnet`` (width 4, one stage) is for tests.
 
 All variants run in the same process and are timed alternately, step by
 step (on a shared machine the load then hits all alike); the reported time
@@ -52,7 +53,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-MODELS = ("tresnet_m", "resnet50", "resnet18", "small_resnet")
+MODELS = ("tresnet_m", "resnet50", "resnet18", "small_resnet", "tiny_resnet")
+
+
+def model_config(c, model):
+  """Sets config.model for a benchmark model name (tiny_resnet: width 4,
+  one stage, for tests and rehearsals)."""
+  c.model.arch = "small_resnet" if model == "tiny_resnet" else model
+  if model == "tiny_resnet":
+    c.model.width, c.model.stage_sizes = 4, (1,)
 
 
 def parse_args(argv=None):
@@ -129,7 +138,7 @@ class JaxStep:
     from rebll_jax.models import conv  # pylint: disable=g-import-not-at-top
     self.jax = jax
     c = config_base.base_config()
-    c.model.arch = args.model
+    model_config(c, args.model)
     c.model.dtype = args.dtype
     c.model.conv_impl = conv_impl
     c.augment.flip, c.augment.cutout, c.augment.randaugment_ops = False, 0, 0
@@ -433,7 +442,7 @@ def _macs_only(args):
   from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top
   from rebll_jax import config_base, models  # pylint: disable=g-import-not-at-top
   c = config_base.base_config()
-  c.model.arch = args.model
+  model_config(c, args.model)
   model = models.build_model(c.model, args.num_classes)
   x = jax.ShapeDtypeStruct((1, args.size, args.size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0),

@@ -105,7 +105,13 @@ class SmallResNet(torch.nn.Module):
     return {"logits": self.head(features), "features": features}
 
 
-MODELS = {**torch_models.MODELS, "small_resnet": SmallResNet}
+def tiny_resnet(num_classes):
+  """SmallResNet at width 4 with one stage: rehearsals and tests only."""
+  return SmallResNet(num_classes, width=4, stage_sizes=(1,))
+
+
+MODELS = {**torch_models.MODELS, "small_resnet": SmallResNet,
+          "tiny_resnet": tiny_resnet}
 MEMORY_FORMATS = {"channels_last": torch.channels_last,
                   "contiguous": torch.contiguous_format}
 
