@@ -413,19 +413,21 @@ def stage_loader(args):
     for workers in sorted({1, cores}):
       with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda r: prepared.decode_resize(r, size), raws[:8]))
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         reps = 2
         for _ in range(reps):
           list(pool.map(lambda r: prepared.decode_resize(r, size), raws))
         per[f"images_per_s_{workers}_workers"] = round(
             reps * len(raws) / (time.perf_counter() - t), 1)
+        if workers == 1:  # per CPU-second: what one core does, under load
+          per["images_per_cpu_s"] = round(
+              reps * len(raws) / (time.process_time() - c), 1)
     line["storages"][name] = per
   gpu = args.gpu_images_per_s
   if gpu:
     line["gpu_step_images_per_s"] = gpu
     for name, per in line["storages"].items():
-      one = per["images_per_s_1_workers"]
-      per["cores_per_gpu"] = round(gpu / one, 1)
+      per["cores_per_gpu"] = round(gpu / per["images_per_cpu_s"], 1)
       per["keeps_up_with_all_cores"] = per[
           f"images_per_s_{cores}_workers"] >= gpu
   return line
