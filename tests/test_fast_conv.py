@@ -88,7 +88,7 @@ def test_bfloat16_grad_dtype_and_close():
 
 
 def test_auto_resolves_per_backend_and_rejects_unknown():
-  expected = "matmul_grad" if jax.default_backend() == "cpu" else "xla"
+  expected = "gemm" if jax.default_backend() == "cpu" else "xla"
   assert conv.resolve_impl("auto") == expected
   assert conv.resolve_impl("xla") == "xla"
   with pytest.raises(ValueError, match="valid"):

@@ -36,7 +36,7 @@ the gradient of the filter is computed, chosen by ``impl``:
   ReLU inside the transposes that feed the filter-gradient convolution, in
   transposed (cache-hostile) order, which was 30% of the small ResNet's
   backward pass. Small output maps keep the tap GEMMs.
-- ``"auto"`` (the default, ``config.model.conv_impl``): ``matmul_grad`` when
+- ``"auto"`` (the default, ``config.model.conv_impl``): ``gemm`` when
   the default backend is the CPU, ``xla`` elsewhere (GPU/TPU compilers have
   good filter-gradient convolutions, and the rewrite would cost memory).
 
@@ -58,11 +58,11 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
 def resolve_impl(impl: str) -> str:
-  """"auto" -> "matmul_grad" on a CPU backend, "xla" otherwise."""
+  """"auto" -> "gemm" on a CPU backend, "xla" otherwise."""
   if impl not in IMPLS:
     raise ValueError(f"unknown model.conv_impl {impl!r}; valid: {list(IMPLS)}")
   if impl == "auto":
-    return "matmul_grad" if jax.default_backend() == "cpu" else "xla"
+    return "gemm" if jax.default_backend() == "cpu" else "xla"
   return impl
 
 
@@ -277,7 +277,7 @@ def conv2d(x, w, *, strides: Sequence[int] = (1, 1),
     w: [kh, kw, Cin, Cout] filter (same dtype as ``x``).
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)) zero padding.
-    impl: "auto" | "xla" | "matmul_grad" (see the module docstring).
+    impl: "auto" | "xla" | "matmul_grad" | "gemm" (see the module docstring).
   """
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(a), int(b)) for a, b in padding)
