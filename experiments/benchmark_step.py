@@ -8,27 +8,35 @@ One step = past-model forward, current-model forward and backward, AKD
 model) and memory rows (current model), optimizer update. JAX runs
 ``rebll_jax.steps.make_train_step`` (method ``rebll``, ``has_old=True``)
 under one ``jax.jit`` with the state donated; PyTorch runs
-``experiments/torch_baseline/rebll_step.py`` (eager by default,
-``--torch_compile`` for ``torch.compile``). Same architecture, loss, batch
-(a quarter of the rows from memory), resolution and precision; augmentation
-is off on both sides (uint8 -> [0, 1] only) and the relabel warm-up is 0, so
-every branch runs every step.
+``experiments/torch_baseline/rebll_step.py`` in the variants of
+``--torch_variants`` (``eager``: channels_last, fused Adam; ``eager_nchw``;
+``compile`` / ``compile_nchw``: ``torch.compile``; ``--torch_compile`` adds
+``compile``). Same architecture, loss, batch (a quarter of the rows from
+memory), resolution and precision; augmentation is off on both sides
+(uint8 -> [0, 1] only) and the relabel warm-up is 0, so every branch runs
+every step. ``--model small_resnet`` is the net of the default experiment
+(configs/synthetic.py: width 16, stages (1, 1, 1), stem stride 2);
+``tiny_resnet`` (width 4, one stage) is for tests.
 
-The implementations run in the same process and are timed alternately, step
-by step (on a shared machine the load then hits both alike); the reported
-time is the median after ``--warmup`` steps. Each implementation prints one
-JSON line: median ms/step, images/s, compile (first-call) seconds, peak
-memory, analytic FLOPs per step (2 x MACs of the forward pass x batch x 4:
-past forward 1, current forward 1, backward 2) and the fraction of the
-machine's measured peak (the faster of a large JAX and PyTorch matmul timed
-in this run, in the step's dtype). A final line gives the JAX/PyTorch
-throughput ratio of this run.
+All variants run in the same process and are timed alternately, step by
+step (on a shared machine the load then hits all alike); the reported time
+is the median after ``--warmup`` steps, with this process's CPU time per
+step beside it (what a loaded machine distorts least). Each variant prints
+one JSON line: median ms/step, CPU ms/step, images/s, compile (first-call)
+seconds, peak memory, analytic FLOPs per step (2 x MACs of the forward pass
+x batch x 4: past forward 1, current forward 1, backward 2) and the fraction
+of the machine's measured peak (the faster of a large JAX and PyTorch matmul
+timed in this run, in the step's dtype). Then one line per JAX variant: its
+throughput ratio to the FASTEST PyTorch variant of the run (named), the
+CPU-time ratio, and the ratio to every PyTorch variant.
 
 ``--conv_impl xla,matmul_grad`` times several JAX variants in one run
-(``model.conv_impl``; default: this backend's ``auto`` choice).
+(``model.conv_impl``; default: this backend's ``auto`` choice);
+``--xla_options '[{"xla_cpu_...": ...}]'`` adds one JAX variant per dict of
+XLA compiler options (compiled in this process, so still interleaved);
+``--xla_flags`` appends to XLA_FLAGS for the whole process.
 ``--cpu_devices N`` splits the CPU into N XLA devices with the batch sharded
-over them (set before JAX starts). ``--model small_resnet`` is a tiny net
-for the tests.
+over them (set before JAX starts).
 """
 
 from __future__ import annotations
@@ -45,7 +53,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-MODELS = ("tresnet_m", "resnet50", "resnet18", "small_resnet")
+MODELS = ("tresnet_m", "resnet50", "resnet18", "small_resnet", "tiny_resnet")
+
+
+def model_config(c, model):
+  """Sets config.model for a benchmark model name (tiny_resnet: width 4,
+  one stage, for tests and rehearsals)."""
+  c.model.arch = "small_resnet" if model == "tiny_resnet" else model
+  if model == "tiny_resnet":
+    c.model.width, c.model.stage_sizes = 4, (1,)
 
 
 def parse_args(argv=None):
@@ -60,11 +76,21 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed steps after the first (compile) call")
   p.add_argument("--num_classes", type=int, default=80)
-  p.add_argument("--torch_compile", action="store_true")
+  p.add_argument("--torch_variants", default="eager,eager_nchw",
+                 help="comma list of PyTorch variants: "
+                      "eager (channels_last), eager_nchw, compile, "
+                      "compile_nchw")
+  p.add_argument("--torch_compile", action="store_true",
+                 help="add the 'compile' variant (torch.compile)")
   p.add_argument("--conv_impl", default="auto",
                  help="comma list of model.conv_impl values to time (JAX)")
   p.add_argument("--cpu_devices", type=int, default=0,
                  help="XLA CPU devices (0: leave XLA_FLAGS alone)")
+  p.add_argument("--xla_flags", default="",
+                 help="appended to XLA_FLAGS before JAX starts")
+  p.add_argument("--xla_options", default="",
+                 help="JSON list of dicts of XLA compiler options: one more "
+                      "JAX variant each (first --conv_impl)")
   p.add_argument("--matmul_size", type=int, default=0,
                  help="side of the peak-FLOPs matmul (0: 2048 CPU, 8192 GPU)")
   p.add_argument("--out", default="", help="also append the JSON lines here")
@@ -104,7 +130,7 @@ def _median(xs):
 class JaxStep:
   """The jitted RebLL step; ``run()`` does one step and blocks on it."""
 
-  def __init__(self, args, host, masks, conv_impl):
+  def __init__(self, args, host, masks, conv_impl, xla_options=None):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
@@ -112,14 +138,15 @@ class JaxStep:
     from rebll_jax.models import conv  # pylint: disable=g-import-not-at-top
     self.jax = jax
     c = config_base.base_config()
-    c.model.arch = args.model
+    model_config(c, args.model)
     c.model.dtype = args.dtype
     c.model.conv_impl = conv_impl
-    if args.model == "small_resnet":
-      c.model.width, c.model.stage_sizes, c.model.stem_stride = 16, (1, 1), 2
     c.augment.flip, c.augment.cutout, c.augment.randaugment_ops = False, 0, 0
     c.relabel.warmup_frac = 0.0
     self.name = f"jax[{conv.resolve_impl(conv_impl)}]"
+    if xla_options:
+      self.name = self.name[:-1] + "," + ",".join(
+          f"{k}={v}" for k, v in xla_options.items()) + "]"
     model = models.build_model(c.model, args.num_classes)
     tx = optim.make_transform(c.optim)
     # One device (one GPU, or the whole CPU as one XLA device) unless the
@@ -153,7 +180,8 @@ class JaxStep:
     jitted = jax.jit(fn, donate_argnums=0, out_shardings=(rep, rep))
     t0 = time.perf_counter()
     self.compiled = jitted.lower(self.state, self.old, self.batch,
-                                 self.context, self.key).compile()
+                                 self.context, self.key).compile(
+                                     compiler_options=xla_options or None)
     self.compile_s = time.perf_counter() - t0
     # Analytic cost: MACs of one eval forward per image (convs + matmuls).
     from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top
@@ -203,26 +231,45 @@ class JaxStep:
 
 # ----------------------------------------------------------------- PyTorch ---
 
+# variant name -> (torch.compile?, memory format) of rebll_step.RebllStep.
+TORCH_VARIANTS = {
+    "eager": (False, "channels_last"),
+    "eager_nchw": (False, "contiguous"),
+    "compile": (True, "channels_last"),
+    "compile_nchw": (True, "contiguous"),
+}
+
+
 class TorchStep:
-  def __init__(self, args, host, masks):
+  """rebll_step.RebllStep in one variant; ``run()`` does one step and syncs."""
+
+  def __init__(self, args, host, masks, variant):
     import torch  # pylint: disable=g-import-not-at-top
     from experiments.torch_baseline import rebll_step  # pylint: disable=g-import-not-at-top
     self.torch = torch
     self.device = "cuda" if torch.cuda.is_available() else "cpu"
-    self.name = "torch_compile" if args.torch_compile else "torch_eager"
-    # rebll_step.SmallResNet's defaults are the tiny net of JaxStep.
+    self.name = f"torch_{variant}"
+    compile_, memory_format = TORCH_VARIANTS[variant]
+    # rebll_step.SmallResNet's defaults are the net of configs/synthetic.py.
     self.step = rebll_step.RebllStep(
         args.model, args.num_classes,
         {k: torch.as_tensor(v) for k, v in masks.items()},
-        device=self.device, dtype=args.dtype, compile=args.torch_compile,
-        total_steps=1000, warmup_frac=0.0)
+        device=self.device, dtype=args.dtype, compile=compile_,
+        memory_format=memory_format, total_steps=1000, warmup_frac=0.0)
     self.batch = self.step.to_device(host)
+    if self.device == "cuda":
+      torch.cuda.synchronize()
+      torch.cuda.reset_peak_memory_stats()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     self.run()
     self.compile_s = time.perf_counter() - t0  # first call (compile if any)
+    self.run()
+    # Peaks of this variant alone, before the others interleave with it.
     self.rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                        - rss0) * 1024
+    self.cuda_peak = (torch.cuda.max_memory_allocated()
+                      if self.device == "cuda" else None)
     self.macs_per_image = None
 
   def _sync(self):
@@ -236,10 +283,9 @@ class TorchStep:
 
   def memory(self):
     if self.device == "cuda":
-      return (self.torch.cuda.max_memory_allocated(),
-              "torch.cuda.max_memory_allocated")
+      return self.cuda_peak, "torch.cuda.max_memory_allocated (this variant)"
     return (int(self.rss_growth),
-            "process max-RSS growth over the first step (CPU)")
+            "process max-RSS growth over the first two steps (CPU)")
 
   def matmul_flops_per_s(self, n, dtype):
     torch = self.torch
@@ -263,14 +309,30 @@ class TorchStep:
 
 # -------------------------------------------------------------------- main ---
 
+def torch_variants(args):
+  names = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
+  if args.torch_compile and "compile" not in names:
+    names.append("compile")
+  unknown = [v for v in names if v not in TORCH_VARIANTS]
+  if unknown:
+    raise SystemExit(f"unknown --torch_variants {unknown}; valid: "
+                     f"{sorted(TORCH_VARIANTS)}")
+  return names
+
+
 def main(argv=None):
   args = parse_args(argv)
+  for flag, value in (("--cpu_devices", args.cpu_devices),
+                      ("--xla_flags", args.xla_flags)):
+    if value and "jax" in sys.modules:
+      raise SystemExit(f"{flag} must be set before JAX is imported")
   if args.cpu_devices:
-    if "jax" in sys.modules:
-      raise SystemExit("--cpu_devices must be set before JAX is imported")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count="
                                f"{args.cpu_devices}")
+  if args.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                               args.xla_flags).strip()
   # PyTorch's OpenMP threads spin while idle by default; in one process with
   # XLA's thread pool (alternating steps) the spinning starves the other
   # side (measured: torch 30 ms/step alone, 1000+ ms beside JAX on 2 cores).
@@ -280,10 +342,14 @@ def main(argv=None):
   runners = []
   # PyTorch first: its max-RSS growth is then its own (CPU memory figure).
   if args.impl in ("torch", "both"):
-    runners.append(TorchStep(args, host, masks))
+    for variant in torch_variants(args):
+      runners.append(TorchStep(args, host, masks, variant))
   if args.impl in ("jax", "both"):
-    for impl in args.conv_impl.split(","):
-      runners.append(JaxStep(args, host, masks, impl.strip()))
+    variants = [(impl.strip(), None) for impl in args.conv_impl.split(",")]
+    for opts in json.loads(args.xla_options or "[]"):
+      variants.append((variants[0][0], opts))
+    for impl, opts in variants:
+      runners.append(JaxStep(args, host, masks, impl, opts))
       runners[-1].run()  # first call of the compiled executable
   macs = next((r.macs_per_image for r in runners
                if r.macs_per_image is not None), None)
@@ -293,12 +359,14 @@ def main(argv=None):
     for r in runners:
       r.run()
   times = {r.name: [] for r in runners}
+  cpu_times = {r.name: [] for r in runners}
   for i in range(args.steps):
     order = runners if i % 2 == 0 else runners[::-1]
     for r in order:
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       r.run()
       times[r.name].append(time.perf_counter() - t0)
+      cpu_times[r.name].append(time.process_time() - c0)
   n = args.matmul_size or (8192 if any(
       "cuda" in r.device_name() or "gpu" in r.device_name()
       for r in runners) else 2048)
@@ -315,6 +383,7 @@ def main(argv=None):
         "size": args.size, "dtype": args.dtype, "device": r.device_name(),
         "devices": getattr(r, "devices", 1),
         "ms_per_step": round(sec * 1e3, 2),
+        "cpu_ms_per_step": round(_median(cpu_times[r.name]) * 1e3, 2),
         "images_per_s": round(args.batch / sec, 2),
         "compile_s": round(r.compile_s, 2),
         "peak_memory_bytes": mem, "peak_memory_source": mem_src,
@@ -331,15 +400,7 @@ def main(argv=None):
     if r.name.startswith("torch"):
       line["torch_threads"] = r.torch.get_num_threads()
     lines.append(line)
-  torch_rows = [l for l in lines if l["impl"].startswith("torch")]
-  for l in list(lines):
-    if l["impl"].startswith("jax") and torch_rows:
-      t = torch_rows[0]
-      lines.append({"ratio": f"{l['impl']}/{t['impl']}",
-                    "model": args.model, "batch": args.batch,
-                    "size": args.size, "dtype": args.dtype,
-                    "throughput_ratio": round(
-                        l["images_per_s"] / t["images_per_s"], 3)})
+  lines.extend(ratio_lines(lines))
   out = open(args.out, "a") if args.out else None
   for l in lines:
     text = json.dumps(l)
@@ -351,15 +412,37 @@ def main(argv=None):
   return lines
 
 
+def ratio_lines(lines):
+  """JAX/PyTorch throughput (and CPU-time) ratios against the FASTEST
+  PyTorch variant of the run, one line per JAX variant."""
+  torch_rows = [l for l in lines if l["impl"].startswith("torch")]
+  if not torch_rows:
+    return []
+  best = max(torch_rows, key=lambda l: l["images_per_s"])
+  out = []
+  for l in lines:
+    if l["impl"].startswith("jax"):
+      out.append({
+          "ratio": f"{l['impl']}/{best['impl']}", "vs": best["impl"],
+          "fastest_torch": best["impl"], "model": l["model"],
+          "batch": l["batch"], "size": l["size"], "dtype": l["dtype"],
+          "throughput_ratio": round(l["images_per_s"] / best["images_per_s"],
+                                    3),
+          "cpu_time_ratio": round(best["cpu_ms_per_step"]
+                                  / l["cpu_ms_per_step"], 3),
+          "per_torch_variant": {
+              t["impl"]: round(l["images_per_s"] / t["images_per_s"], 3)
+              for t in torch_rows}})
+  return out
+
+
 def _macs_only(args):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top
   from rebll_jax import config_base, models  # pylint: disable=g-import-not-at-top
   c = config_base.base_config()
-  c.model.arch = args.model
-  if args.model == "small_resnet":
-    c.model.width, c.model.stage_sizes, c.model.stem_stride = 16, (1, 1), 2
+  model_config(c, args.model)
   model = models.build_model(c.model, args.num_classes)
   x = jax.ShapeDtypeStruct((1, args.size, args.size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0),

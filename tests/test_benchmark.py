@@ -30,18 +30,49 @@ def test_both_impls_tiny_model_output_format(tmp_path):
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert rows == json.loads(json.dumps(lines))
   impls = [r["impl"] for r in rows if "impl" in r]
-  assert impls == ["torch_eager", "jax[xla]", "jax[matmul_grad]"]
-  for r in rows[:3]:
-    for field in FIELDS:
+  assert impls == ["torch_eager", "torch_eager_nchw", "jax[xla]",
+                   "jax[matmul_grad]"]
+  for r in rows[:4]:
+    for field in FIELDS + ("cpu_ms_per_step",):
       assert field in r, (r["impl"], field)
     assert r["ms_per_step"] > 0 and r["images_per_s"] > 0
     assert len(r["step_times_ms"]) == 2
     assert r["flops_per_step"] == rows[0]["flops_per_step"] > 0
     assert 0 < r["fraction_of_peak"]
   ratios = [r for r in rows if "ratio" in r]
-  assert [r["ratio"] for r in ratios] == ["jax[xla]/torch_eager",
-                                          "jax[matmul_grad]/torch_eager"]
+  fastest = max(rows[:2], key=lambda r: r["images_per_s"])["impl"]
+  assert [r["ratio"] for r in ratios] == [f"jax[xla]/{fastest}",
+                                          f"jax[matmul_grad]/{fastest}"]
+  assert all(r["fastest_torch"] == fastest for r in ratios)
   assert all(r["throughput_ratio"] > 0 for r in ratios)
+  assert set(ratios[0]["per_torch_variant"]) == {"torch_eager",
+                                                 "torch_eager_nchw"}
+
+
+def test_ratio_is_against_the_fastest_torch_variant():
+  rows = [{"impl": "torch_eager", "images_per_s": 10.0,
+           "cpu_ms_per_step": 100.0},
+          {"impl": "torch_compile", "images_per_s": 40.0,
+           "cpu_ms_per_step": 50.0},
+          {"impl": "jax[x]", "images_per_s": 20.0, "cpu_ms_per_step": 25.0}]
+  for r in rows:
+    r.update(model="m", batch=1, size=8, dtype="float32")
+  (line,) = benchmark_step.ratio_lines(rows)
+  assert line["ratio"] == "jax[x]/torch_compile"
+  assert line["throughput_ratio"] == 0.5  # 20 / 40, not 20 / 10
+  assert line["cpu_time_ratio"] == 2.0  # 50 ms / 25 ms
+  assert line["per_torch_variant"] == {"torch_eager": 2.0,
+                                       "torch_compile": 0.5}
+  assert benchmark_step.ratio_lines(rows[2:]) == []  # no PyTorch, no ratio
+
+
+def test_unknown_torch_variant_is_an_error():
+  args = benchmark_step.parse_args(["--torch_variants", "eager,fast"])
+  with pytest.raises(SystemExit, match="fast"):
+    benchmark_step.torch_variants(args)
+  args = benchmark_step.parse_args(["--torch_compile"])
+  assert benchmark_step.torch_variants(args) == ["eager", "eager_nchw",
+                                                 "compile"]
 
 
 def test_cli_jax_only_prints_json_lines():
@@ -56,3 +87,47 @@ def test_cli_jax_only_prints_json_lines():
   rows = [json.loads(l) for l in proc.stdout.splitlines()]
   assert len(rows) == 1 and rows[0]["impl"].startswith("jax")
   assert rows[0]["devices"] == 2  # the batch was sharded over 2 CPU devices
+
+
+def test_torch_losses_equal_the_jax_losses():
+  torch = pytest.importorskip("torch")
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from rebll_jax import losses  # pylint: disable=g-import-not-at-top
+  from experiments.torch_baseline import rebll_step  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  z = rng.normal(0, 3, (6, 5)).astype(np.float32)
+  z_old = rng.normal(0, 3, (6, 5)).astype(np.float32)
+  y = (rng.random((6, 5)) < 0.4).astype(np.float32)
+  for mask in ((rng.random((6, 5)) < 0.5).astype(np.float32),
+               np.zeros((6, 5), np.float32)):  # no selected entry at all
+    ours = rebll_step.asymmetric_distillation(
+        torch.from_numpy(z), torch.from_numpy(z_old), torch.from_numpy(mask),
+        beta=1.0, adaptive=True)
+    ref = losses.asymmetric_distillation(logits=z, old_logits=z_old,
+                                         mask=mask, beta=1.0, adaptive=True)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5, atol=1e-6)
+    ours = rebll_step.asymmetric_bce(torch.from_numpy(z), torch.from_numpy(y),
+                                     torch.from_numpy(mask), g_pos=1.0)
+    ref = losses.asymmetric_bce(logits=z, labels=y, mask=mask, g_pos=1.0)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_step_variants_compute_the_same_step():
+  torch = pytest.importorskip("torch")
+  from experiments.torch_baseline import rebll_step  # pylint: disable=g-import-not-at-top
+  host, masks = benchmark_step.make_inputs(4, 16, 8)
+  masks = {k: torch.as_tensor(v) for k, v in masks.items()}
+  results = []
+  for fmt, fused in (("contiguous", False), ("channels_last", False),
+                     ("channels_last", rebll_step.has_fused_adam())):
+    step = rebll_step.RebllStep("small_resnet", 8, masks, memory_format=fmt,
+                                fused_adam=fused, total_steps=10,
+                                warmup_frac=0.0)
+    batch = step.to_device(host)
+    losses_ = [float(step(batch)) for _ in range(2)]
+    results.append((losses_, step.model.head.weight.detach().clone()))
+  for losses_, head in results[1:]:
+    assert losses_ == pytest.approx(results[0][0], rel=1e-4)
+    torch.testing.assert_close(head, results[0][1], rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="memory_format"):
+    rebll_step.RebllStep("small_resnet", 8, masks, memory_format="nhwc")

@@ -1,12 +1,15 @@
-"""rebll_jax.models.conv: the matmul filter gradient equals XLA's.
+"""rebll_jax.models.conv: the matmul_grad and gemm impls equal XLA's.
 
 Values and gradients (input and filter) of ``conv2d`` under jit, for the
 kernel / stride / padding combinations the backbones use (1x1 and 1x1
 stride 2 take the GEMM filter gradient; 3x3, 3x3 stride 2 and the 7x7
 stride-2 stem are routed to XLA's; 3x3 convs with a 1- or 2-row output
-map run as tap GEMMs), at even and odd sizes, plus a
-whole model: one jitted gradient of a small ResNet, ``matmul_grad`` vs
-``xla``, and identical parameter trees (names, shapes, values) to nn.Conv.
+map run as tap GEMMs), at even and odd sizes; for ``gemm`` also 1x1 convs
+as dots, RGB (cin <= 4) convs as one im2col GEMM, the input gradient of
+strided convs by phases (stride 2 and 3) and the filter gradient behind the
+fusion barrier; plus a whole model: one jitted gradient of a small ResNet,
+each impl vs ``xla``, and identical parameter trees (names, shapes, values)
+to nn.Conv.
 """
 
 import flax.linen as nn
@@ -27,6 +30,9 @@ CASES = [  # (kernel, stride, pad, cin, cout, size)
     (3, 1, 1, 4, 4, 1),  # a 1x1 map: tap GEMMs
     (3, 1, 1, 8, 8, 2),  # a 2x(3) map: tap GEMMs
     (3, 2, 1, 8, 8, 4),  # 4 -> 2 at stride 2: tap GEMMs
+    (3, 2, 1, 3, 8, 10),  # RGB stem: im2col under gemm
+    (3, 3, 1, 6, 5, 11),  # stride 3: s*s input-gradient phases
+    (2, 2, 0, 6, 5, 8),  # even kernel, no padding: phases of unequal taps
 ]
 
 
@@ -35,8 +41,9 @@ def _rel(a, b):
   return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
 
 
+@pytest.mark.parametrize("impl", ["matmul_grad", "gemm"])
 @pytest.mark.parametrize("k,s,p,cin,cout,size", CASES)
-def test_values_and_grads_equal_xla(k, s, p, cin, cout, size):
+def test_values_and_grads_equal_xla(k, s, p, cin, cout, size, impl):
   rng = np.random.default_rng(k * 10 + s)  # numpy: no RNG compiles
   x = rng.standard_normal((2, size, size + 1, cin), np.float32)
   w = rng.standard_normal((k, k, cin, cout), np.float32)
@@ -57,7 +64,7 @@ def test_values_and_grads_equal_xla(k, s, p, cin, cout, size):
     return value_and_grads(x, w)
 
   y0, (dx0, dw0) = run("xla")
-  y1, (dx1, dw1) = run("matmul_grad")
+  y1, (dx1, dw1) = run(impl)
   assert y1.shape == y0.shape and dw1.shape == w.shape
   assert _rel(y1, y0) < 1e-6
   assert _rel(dx1, dx0) < 1e-5
@@ -69,16 +76,19 @@ def test_bfloat16_grad_dtype_and_close():
   x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.bfloat16)
   grads = {}
-  for impl in ("xla", "matmul_grad"):
-    f = lambda w: jnp.sum(conv.conv2d(x, w, padding=((1, 1),) * 2,
-                                      impl=impl).astype(jnp.float32) ** 2)
-    grads[impl] = jax.jit(jax.grad(f))(w)
-  assert grads["matmul_grad"].dtype == jnp.bfloat16
-  assert _rel(grads["matmul_grad"], grads["xla"]) < 2e-2
+  for impl in ("xla", "matmul_grad", "gemm"):
+    f = lambda x, w: jnp.sum(conv.conv2d(x, w, strides=(2, 2),
+                                         padding=((1, 1),) * 2,
+                                         impl=impl).astype(jnp.float32) ** 2)
+    grads[impl] = jax.jit(jax.grad(f, (0, 1)))(x, w)
+  for impl in ("matmul_grad", "gemm"):
+    for got, ref in zip(grads[impl], grads["xla"]):
+      assert got.dtype == jnp.bfloat16
+      assert _rel(got, ref) < 2e-2
 
 
 def test_auto_resolves_per_backend_and_rejects_unknown():
-  expected = "matmul_grad" if jax.default_backend() == "cpu" else "xla"
+  expected = "gemm" if jax.default_backend() == "cpu" else "xla"
   assert conv.resolve_impl("auto") == expected
   assert conv.resolve_impl("xla") == "xla"
   with pytest.raises(ValueError, match="valid"):
@@ -103,7 +113,7 @@ def test_model_gradient_equal_and_config_switch():
   cfg = config_base.base_config().model
   cfg.width, cfg.stage_sizes = 4, (1, 1)
   models = {}
-  for impl in ("xla", "matmul_grad"):
+  for impl in ("xla", "matmul_grad", "gemm"):
     cfg.conv_impl = impl
     models[impl] = build_model(cfg, 5)
     assert models[impl].conv_impl == impl
@@ -118,6 +128,15 @@ def test_model_gradient_equal_and_config_switch():
                            mutable=["batch_stats"])
       return jnp.sum(out["logits"] ** 2) + jnp.sum(out["features"])
     grads[impl] = jax.jit(jax.grad(loss))(variables["params"])
-  for a, b in zip(jax.tree.leaves(grads["matmul_grad"]),
-                  jax.tree.leaves(grads["xla"])):
-    assert _rel(a, b) < 1e-4
+  for impl in ("matmul_grad", "gemm"):
+    for a, b in zip(jax.tree.leaves(grads[impl]),
+                    jax.tree.leaves(grads["xla"])):
+      assert _rel(a, b) < 1e-4
+
+
+def test_fusion_barrier_is_the_identity_and_differentiable():
+  x = jnp.arange(6.0).reshape(2, 3)
+  tree = {"a": x, "b": -x}
+  out = jax.jit(conv._fusion_barrier)(tree, jnp.float32(jnp.nan))  # NaN token
+  np.testing.assert_array_equal(out["a"], x)
+  np.testing.assert_array_equal(out["b"], -x)

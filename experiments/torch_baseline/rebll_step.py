@@ -19,10 +19,20 @@ The same computation as ``rebll_jax.steps.make_train_step`` with
 ``bfloat16`` runs under ``torch.autocast`` (float32 weights, bfloat16
 compute), like ``model.dtype="bfloat16"`` in Flax. ``compile=True`` wraps the
 two models with ``torch.compile``.
+
+Written as a PyTorch user would write a fast step: no host syncs inside it
+(every data-dependent choice is a ``torch.where``; the caller fetches the
+loss), relabeling on whole tensors, ``channels_last`` weights and
+activations by default (oneDNN's native layout on CPU, the tensor-core
+layout on GPU; ``memory_format="contiguous"`` gives NCHW), and Adam's
+single-kernel ``fused=True`` update where this PyTorch has it (CPU and
+CUDA since 2.4). ``experiments/torch_baseline/profile_step.py`` times it
+against a plain textbook step.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -53,9 +63,11 @@ def asymmetric_distillation(logits, old_logits, mask, temperature=1.0,
   q = torch.sigmoid(old_logits.float().detach() / temperature)
   a = torch.exp(-beta * torch.abs(2 * q - 1))
   if adaptive:
+    # torch.where, not `if total > 0`: a Python branch on a tensor is a
+    # device sync (.item()) every step.
     total = mask.sum()
-    if total > 0:
-      a = a / torch.clamp((a * mask).sum() / total, min=1e-30)
+    mean = (a * mask).sum() / torch.clamp(total, min=1e-12)
+    a = torch.where(total > 0, a / torch.clamp(mean, min=1e-30), a)
   terms = a * (q * F.logsigmoid(z) + (1 - q) * F.logsigmoid(-z))
   return -(terms * mask).sum(-1)
 
@@ -73,7 +85,7 @@ class SmallResNet(torch.nn.Module):
   """PyTorch twin of rebll_jax.models.small_resnet (the benchmark's tiny
   model): 3x3 stem (stride 2), basic-block stages doubling the width."""
 
-  def __init__(self, num_classes, width=16, stage_sizes=(1, 1)):
+  def __init__(self, num_classes, width=16, stage_sizes=(1, 1, 1)):
     super().__init__()
     self.stem = torch.nn.Conv2d(3, width, 3, 2, 1, bias=False)
     self.bn = torch.nn.BatchNorm2d(width)
@@ -93,7 +105,20 @@ class SmallResNet(torch.nn.Module):
     return {"logits": self.head(features), "features": features}
 
 
-MODELS = {**torch_models.MODELS, "small_resnet": SmallResNet}
+def tiny_resnet(num_classes):
+  """SmallResNet at width 4 with one stage: rehearsals and tests only."""
+  return SmallResNet(num_classes, width=4, stage_sizes=(1,))
+
+
+MODELS = {**torch_models.MODELS, "small_resnet": SmallResNet,
+          "tiny_resnet": tiny_resnet}
+MEMORY_FORMATS = {"channels_last": torch.channels_last,
+                  "contiguous": torch.contiguous_format}
+
+
+def has_fused_adam() -> bool:
+  """Whether torch.optim.Adam takes fused=True here (CPU and CUDA, 2.4+)."""
+  return "fused" in inspect.signature(torch.optim.Adam).parameters
 
 
 class RebllStep:
@@ -108,13 +133,18 @@ class RebllStep:
   def __init__(self, arch, num_classes, masks, *, device="cpu",
                dtype="float32", compile=False, lr=1e-3, weight_decay=1e-4,
                total_steps=100, tau_old=0.5, tau_cur=0.5, warmup_frac=0.5,
-               lambda_kd=1.0, seed=0):
+               lambda_kd=1.0, seed=0, memory_format="channels_last",
+               fused_adam=None):
+    if memory_format not in MEMORY_FORMATS:
+      raise ValueError(f"unknown memory_format {memory_format!r}; valid: "
+                       f"{sorted(MEMORY_FORMATS)}")
     torch.manual_seed(seed)
     self.device = torch.device(device)
+    self.memory_format = MEMORY_FORMATS[memory_format]
     self.model = MODELS[arch](num_classes=num_classes).to(
-        self.device).train()
+        self.device, memory_format=self.memory_format).train()
     self.old = MODELS[arch](num_classes=num_classes).to(
-        self.device).eval()
+        self.device, memory_format=self.memory_format).eval()
     self.old.load_state_dict(self.model.state_dict())
     for p in self.old.parameters():
       p.requires_grad_(False)
@@ -124,9 +154,13 @@ class RebllStep:
       self.old_forward = torch.compile(self.old)
     decay = [p for p in self.model.parameters() if p.ndim > 1]
     no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
+    if fused_adam is None:
+      fused_adam = has_fused_adam()
+    self.fused_adam = bool(fused_adam)
     self.opt = torch.optim.Adam([
         {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                                **({"fused": True} if fused_adam else {}))
     self.masks = {k: v.to(self.device) for k, v in masks.items()}
     self.dtype = dtype
     self.lr, self.total = lr, total_steps
@@ -143,6 +177,7 @@ class RebllStep:
 
   def __call__(self, batch) -> torch.Tensor:
     images = batch["images"].permute(0, 3, 1, 2).float().div_(255.0)
+    images = images.contiguous(memory_format=self.memory_format)
     is_mem = batch["is_memory"]
     labels, known = batch["labels"].clone(), batch["known"].clone()
     cur, old_m, seen = (self.masks["current"], self.masks["old"],

@@ -232,6 +232,12 @@ def build_prepared(cfg, kind: str) -> Source:
   if meta.get("dataset") != kind:
     raise UserError(f"{path} holds {meta.get('dataset')!r}, not {kind!r}")
   names = list(meta["class_names"])
+  stored = int(meta.get("store_size", 0) or 0)
+  if stored and int(cfg.image_size) > stored:
+    raise UserError(f"{path} stores images resized to {stored} px (prepare "
+                    f"--store_size); config.data.image_size "
+                    f"{cfg.image_size} would upsample them: re-prepare with "
+                    f"--store_size >= {cfg.image_size}")
   builder = tfds.builder_from_directory(path)
   pool = _LazyPool(cfg.num_workers)
   splits = {}

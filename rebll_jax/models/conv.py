@@ -23,11 +23,24 @@ the gradient of the filter is computed, chosen by ``impl``:
   pathological there (3x3, 512 -> 512 channels on a 2x2 map, batch 16:
   443 ms forward, 445 ms input gradient; a few ms as GEMMs). That is
   ResNet-50's layer 4 at 64 px; at 224 px no layer qualifies.
-- ``"auto"`` (the default, ``config.model.conv_impl``): ``matmul_grad`` when
+- ``"gemm"``: every shape routed to the formulation measured fastest on
+  XLA:CPU (2 cores, jax 0.10). 1x1 convolutions are one dot (forward and
+  both gradients by autodiff: GEMMs); XLA's convolution loses to a dot most
+  where cin > cout (56x56, 256 -> 64, batch 16: 64 vs 23 ms forward).
+  Convolutions of at most ``IM2COL_MAX_CIN`` input channels (RGB stems) are
+  one im2col GEMM. Other k x k convolutions keep XLA's forward, but (custom
+  VJP) their strided input gradient is computed by phases (s*s stride-1
+  convolutions instead of one over a zero-dilated map: 1/s^2 of the
+  multiply-adds), and their filter gradient reads its operands through a
+  fusion barrier: without it XLA recomputes each conv input's batch norm +
+  ReLU inside the transposes that feed the filter-gradient convolution, in
+  transposed (cache-hostile) order, which was 30% of the small ResNet's
+  backward pass. Small output maps keep the tap GEMMs.
+- ``"auto"`` (the default, ``config.model.conv_impl``): ``gemm`` when
   the default backend is the CPU, ``xla`` elsewhere (GPU/TPU compilers have
   good filter-gradient convolutions, and the rewrite would cost memory).
 
-Both implementations compute the same function and gradients (tested to
+All implementations compute the same function and gradients (tested to
 float32 rounding in tests/test_fast_conv.py).
 """
 
@@ -40,16 +53,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "matmul_grad")
+IMPLS = ("auto", "xla", "matmul_grad", "gemm")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
 def resolve_impl(impl: str) -> str:
-  """"auto" -> "matmul_grad" on a CPU backend, "xla" otherwise."""
+  """"auto" -> "gemm" on a CPU backend, "xla" otherwise."""
   if impl not in IMPLS:
     raise ValueError(f"unknown model.conv_impl {impl!r}; valid: {list(IMPLS)}")
   if impl == "auto":
-    return "matmul_grad" if jax.default_backend() == "cpu" else "xla"
+    return "gemm" if jax.default_backend() == "cpu" else "xla"
   return impl
 
 
@@ -124,6 +137,136 @@ def _matmul_grad_conv(strides: tuple, padding: tuple) -> Callable:
   return conv
 
 
+# ------------------------------------------------------------------ gemm ---
+
+# Parts of the "gemm" impl (a set so experiments can switch one off).
+GEMM_PARTS = frozenset({"dot1x1", "phase_dx", "barrier", "im2col"})
+# k x k convolutions with at most this many input channels (the RGB stems)
+# run as one im2col GEMM.
+IM2COL_MAX_CIN = 4
+
+
+def _conv1x1_dot(x, w, strides):
+  """A 1x1 conv as one GEMM over the (strided) positions; autodiff gives
+  GEMMs for both gradients (and an interior pad for a strided input)."""
+  sh, sw = strides
+  xs = x[:, ::sh, ::sw] if (sh, sw) != (1, 1) else x
+  n, oh, ow, cin = xs.shape
+  y = jnp.dot(xs.reshape(-1, cin), w.reshape(cin, -1))
+  return y.reshape(n, oh, ow, -1)
+
+
+def _im2col_conv(x, w, strides, padding):
+  """The conv as one GEMM of the k*k*cin patch matrix (for tiny cin)."""
+  kh, kw, cin, cout = w.shape
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  oh = (xp.shape[1] - kh) // sh + 1
+  ow = (xp.shape[2] - kw) // sw + 1
+  cols = jnp.concatenate(
+      [xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.dot(cols, w.reshape(kh * kw * cin, cout))
+
+
+def _input_grad_phases(g, w, x_shape, strides, padding):
+  """dL/dx of a strided conv as s*s stride-1 convs, one per output phase.
+
+  XLA writes it as one convolution over g dilated with s-1 zeros between
+  entries, so 3/4 of its multiply-adds (stride 2) hit zeros. Row t = s*u + r
+  of the padded input only meets the taps a = r + s*a', through
+  g[u - a']: a stride-1 "full" correlation of g with the flipped sub-kernel
+  w[r::s, c::s]. The s*s phase maps are interleaved back and the padding
+  cropped.
+  """
+  sh, sw = strides
+  _, h, wd, cin = x_shape
+  n, oh, ow, _ = g.shape
+  hp = h + sum(padding[0])
+  wp = wd + sum(padding[1])
+  rows, cols = -(-hp // sh), -(-wp // sw)  # phase map sizes (ceil)
+  phases = []
+  for r in range(sh):
+    for c in range(sw):
+      sub = w[r::sh, c::sw]
+      ka, kb = sub.shape[0], sub.shape[1]
+      if ka == 0 or kb == 0:
+        phases.append(jnp.zeros((n, rows, cols, cin), g.dtype))
+        continue
+      kernel = jnp.flip(sub, (0, 1)).swapaxes(2, 3)  # HWIO with I=cout
+      phases.append(jax.lax.conv_general_dilated(
+          g, kernel, (1, 1), ((ka - 1, rows - oh), (kb - 1, cols - ow)),
+          dimension_numbers=_DIMS))
+  stacked = jnp.stack(phases, 0).reshape(sh, sw, n, rows, cols, cin)
+  dxp = stacked.transpose(2, 3, 0, 4, 1, 5).reshape(n, rows * sh,
+                                                    cols * sw, cin)
+  return dxp[:, padding[0][0]:padding[0][0] + h,
+             padding[1][0]:padding[1][0] + wd]
+
+
+def _fusion_barrier(tree, token):
+  """``tree`` unchanged, but materialised before its consumers read it.
+
+  XLA:CPU expands ``optimization_barrier`` before fusion, so it cannot stop
+  an elementwise producer (a batch norm + ReLU) from being recomputed
+  inside the transposes that feed a filter-gradient convolution, in their
+  cache-hostile order. A conditional on a runtime predicate is a boundary
+  its fusion passes do not cross; both branches are the identity.
+  ``token``: any traced scalar (the predicate is ``token == token``,
+  false only for NaN, where either branch returns the same values).
+  """
+  return jax.lax.cond(token == token, lambda t: t,
+                      lambda t: jax.tree.map(lambda a: a + 0, t), tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_conv(strides: tuple, padding: tuple, parts: frozenset) -> Callable:
+  """A k x k conv: XLA's forward; input gradient by phases when strided;
+  XLA's filter gradient on materialised operands (custom VJP)."""
+
+  @jax.custom_vjp
+  def conv(x, w):
+    return _xla_conv(x, w, strides, padding)
+
+  def fwd(x, w):
+    return _xla_conv(x, w, strides, padding), (x, w)
+
+  def bwd(residuals, g):
+    x, w = residuals
+    if strides != (1, 1) and "phase_dx" in parts:
+      dx = _input_grad_phases(g, w, x.shape, strides, padding)
+    else:
+      _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
+      (dx,) = input_vjp(g)
+    xb, gb = x, g
+    if "barrier" in parts:
+      xb, gb = _fusion_barrier((x, g), g.reshape(-1)[0])
+    _, filter_vjp = jax.vjp(lambda w_: _xla_conv(xb, w_, strides, padding),
+                            w)
+    (dw,) = filter_vjp(gb)
+    return dx.astype(x.dtype), dw
+
+  conv.defvjp(fwd, bwd)
+  return conv
+
+
+def _gemm_route(x, w, strides, padding):
+  parts = GEMM_PARTS
+  kh, kw, cin, _ = w.shape
+  no_pad = all(p == (0, 0) for p in padding)
+  if kh == kw == 1 and no_pad and "dot1x1" in parts:
+    return _conv1x1_dot(x, w, strides)
+  if kh == kw == 1 and no_pad:
+    return _matmul_grad_conv(strides, padding)(x, w)
+  oh = (x.shape[1] + sum(padding[0]) - kh) // strides[0] + 1
+  ow = (x.shape[2] + sum(padding[1]) - kw) // strides[1] + 1
+  if min(oh, ow) <= SMALL_MAP:
+    return _tap_conv(x, w, strides, padding)
+  if cin <= IM2COL_MAX_CIN and "im2col" in parts:
+    return _im2col_conv(x, w, strides, padding)
+  return _gemm_conv(strides, padding, parts)(x, w)
+
+
 def conv2d(x, w, *, strides: Sequence[int] = (1, 1),
            padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
            impl: str = "auto"):
@@ -134,12 +277,15 @@ def conv2d(x, w, *, strides: Sequence[int] = (1, 1),
     w: [kh, kw, Cin, Cout] filter (same dtype as ``x``).
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)) zero padding.
-    impl: "auto" | "xla" | "matmul_grad" (see the module docstring).
+    impl: "auto" | "xla" | "matmul_grad" | "gemm" (see the module docstring).
   """
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(a), int(b)) for a, b in padding)
-  if resolve_impl(impl) == "xla":
+  impl = resolve_impl(impl)
+  if impl == "xla":
     return _xla_conv(x, w, strides, padding)
+  if impl == "gemm":
+    return _gemm_route(x, w, strides, padding)
   if w.shape[0] == w.shape[1] == 1 and all(p == (0, 0) for p in padding):
     return _matmul_grad_conv(strides, padding)(x, w)
   oh = (x.shape[1] + sum(padding[0]) - w.shape[0]) // strides[0] + 1
