@@ -24,7 +24,7 @@ import tqdm
 from rebll_jax import checkpoint, methods, metrics, models, optim
 from rebll_jax import memory as memory_lib
 from rebll_jax import parallel, protocol, relabel, replay, reporting, steps
-from rebll_jax import validate
+from rebll_jax import upstream, validate
 from rebll_jax.data import loader
 from rebll_jax.models import pretrained
 from rebll_jax.errors import UserError
@@ -154,6 +154,9 @@ def _evaluate(predictor, variables, source, task, tasks, threshold):
   seen_scores, seen_targets = scores[:, task.seen], targets[:, task.seen]
   return {"map_seen": metrics.mean_ap(seen_scores, seen_targets),
           "map_per_task": per_task,
+          "calibration": metrics.calibration(
+              scores, targets, old_classes=np.flatnonzero(task.old_mask),
+              current_classes=task.classes),
           **metrics.f1_scores(seen_scores, seen_targets, threshold)}
 
 
@@ -198,14 +201,15 @@ def run(config, workdir: str) -> dict:
   variables = jax.jit(model.init, static_argnames="train")(
       jax.random.fold_in(root, 0), jnp.zeros((1, size, size, 3)), train=False)
   meta_extra = {}
-  if config.model.init_from:
+  init_from = upstream.resolve_init_from(config)  # "upstream:auto" -> dir
+  if init_from:
     try:
       variables, meta_extra["init_from"] = pretrained.load_pretrained(
-          variables, config.model.init_from, config.model.arch)
+          variables, init_from, config.model.arch)
     except (ValueError, OSError) as e:
       # One line, but keep the whole list of mismatches.
       detail = "; ".join(l.strip() for l in str(e).splitlines() if l.strip())
-      raise UserError(f"model.init_from={config.model.init_from!r}: "
+      raise UserError(f"model.init_from={init_from!r}: "
                       f"{detail}") from None
   tx = optim.make_transform(config.optim)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32),
@@ -381,6 +385,7 @@ def run(config, workdir: str) -> dict:
             if "cls" in label_sums else 0.0),
         "f1": {k: evaluation[k] for k in
                ("cf1", "cf1_cp_cr", "of1", "cp", "cr", "op", "or")},
+        "calibration": evaluation["calibration"],
     })
     save(t + 1, 0)
     log.info("task %d: mAP on seen classes %.2f", t + 1,
