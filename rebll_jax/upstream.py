@@ -306,7 +306,12 @@ def main(argv=None) -> int:
                       help="directory to write (default: the cache entry "
                       "that --config.model.init_from=upstream:auto reads)")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  # Our progress lines only, not the libraries' INFO chatter (orbax).
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
   try:
     config = load_config(args.config)
     if config.model.arch != "small_resnet":
