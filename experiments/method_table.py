@@ -8,7 +8,8 @@ with ``--config.method=M --config.seed=S`` (plus any ``--set key=value``
 overrides), in its own workdir ``OUT/SETTING/M/seedS``. A run whose
 results.json exists is not run again, so an interrupted table resumes.
 ``joint`` (the upper bound) does not depend on the setting and runs once per
-seed. ``--val`` evaluates on a validation split carved out of train
+seed and regime (``joint`` from scratch; ``pretrained_joint`` for the
+``pretrained_*`` settings, which fine-tune the cached upstream backbone). ``--val`` evaluates on a validation split carved out of train
 (``data.val_fraction``) instead of the test split: use it to choose
 hyperparameters, never the test numbers.
 
@@ -17,6 +18,13 @@ the test false-positive rate at 0.8, the FPR and FNR of the relabeled buffer
 entries against the hidden ground truth (entries left unknown by a
 two-threshold band are not relabeled and do not count), and the training
 time of one run; mean ± std over seeds.
+
+A second table (``calibration.md``) gives the calibration facts of the test
+scores after the last task (``metrics.calibration``): mean score of positive
+and of negative entries on old and on current classes, the share of
+positives below 0.5 and of negatives at or above 0.5, the expected
+calibration error (10 equal-width bins) and the bias (mean score - positive
+rate) over all seen classes; all in percent.
 """
 
 from __future__ import annotations
@@ -36,9 +44,18 @@ METHODS = ("ft", "lwf", "er", "asl_pl", "rebll_akd", "rebll_or", "rebll",
            "joint")
 
 
+def _joint_setting(setting):
+  return "pretrained_joint" if setting.startswith("pretrained_") else "joint"
+
+
+def _row_setting(setting, method):
+  """The setting a run of ``method`` is filed under (joint: its regime)."""
+  return _joint_setting(setting) if method == "joint" else setting
+
+
 def _workdir(out, setting, method, seed):
-  setting = "joint" if method == "joint" else setting
-  return os.path.join(out, setting, method, f"seed{seed}")
+  return os.path.join(out, _row_setting(setting, method), method,
+                      f"seed{seed}")
 
 
 def run_one(out, setting, method, seed, overrides, val):
@@ -46,7 +63,7 @@ def run_one(out, setting, method, seed, overrides, val):
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):
     return workdir, 0.0, "cached"
-  config = f"configs/synthetic.py:{'joint' if method == 'joint' else setting}"
+  config = f"configs/synthetic.py:{_row_setting(setting, method)}"
   cmd = [sys.executable, "-m", "rebll_jax.main", f"--config={config}",
          f"--workdir={workdir}", f"--config.method={method}",
          f"--config.seed={seed}", "--config.train.progress=False"]
@@ -69,10 +86,30 @@ def _buffer_rate(task, wrong, right):
   return 100 * bad / total if total else None
 
 
+CALIBRATION_COLUMNS = (  # (header, group, key)
+    ("pos mean old", "old", "pos_mean"), ("pos mean cur", "current", "pos_mean"),
+    ("neg mean old", "old", "neg_mean"), ("neg mean cur", "current", "neg_mean"),
+    ("pos<0.5 old", "old", "frac_pos_below"),
+    ("pos<0.5 cur", "current", "frac_pos_below"),
+    ("neg≥0.5 old", "old", "frac_neg_above"),
+    ("neg≥0.5 cur", "current", "frac_neg_above"),
+    ("ECE seen", "seen", "ece"), ("bias seen", "seen", "bias"))
+
+
+def _calibration(task):
+  """Percent values of CALIBRATION_COLUMNS after ``task`` (None: absent)."""
+  calib = task.get("calibration") or {}
+  values = {}
+  for header, group, key in CALIBRATION_COLUMNS:
+    value = (calib.get(group) or {}).get(key)
+    values[header] = None if value is None else 100 * value
+  return values
+
+
 def summarise(workdir, seconds):
   r = json.load(open(os.path.join(workdir, "results.json")))
   last = r["tasks"][-1]
-  return {"avg_map": r["avg_map"], "last_map": r["last_map"],
+  return {"calibration": _calibration(last),"avg_map": r["avg_map"], "last_map": r["last_map"],
           "cf1": r["cf1"], "of1": r["of1"],
           "test_fpr": last.get("fpr_at_threshold", float("nan")),
           "relabel_fpr": _buffer_rate(last, "fp", "tn"),
@@ -98,7 +135,7 @@ def table(rows: dict, settings, methods) -> str:
               "test FPR@0.8 | relabel FPR | relabel FNR | train s/run |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
-      runs = rows.get(("joint" if method == "joint" else setting, method))
+      runs = rows.get((_row_setting(setting, method), method))
       if not runs:
         continue
       col = lambda k: [r[k] for r in runs]  # noqa: E731
@@ -108,6 +145,23 @@ def table(rows: dict, settings, methods) -> str:
           f"| {_cell(col('cf1'))} | {_cell(col('of1'))} | "
           f"{_cell(col('test_fpr'))} | {_cell(col('relabel_fpr'))} | "
           f"{_cell(col('relabel_fnr'))} | {_cell(col('seconds'), 0)} |")
+  return "\n".join(lines)
+
+
+def calibration_table(rows: dict, settings, methods) -> str:
+  headers = [h for h, _, _ in CALIBRATION_COLUMNS]
+  lines = []
+  for setting in settings:
+    lines += [f"\n**Calibration after the last task, synthetic "
+              f"{setting.upper()}** (percent)\n",
+              "| method | seeds | " + " | ".join(headers) + " |",
+              "|---|---|" + "---|" * len(headers)]
+    for method in methods:
+      runs = rows.get((_row_setting(setting, method), method))
+      if not runs:
+        continue
+      cells = [_cell([r["calibration"][h] for r in runs]) for h in headers]
+      lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -138,10 +192,10 @@ def main(argv=None):
   jobs = []
   for setting in settings:
     for method in methods:
-      if method == "joint" and setting != settings[0]:
-        continue
       for seed in seeds:
-        jobs.append((setting, method, seed))
+        job = (setting, method, seed)
+        if not any(_workdir("", *j) == _workdir("", *job) for j in jobs):
+          jobs.append(job)  # joint: once per seed and regime
   rows = {}
   if args.report_only:
     jobs = [j for j in jobs if os.path.exists(
@@ -153,7 +207,7 @@ def main(argv=None):
       setting, method, seed = futures[future]
       workdir, seconds, how = future.result()
       summary = summarise(workdir, seconds)
-      key = ("joint" if method == "joint" else setting, method)
+      key = (_row_setting(setting, method), method)
       rows.setdefault(key, []).append(summary)
       print(f"[{i + 1}/{len(jobs)}] {setting} {method} seed {seed} ({how}): "
             f"avg {summary['avg_map']:.2f} last {summary['last_map']:.2f}",
@@ -162,7 +216,11 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(text + "\n")
+  calib = calibration_table(rows, settings, methods)
+  with open(os.path.join(args.out, "calibration.md"), "w") as f:
+    f.write(calib + "\n")
   print(text)
+  print(calib)
 
 
 if __name__ == "__main__":

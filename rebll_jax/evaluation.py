@@ -83,4 +83,7 @@ def evaluate(predictor, variables, source, task, tasks, threshold, *,
   seen_scores, seen_targets = scores[:, task.seen], targets[:, task.seen]
   return {"map_seen": metrics.mean_ap(seen_scores, seen_targets),
           "map_per_task": per_task,
+          "calibration": metrics.calibration(
+              scores, targets, old_classes=np.flatnonzero(task.old_mask),
+              current_classes=task.classes),
           **metrics.f1_scores(seen_scores, seen_targets, threshold)}

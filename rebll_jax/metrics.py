@@ -88,3 +88,59 @@ def forgetting(map_matrix: list[list[float]]) -> dict:
     per_task.append(float(max(history) - map_matrix[-1][j]))
   mean = float(np.mean(per_task)) if per_task else 0.0
   return {"per_task": per_task, "mean": mean}
+
+
+def _calibration_of(scores: np.ndarray, positive: np.ndarray,
+                    threshold: float, num_bins: int) -> dict:
+  """Calibration facts of one pool of (score, {0,1} target) entries."""
+  scores = scores.astype(np.float64)
+  num_pos, num_neg = int(positive.sum()), int((~positive).sum())
+  mean = lambda x: float(x.mean()) if x.size else None  # noqa: E731
+  out = {"num_pos": num_pos, "num_neg": num_neg,
+         "pos_mean": mean(scores[positive]),
+         "neg_mean": mean(scores[~positive]),
+         # Predicted positive means score >= threshold, as in f1_scores.
+         "frac_pos_below": mean(scores[positive] < threshold),
+         "frac_neg_above": mean(scores[~positive] >= threshold),
+         "bias": None, "ece": None}
+  if scores.size:
+    out["bias"] = float(scores.mean() - positive.mean())
+    bins = np.minimum((scores * num_bins).astype(np.int64), num_bins - 1)
+    counts = np.bincount(bins, minlength=num_bins)
+    score_sums = np.bincount(bins, weights=scores, minlength=num_bins)
+    pos_sums = np.bincount(bins, weights=positive.astype(np.float64),
+                           minlength=num_bins)
+    out["ece"] = float(np.abs(score_sums - pos_sums).sum() / scores.size)
+  return out
+
+
+def calibration(scores, targets, old_classes, current_classes,
+                threshold: float = 0.5, num_bins: int = 10) -> dict:
+  """Calibration of sigmoid scores on old, current and all seen classes.
+
+  ``scores`` and {0,1} ``targets`` are [num_images, num_classes] over all
+  columns; ``old_classes`` / ``current_classes`` index the columns. Every
+  (image, class) entry of a group is one binary prediction. Per group
+  ("old", "current", "seen" = both): the count of positive and negative
+  entries; the mean score of positives (``pos_mean``) and of negatives
+  (``neg_mean``); the fraction of positives scored below ``threshold``
+  (``frac_pos_below``) and of negatives scored at or above it
+  (``frac_neg_above``); ``bias`` = mean score - positive rate (> 0: the
+  scores claim more objects than there are); and the expected calibration
+  error ``ece`` = sum over bins of (entries in bin / entries) x |mean score
+  in bin - positive rate in bin|, with ``num_bins`` equal-width bins on
+  [0, 1] (the last one closed). Values are fractions in [0, 1]; a value
+  over an empty set (no old classes at the first task, no positives) is
+  None, never NaN.
+  """
+  scores = np.asarray(scores)
+  targets = np.asarray(targets) > 0
+  old = np.asarray(old_classes, np.int64).reshape(-1)
+  current = np.asarray(current_classes, np.int64).reshape(-1)
+  out = {"threshold": float(threshold), "num_bins": int(num_bins)}
+  for name, columns in (("old", old), ("current", current),
+                        ("seen", np.concatenate([old, current]))):
+    out[name] = _calibration_of(scores[:, columns].reshape(-1),
+                                targets[:, columns].reshape(-1), threshold,
+                                num_bins)
+  return out

@@ -36,7 +36,7 @@ import tqdm
 from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
 from rebll_jax import memory as memory_lib
 from rebll_jax import models, optim, parallel, protocol, replay, reporting
-from rebll_jax import run_identity, steps, validate, workdir_lock
+from rebll_jax import run_identity, steps, upstream, validate, workdir_lock
 from rebll_jax.data import field_augment, loader
 from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained
@@ -78,6 +78,7 @@ class Setup:
   root_key: jax.Array
   is_chief: bool
   init_info: dict  # metadata of model.init_from, saved with checkpoints
+  init_from: str  # model.init_from resolved ("upstream:auto" -> a folder)
   lock: workdir_lock.WorkdirLock | None  # held by process 0 while it runs
 
 
@@ -106,7 +107,7 @@ def _set_up_locked(config, workdir, lock) -> Setup:
                      num_devices=mesh.size, num_processes=jax.process_count())
   tasks = method.tasks(source.num_classes, config.protocol)
   validate.check_tasks(source, tasks)
-  init_from = config.model.init_from
+  init_from = upstream.resolve_init_from(config)  # "upstream:auto" -> dir
   if init_from and not os.path.isfile(init_from):  # files convert at init
     pretrained.check_init_from(init_from, config.model.arch)
   model = models.build_model(config.model, source.num_classes)
@@ -115,7 +116,8 @@ def _set_up_locked(config, workdir, lock) -> Setup:
                tx=optim.make_transform(config.optim),
                predictor=evaluation.Predictor(model, config, mesh),
                root_key=jax.random.key(config.seed),
-               is_chief=jax.process_index() == 0, init_info={}, lock=lock)
+               is_chief=jax.process_index() == 0, init_info={}, lock=lock,
+               init_from=init_from)
 
 
 def _versions() -> dict:
@@ -196,14 +198,14 @@ def _initial_state(setup: Setup) -> RunState:
   variables = jax.jit(setup.model.init, static_argnames="train")(
       jax.random.fold_in(setup.root_key, 0), jnp.zeros((1, size, size, 3)),
       train=False)
-  if config.model.init_from:
+  if setup.init_from:
     try:
       variables, setup.init_info["init_from"] = pretrained.load_pretrained(
-          variables, config.model.init_from, config.model.arch)
+          variables, setup.init_from, config.model.arch)
     except (ValueError, OSError) as e:
       # One line, but keep the whole list of mismatches.
       detail = "; ".join(l.strip() for l in str(e).splitlines() if l.strip())
-      raise UserError(f"model.init_from={config.model.init_from!r}: "
+      raise UserError(f"model.init_from={setup.init_from!r}: "
                       f"{detail}") from None
   train_state = steps.TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"],
@@ -443,6 +445,7 @@ def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
       "cls_label_pos_neg_ratio": sums.cls_pos_neg_ratio(),
       "f1": {k: scores[k] for k in
              ("cf1", "cf1_cp_cr", "of1", "cp", "cr", "op", "or")},
+      "calibration": scores["calibration"],
   })
   state.task, state.task_step = task.index + 1, 0
   state.label_sums, state.task_seconds = {}, 0.0

@@ -79,3 +79,73 @@ def test_forgetting():
   assert f["per_task"] == pytest.approx([15.0, 10.0])
   assert f["mean"] == pytest.approx(12.5)
   assert metrics.forgetting([[50.0]])["mean"] == 0.0
+
+
+def test_calibration_by_hand():
+  # Column 0 old, column 1 current, column 2 unseen (ignored).
+  scores = np.array([[0.95, 0.85, 0.5], [0.45, 0.15, 0.5],
+                     [0.6, 0.55, 0.5], [0.05, 0.25, 0.5]])
+  targets = np.array([[1, 1, 1], [1, 0, 1], [0, 1, 1], [0, 0, 1]])
+  c = metrics.calibration(scores, targets, old_classes=[0],
+                          current_classes=[1])
+  old = c["old"]
+  assert (old["num_pos"], old["num_neg"]) == (2, 2)
+  assert old["pos_mean"] == pytest.approx(0.7)
+  assert old["neg_mean"] == pytest.approx(0.325)
+  assert old["frac_pos_below"] == pytest.approx(0.5)
+  assert old["frac_neg_above"] == pytest.approx(0.5)
+  assert old["bias"] == pytest.approx(0.5125 - 0.5)
+  # One entry per bin (9, 4, 6, 0): |0.95-1|, |0.45-1|, |0.6-0|, |0.05-0|.
+  assert old["ece"] == pytest.approx((0.05 + 0.55 + 0.6 + 0.05) / 4)
+  cur = c["current"]
+  assert cur["pos_mean"] == pytest.approx(0.7)
+  assert cur["neg_mean"] == pytest.approx(0.2)
+  assert cur["frac_pos_below"] == 0.0 and cur["frac_neg_above"] == 0.0
+  # Bins 8, 1, 5, 2: |0.85-1|, |0.15-0|, |0.55-1|, |0.25-0|.
+  assert cur["ece"] == pytest.approx((0.15 + 0.15 + 0.45 + 0.25) / 4)
+  # Seen pools the 8 entries: 0.45 and 0.55 fall into bins 4 and 5, so the
+  # same per-entry gaps, averaged over 8.
+  assert c["seen"]["ece"] == pytest.approx(
+      (0.05 + 0.55 + 0.6 + 0.05 + 0.15 + 0.15 + 0.45 + 0.25) / 8)
+  assert c["seen"]["num_pos"] == 4 and c["seen"]["num_neg"] == 4
+  assert c["threshold"] == 0.5 and c["num_bins"] == 10
+
+
+def test_calibration_shares_bins_and_edges():
+  # 0.12 (positive) and 0.18 (negative) share bin 1: |0.15 - 0.5| for both;
+  # 1.0 lands in the closed last bin; 0.5 counts as predicted positive.
+  scores = np.array([[0.12], [0.18], [1.0], [0.5]])
+  targets = np.array([[1], [0], [1], [0]])
+  c = metrics.calibration(scores, targets, old_classes=[],
+                          current_classes=[0])
+  cur = c["current"]
+  assert cur["ece"] == pytest.approx((2 * 0.35 + 0.0 + 0.5) / 4)
+  assert cur["frac_neg_above"] == pytest.approx(0.5)  # 0.5 >= 0.5
+  assert cur["frac_pos_below"] == pytest.approx(0.5)  # 0.12 < 0.5
+  # No old classes (the first task): counts 0, every rate None, no NaN.
+  old = c["old"]
+  assert old["num_pos"] == old["num_neg"] == 0
+  assert all(old[k] is None for k in ("pos_mean", "neg_mean", "ece", "bias",
+                                      "frac_pos_below", "frac_neg_above"))
+
+
+def test_calibration_matches_a_loop_reference():
+  rng = np.random.default_rng(0)
+  scores = rng.uniform(size=(50, 6))
+  targets = (rng.uniform(size=(50, 6)) < 0.3).astype(np.uint8)
+  c = metrics.calibration(scores, targets, old_classes=[0, 3],
+                          current_classes=[4], num_bins=5)
+  entries = [(scores[i, j], targets[i, j]) for i in range(50)
+             for j in (0, 3, 4)]
+  total = 0.0
+  for b in range(5):
+    inside = [(s, y) for s, y in entries
+              if b / 5 <= s < (b + 1) / 5 or (b == 4 and s == 1.0)]
+    if inside:
+      gap = abs(np.mean([s for s, _ in inside]) -
+                np.mean([y for _, y in inside]))
+      total += len(inside) * gap
+  assert c["seen"]["ece"] == pytest.approx(total / len(entries))
+  negatives = [s for s, y in entries if y == 0]
+  assert c["seen"]["frac_neg_above"] == pytest.approx(
+      np.mean([s >= 0.5 for s in negatives]))

@@ -6,6 +6,11 @@ different classes on a noisy gradient background with clutter (grey blobs and
 lines that belong to no class). Classes have unequal frequencies and some pairs
 tend to co-occur (as person and bicycle do), so partial task labels hide
 objects the way they do on VOC/COCO. Everything is a function of the seed.
+
+The *upstream* family (``upstream_classes``, ``generate_upstream``) is the
+embedded stand-in for ImageNet: the same renderer with more shapes, textures
+and colours, whose classes are (shape, texture, colour) triples that are
+never a benchmark class (rebll_jax/upstream.py pretrains a backbone on it).
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from rebll_jax.data.base import Source, Split
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring",
           "hbar", "vbar", "star", "ellipse")
 TEXTURES = ("solid", "striped")
+# Upstream only: shapes and textures the benchmark never draws.
+UPSTREAM_SHAPES = SHAPES + ("hexagon", "crescent", "xcross", "semidisc",
+                            "frame", "trapezoid")
+UPSTREAM_TEXTURES = TEXTURES + ("checker", "gradient")
 # One colour per class (RGB, 0-255), far apart in hue/brightness.
 PALETTE = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 230),
@@ -27,6 +36,11 @@ PALETTE = np.array([
     (190, 120, 40), (255, 255, 170), (200, 20, 20), (150, 255, 190),
     (170, 170, 0), (255, 200, 140), (40, 60, 200), (255, 255, 255)],
     dtype=np.float32)
+# Upstream only: twelve more colours (upstream colours are PALETTE + these).
+UPSTREAM_EXTRA_COLOURS = np.array([
+    (128, 0, 0), (0, 0, 128), (0, 128, 128), (255, 100, 0), (100, 255, 0),
+    (0, 255, 100), (255, 0, 128), (128, 0, 255), (90, 90, 255),
+    (255, 90, 90), (120, 70, 20), (100, 160, 40)], dtype=np.float32)
 NUM_CLASSES = 20
 # Pairs (a, b): when a is drawn, b joins with probability CO_OCCUR_PROB.
 CO_OCCURRING = ((0, 9), (2, 13), (4, 17), (6, 1), (11, 18), (15, 3))
@@ -64,6 +78,20 @@ def _shape_mask(shape: str, dx, dy, radius):
     return np.sqrt(dx**2 + dy**2) <= r * (0.55 + 0.45 * np.cos(5 * angle))
   if shape == "ellipse":
     return (dx / r)**2 + (dy / (0.5 * r))**2 <= 1.0
+  if shape == "hexagon":  # flat top and bottom
+    return (ay <= 0.866 * r) & (1.732 * ax + ay <= 1.732 * r)
+  if shape == "crescent":
+    return (dx**2 + dy**2 <= r**2) & ((dx - 0.45 * r)**2 + dy**2 > (0.8 * r)**2)
+  if shape == "xcross":  # the cross turned by 45 degrees
+    u, v = np.abs(dx + dy) * 0.7071, np.abs(dx - dy) * 0.7071
+    return ((u <= 0.3 * r) | (v <= 0.3 * r)) & (np.maximum(u, v) <= r)
+  if shape == "semidisc":
+    return (dx**2 + dy**2 <= r**2) & (dy <= 0.2 * r)
+  if shape == "frame":  # a hollow square
+    side = np.maximum(ax, ay)
+    return (side <= 0.85 * r) & (side >= 0.5 * r)
+  if shape == "trapezoid":
+    return (ay <= 0.6 * r) & (ax <= r * (0.75 - 0.4 * dy / r))
   raise ValueError(shape)
 
 
@@ -78,7 +106,13 @@ def _draw_classes(rng, frequencies):
   return chosen[:4]
 
 
-def _render(rng, classes, size):
+def _benchmark_objects(classes):
+  """(shape, texture, colour) of each benchmark class in ``classes``."""
+  return [(SHAPES[k % 10], TEXTURES[k // 10], PALETTE[k]) for k in classes]
+
+
+def _render(rng, objects, size):
+  """One image of ``objects``: (shape, texture, RGB colour) triples."""
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
   # Background: a dark, weakly tinted grey gradient plus pixel noise, so
   # that the classes' saturated colours stand out from it.
@@ -98,15 +132,22 @@ def _render(rng, classes, size):
     else:
       m = (np.abs(yy - cy) <= 1) & (np.abs(xx - cx) <= 2.5 * r)
     image[m] = grey
-  for k in classes:
+  for shape, texture, base_colour in objects:
     radius = rng.uniform(0.15, 0.25) * size
     cx, cy = rng.uniform(radius, size - radius, 2)
     dx, dy = xx - cx, yy - cy
-    mask = _shape_mask(SHAPES[k % 10], dx, dy, radius)
-    colour = np.clip(PALETTE[k] + rng.normal(0, 12, 3), 0, 255)
-    if TEXTURES[k // 10] == "striped":
-      stripes = (np.floor((xx + yy) / max(2, size // 16)) % 2) == 0
+    mask = _shape_mask(shape, dx, dy, radius)
+    colour = np.clip(base_colour + rng.normal(0, 12, 3), 0, 255)
+    period = max(2, size // 16)
+    if texture == "striped":
+      stripes = (np.floor((xx + yy) / period) % 2) == 0
       fill = np.where(stripes[..., None], colour, colour * 0.35)
+    elif texture == "checker":
+      cells = (np.floor(xx / period) + np.floor(yy / period)) % 2 == 0
+      fill = np.where(cells[..., None], colour, colour * 0.35)
+    elif texture == "gradient":  # full colour on the left, dark on the right
+      ramp = np.clip(0.5 - dx / (2 * radius), 0, 1)
+      fill = colour * (0.3 + 0.7 * ramp[..., None])
     else:
       fill = np.broadcast_to(colour, image.shape)
     image[mask] = fill[mask]
@@ -134,7 +175,89 @@ def generate(num_images: int, seed: int, render_size: int):
   for i in range(num_images):
     classes = _draw_classes(rng, frequencies)
     labels[i, classes] = 1
-    images[i] = _render(rng, classes, render_size)
+    images[i] = _render(rng, _benchmark_objects(classes), render_size)
+  images.setflags(write=False)
+  labels.setflags(write=False)
+  return images, labels
+
+
+# ------------------------------------------------------------- upstream ---
+
+# An upstream triple whose shape and texture are a benchmark class's must
+# have a colour at least this far (RGB distance) from that class's colour;
+# the benchmark's own two closest class colours are 56 apart.
+UPSTREAM_MIN_COLOUR_DISTANCE = 80.0
+UPSTREAM_CLASS_SEED = 20240611  # fixes the order of the drawn triples
+MAX_UPSTREAM_CLASSES = 64
+
+
+def upstream_colours() -> np.ndarray:
+  return np.concatenate([PALETTE, UPSTREAM_EXTRA_COLOURS])
+
+
+def is_benchmark_like(shape: str, texture: str, colour) -> bool:
+  """True when the triple is (or is within the colour margin of) a
+  benchmark class: the same shape, the same texture, a near colour."""
+  for k in range(NUM_CLASSES):
+    if (SHAPES[k % 10] == shape and TEXTURES[k // 10] == texture and
+        np.linalg.norm(np.asarray(colour, np.float64) - PALETTE[k]) <
+        UPSTREAM_MIN_COLOUR_DISTANCE):
+      return True
+  return False
+
+
+@functools.lru_cache(maxsize=1)
+def _upstream_triples():
+  colours = upstream_colours()
+  allowed = [(s, t, c) for s in range(len(UPSTREAM_SHAPES))
+             for t in range(len(UPSTREAM_TEXTURES))
+             for c in range(len(colours))
+             if not is_benchmark_like(UPSTREAM_SHAPES[s],
+                                      UPSTREAM_TEXTURES[t], colours[c])]
+  order = np.random.default_rng(UPSTREAM_CLASS_SEED).permutation(len(allowed))
+  return tuple(allowed[i] for i in order[:MAX_UPSTREAM_CLASSES])
+
+
+def upstream_classes(num_classes: int = MAX_UPSTREAM_CLASSES):
+  """The first ``num_classes`` upstream classes, as (shape, texture, colour
+  index into ``upstream_colours()``) triples.
+
+  Drawn uniformly without replacement (fixed seed) from every (shape,
+  texture, colour) of the upstream grid (16 shapes x 4 textures x 32
+  colours) that is not benchmark-like; a prefix of one fixed order, so a
+  smaller upstream set is a subset of a larger one.
+  """
+  if not 1 <= num_classes <= MAX_UPSTREAM_CLASSES:
+    raise ValueError(f"upstream num_classes must be in [1, "
+                     f"{MAX_UPSTREAM_CLASSES}], got {num_classes}")
+  return tuple((UPSTREAM_SHAPES[s], UPSTREAM_TEXTURES[t], c)
+               for s, t, c in _upstream_triples()[:num_classes])
+
+
+def upstream_class_names(num_classes: int = MAX_UPSTREAM_CLASSES):
+  return tuple(f"{t}_{s}_c{c:02d}" for s, t, c in upstream_classes(num_classes))
+
+
+@functools.lru_cache(maxsize=2)
+def generate_upstream(num_images: int, seed: int, render_size: int,
+                      num_classes: int):
+  """Upstream images and full labels: (uint8 [N, S, S, 3], uint8 [N, K]).
+
+  1 to 4 distinct classes per image, equally frequent, no co-occurrence
+  pattern, on the benchmark's background and clutter.
+  """
+  classes = upstream_classes(num_classes)
+  colours = upstream_colours()
+  rng = np.random.default_rng(seed)
+  images = np.empty((num_images, render_size, render_size, 3), np.uint8)
+  labels = np.zeros((num_images, num_classes), np.uint8)
+  for i in range(num_images):
+    count = min(int(rng.integers(1, 5)), num_classes)
+    chosen = rng.choice(num_classes, size=count, replace=False)
+    labels[i, chosen] = 1
+    objects = [(classes[k][0], classes[k][1], colours[classes[k][2]])
+               for k in chosen]
+    images[i] = _render(rng, objects, render_size)
   images.setflags(write=False)
   labels.setflags(write=False)
   return images, labels

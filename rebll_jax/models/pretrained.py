@@ -438,7 +438,9 @@ def load_pretrained(variables, ckpt_dir: str, arch: str):
     raise UserError(f"{ckpt_dir} holds a converted {info.get('arch')!r} "
                      f"backbone, but model.arch is {arch!r}")
   loaded, info = load_converted(ckpt_dir)
-  head_name = build(arch, 1).head_name
+  # small_resnet: the synthetic benchmark's model, pretrained upstream by
+  # rebll_jax/upstream.py (not a converted torch architecture).
+  head_name = "head" if arch == "small_resnet" else build(arch, 1).head_name
   fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
   src = flax.traverse_util.flatten_dict(loaded)
   body = {k for k in fresh

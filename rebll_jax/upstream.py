@@ -1,0 +1,339 @@
+r"""Upstream pretraining: the embedded stand-in for ImageNet weights.
+
+  python -m rebll_jax.upstream                       # into the cache
+  python -m rebll_jax.upstream --out weights/upstream  # and/or a folder
+
+Every published MLCIL number fine-tunes a backbone pretrained on a large
+upstream dataset. Offline, with no weights to download, this module draws an
+upstream dataset from the synthetic renderer (``synthetic.upstream_classes``:
+64 (shape, texture, colour) classes, none of them a benchmark class), trains
+the run's small ResNet on it jointly (multi-label, every label known, BCE;
+the project's own jitted train step with the ``joint`` method) and saves the
+backbone in the format of converted weights (``models/pretrained.py``:
+``info.json`` + ``variables/``, head dropped), so
+``--config.model.init_from=DIR`` loads it like a converted ImageNet model.
+
+A run asks for it with ``--config.model.init_from=upstream:auto`` (the
+``pretrained_*`` settings of configs/synthetic.py do): ``resolve_init_from``
+maps that to ``CACHE/upstream/KEY``, where KEY is a hash of everything the
+pretraining reads (the ``upstream`` config block, the model's shape, image
+size and input normalisation, FORMAT_VERSION). The first run that needs
+it trains it (about 3 minutes on 2 CPU cores) under a file lock; every later
+run reuses it. CACHE is ``$REBLL_JAX_CACHE`` or ``~/.cache/rebll_jax``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+from rebll_jax.errors import UserError
+
+log = logging.getLogger("rebll_jax")
+
+AUTO = "upstream:auto"
+# Bump when the upstream renderer or training loop changes its numbers, so
+# old cache entries are not reused.
+FORMAT_VERSION = 1
+CACHE_ENV = "REBLL_JAX_CACHE"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The upstream pretraining budget (about 3 minutes on 2 CPU cores)."""
+  u = ml_collections.ConfigDict()
+  u.num_classes = 64  # a prefix of synthetic.upstream_classes()
+  u.num_train = 6000
+  u.num_test = 600  # held out: the upstream mAP recorded in info.json
+  u.seed = 4242  # image seed (the benchmark uses 1234 / 1235)
+  u.render_size = 64
+  u.epochs = 12
+  u.global_batch = 64
+  u.lr = 3e-3  # Adam, one-cycle: the from-scratch recipe of the benchmark
+  u.weight_decay = 1e-4
+  u.train_seed = 0
+  # Its own augmentation (the synthetic defaults), so that a fine-tuning
+  # run's augment overrides do not ask for another upstream model.
+  u.flip = True
+  u.cutout = 0.25
+  return u
+
+
+# ------------------------------------------------------------- the key ---
+
+def _pretrain_inputs(config) -> dict:
+  """Everything the pretraining of ``config``'s backbone depends on."""
+  up = config.get("upstream") or default_config()
+  m = config.model
+  return {"format_version": FORMAT_VERSION,
+          "upstream": up.to_dict(),
+          "model": {"arch": m.arch, "width": m.width,
+                    "stage_sizes": list(m.stage_sizes),
+                    "stem_stride": m.stem_stride, "dtype": m.dtype},
+          "image_size": config.data.image_size,
+          "normalize": bool(config.data.normalize)}
+
+
+def content_key(config) -> str:
+  text = json.dumps(_pretrain_inputs(config), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_root() -> str:
+  root = os.environ.get(CACHE_ENV) or os.path.join(
+      os.path.expanduser("~"), ".cache", "rebll_jax")
+  return os.path.join(os.path.abspath(root), "upstream")
+
+
+def cache_dir(config) -> str:
+  return os.path.join(cache_root(), content_key(config))
+
+
+def _complete(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, "info.json"))
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # a second run waits for the first
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def resolve_init_from(config) -> str:
+  """``config.model.init_from``, with ``upstream:auto`` made a directory.
+
+  Any other value is returned unchanged. For ``upstream:auto`` the cached
+  checkpoint of this config's content key is returned, pretrained first if
+  the cache does not hold it yet.
+  """
+  init_from = config.model.init_from
+  if init_from != AUTO:
+    if init_from.startswith("upstream:"):
+      raise UserError(f"model.init_from={init_from!r}: the only upstream "
+                      f"value is {AUTO!r} (or pass a checkpoint directory)")
+    return init_from
+  if config.model.arch != "small_resnet":
+    raise UserError(f"model.init_from={AUTO!r} pretrains the synthetic "
+                    f"benchmark's small_resnet, not {config.model.arch!r}; "
+                    "for real backbones convert real weights "
+                    "(python -m rebll_jax.convert)")
+  return ensure(config)
+
+
+def ensure(config, out_dir: str | None = None) -> str:
+  """The checkpoint directory of ``config``'s upstream backbone; trains and
+  writes it (atomically, under a lock) unless it is already there."""
+  directory = os.path.abspath(out_dir or cache_dir(config))
+  if _complete(directory):
+    return directory
+  with _locked(directory + ".lock"):
+    if _complete(directory):  # made by a concurrent run while we waited
+      return directory
+    if os.path.exists(directory):
+      raise UserError(f"{directory} exists but holds no info.json; remove it "
+                      "or choose another --out")
+    log.info("pretraining the upstream backbone (once, cached): %s",
+             directory)
+    staging = f"{directory}.tmp{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    pretrain(config, staging)
+    os.replace(staging, directory)
+  return directory
+
+
+# ------------------------------------------------------------ training ---
+
+def _upstream_data(up, image_size: int):
+  from rebll_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  train = synthetic.generate_upstream(up.num_train, up.seed, up.render_size,
+                                      up.num_classes)
+  test = synthetic.generate_upstream(up.num_test, up.seed + 1,
+                                     up.render_size, up.num_classes)
+  return [(synthetic._resize(images, image_size), labels)  # pylint: disable=protected-access
+          for images, labels in (train, test)]
+
+
+def _train_config(config):
+  """The run config the jitted train step reads, set for pretraining."""
+  up = config.get("upstream") or default_config()
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.method = "joint"
+  c.optim.name = "adam"
+  c.optim.lr_first = up.lr
+  c.optim.weight_decay = up.weight_decay
+  c.optim.schedule = "one_cycle"
+  c.train.global_batch = up.global_batch
+  c.augment.flip = up.flip
+  c.augment.cutout = up.cutout
+  c.augment.randaugment_ops = 0
+  c.debug.nan_at_step = -1
+  c.model.init_from = ""
+  return c, up
+
+
+def pretrain(config, out_dir: str) -> dict:
+  """Trains the upstream backbone of ``config`` and saves it to ``out_dir``.
+
+  Returns the info dict written to ``out_dir/info.json``.
+  """
+  # Deferred: the CLI's --help and the key functions need no jax.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rebll_jax import methods, metrics, models, optim, protocol, steps  # pylint: disable=g-import-not-at-top
+  from rebll_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from rebll_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+
+  started = time.time()
+  cfg, up = _train_config(config)
+  (train_x, train_y), (test_x, test_y) = _upstream_data(
+      up, cfg.data.image_size)
+  render_seconds = time.time() - started
+  num_classes = up.num_classes
+  model = models.build_model(cfg.model, num_classes)
+  size = cfg.data.image_size
+  root = jax.random.key(up.train_seed)
+  variables = jax.jit(model.init, static_argnames="train")(
+      jax.random.fold_in(root, 0), jnp.zeros((1, size, size, 3)),
+      train=False)
+  tx = optim.make_transform(cfg.optim)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32),
+                           params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=tx.init(variables["params"]))
+  batch_size = min(up.global_batch, len(train_x))
+  steps_per_epoch = len(train_x) // batch_size
+  total = up.epochs * steps_per_epoch
+  task = protocol.make_tasks(num_classes, num_classes, num_classes)[0]
+  context = steps.task_context(task, task_start=0, total_steps=total,
+                               lr_peak=up.lr)
+  step_fn = jax.jit(steps.make_train_step(
+      model=model, method=methods.get_method("joint"), config=cfg, tx=tx,
+      has_old=False), donate_argnums=0)
+  rng = np.random.default_rng(up.train_seed)
+  known = np.ones((batch_size, num_classes), bool)
+  not_memory = np.zeros((batch_size,), bool)
+  losses = []
+  for epoch in range(up.epochs):
+    order = rng.permutation(len(train_x))
+    for b in range(steps_per_epoch):
+      rows = np.sort(order[b * batch_size:(b + 1) * batch_size])
+      labels = train_y[rows]
+      batch = {"images": train_x[rows], "labels": labels.astype(np.float32),
+               "known": known, "is_memory": not_memory}
+      state, out = step_fn(state, None, batch, context, root)
+    losses.append(float(out["loss"]))
+    log.info("upstream epoch %d/%d: loss %.4f", epoch + 1, up.epochs,
+             losses[-1])
+  if not np.all(np.isfinite(losses)):
+    raise RuntimeError(f"upstream pretraining diverged: losses {losses}")
+  train_seconds = time.time() - started - render_seconds
+
+  variables = steps.variables_of(state)
+  predict = jax.jit(steps.make_predict(model, cfg.data.normalize))
+  scores = np.concatenate([
+      np.asarray(predict(variables, test_x[i:i + 256])[0])
+      for i in range(0, len(test_x), 256)])
+  test_map = metrics.mean_ap(scores, test_y)
+
+  params = {k: v for k, v in variables["params"].items() if k != "head"}
+  backbone = jax.tree.map(lambda a: np.asarray(a, np.float32),
+                          {"params": params,
+                           "batch_stats": variables["batch_stats"]})
+  leaves = jax.tree.leaves(backbone)
+  head = variables["params"]["head"]
+  info = {
+      "arch": cfg.model.arch, "format": "upstream-pretrained",
+      "converter": "rebll_jax.upstream", "content_key": content_key(config),
+      "num_tensors": len(leaves),
+      "num_values": int(sum(a.size for a in leaves)),
+      "dropped": {"classifier head": [
+          f"head.{k} {list(np.shape(v))}" for k, v in sorted(head.items())]},
+      "num_classes": 0,
+      "pretrain_inputs": _pretrain_inputs(config),
+      "upstream_classes": list(synthetic.upstream_class_names(num_classes)),
+      "upstream_test_map": test_map,
+      "epoch_losses": losses, "steps": total,
+      "render_seconds": render_seconds, "train_seconds": train_seconds,
+  }
+  pretrained.save_converted(out_dir, backbone, info)
+  log.info("upstream backbone: held-out upstream mAP %.1f after %d steps "
+           "(%.0f s rendering, %.0f s training)", test_map, total,
+           render_seconds, train_seconds)
+  return info
+
+
+# ----------------------------------------------------------------- CLI ---
+
+def load_config(spec: str):
+  """``FILE[:SETTING]`` -> the config its ``get_config(SETTING)`` returns."""
+  path, _, setting = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"--config {path}: no such file")
+  module_spec = importlib.util.spec_from_file_location("_run_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(setting or None)
+  except (ValueError, AttributeError) as e:
+    raise UserError(f"--config {spec}: {e}") from None
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m rebll_jax.upstream", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/synthetic.py:pretrained_b0c4",
+                      help="the run config whose backbone to pretrain "
+                      "(its model shape and `upstream` block)")
+  parser.add_argument("--out", default="",
+                      help="directory to write (default: the cache entry "
+                      "that --config.model.init_from=upstream:auto reads)")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  # Our progress lines only, not the libraries' INFO chatter (orbax).
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+  try:
+    config = load_config(args.config)
+    if config.model.arch != "small_resnet":
+      raise UserError(f"--config {args.config}: model.arch is "
+                      f"{config.model.arch!r}; upstream pretraining is for "
+                      "the synthetic benchmark's small_resnet")
+    if args.out and os.path.exists(args.out) and not _complete(args.out):
+      raise UserError(f"--out {args.out} exists and is not an upstream "
+                      "checkpoint; choose another directory")
+    started = time.time()
+    directory = ensure(config, args.out or None)
+  except UserError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  with open(os.path.join(directory, "info.json")) as f:
+    info = json.load(f)
+  print(f"upstream backbone ({info['content_key']}): {directory}\n"
+        f"  {len(info['upstream_classes'])} classes, held-out upstream mAP "
+        f"{info['upstream_test_map']:.1f}, {info['steps']} steps; "
+        f"{time.time() - started:.0f} s now (0 if it was cached)\n"
+        f"  train from it with --config.model.init_from={directory}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

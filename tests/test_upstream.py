@@ -1,0 +1,132 @@
+"""Upstream pretraining: disjoint classes, an unchanged benchmark, a tiny
+pretrain -> save -> load round trip and the content-keyed cache."""
+
+import hashlib
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rebll_jax import models, upstream
+from rebll_jax.data import synthetic
+from rebll_jax.errors import UserError
+from rebll_jax.models import pretrained
+from tests.helpers import make_config
+
+# sha256 of synthetic.generate(60, 7, 32) (images then labels) before the
+# upstream family was added: the benchmark must stay bit-identical.
+BENCHMARK_SHA256 = (
+    "4ca4f5069a7da8723edd7013f44d28abd60b2ea18272e43cf04a2826fe55716e")
+
+
+def test_benchmark_images_unchanged():
+  images, labels = synthetic.generate(60, 7, 32)
+  digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+  assert digest == BENCHMARK_SHA256
+
+
+def test_upstream_classes_are_not_benchmark_classes():
+  benchmark = [(synthetic.SHAPES[k % 10], synthetic.TEXTURES[k // 10],
+                synthetic.PALETTE[k]) for k in range(synthetic.NUM_CLASSES)]
+  colours = synthetic.upstream_colours()
+  classes = synthetic.upstream_classes()
+  assert len(classes) == synthetic.MAX_UPSTREAM_CLASSES == 64
+  assert len(set(classes)) == len(classes)
+  assert len(set(synthetic.upstream_class_names())) == len(classes)
+  for shape, texture, colour in classes:
+    for b_shape, b_texture, b_colour in benchmark:
+      if (shape, texture) == (b_shape, b_texture):
+        # Same shape and texture: the colour must be far from the class's.
+        distance = np.sqrt(((colours[colour] - b_colour)**2).sum())
+        assert distance >= synthetic.UPSTREAM_MIN_COLOUR_DISTANCE
+  # The rule bites: the benchmark's own triples are benchmark-like, and
+  # upstream draws on new shapes and textures too.
+  assert all(synthetic.is_benchmark_like(*b) for b in benchmark)
+  assert {s for s, _, _ in classes} - set(synthetic.SHAPES)
+  assert {t for _, t, _ in classes} - set(synthetic.TEXTURES)
+  # A smaller upstream set is a prefix of the full one.
+  assert synthetic.upstream_classes(5) == classes[:5]
+  with pytest.raises(ValueError, match="num_classes"):
+    synthetic.upstream_classes(65)
+
+
+def test_upstream_images():
+  images, labels = synthetic.generate_upstream(40, 3, 32, 8)
+  assert images.shape == (40, 32, 32, 3) and labels.shape == (40, 8)
+  assert 1 <= labels.sum(1).min() and labels.sum(1).max() <= 4
+  again, _ = synthetic.generate_upstream.__wrapped__(40, 3, 32, 8)
+  np.testing.assert_array_equal(images, again)  # a function of the seed
+
+
+def _tiny_config(**overrides):
+  config = make_config(**{"model.init_from": upstream.AUTO})
+  config.unlock()
+  config.upstream = upstream.default_config()
+  config.upstream.update(dict(num_classes=6, num_train=48, num_test=16,
+                              render_size=32, epochs=1, global_batch=16))
+  config.upstream.update(overrides)
+  config.lock()
+  return config
+
+
+def test_pretrain_cache_and_load(tmp_path, monkeypatch):
+  monkeypatch.setenv(upstream.CACHE_ENV, str(tmp_path))
+  config = _tiny_config()
+  directory = upstream.resolve_init_from(config)
+  assert directory == os.path.join(str(tmp_path), "upstream",
+                                   upstream.content_key(config))
+  info = json.load(open(os.path.join(directory, "info.json")))
+  assert info["arch"] == "small_resnet" and info["steps"] == 3
+  assert len(info["upstream_classes"]) == 6
+  assert info["dropped"]["classifier head"]  # the 6-class head is left out
+
+  # A second resolution reuses the cache instead of training.
+  monkeypatch.setattr(upstream, "pretrain", lambda *a: pytest.fail("trained"))
+  assert upstream.resolve_init_from(config) == directory
+  # Another upstream budget is another key.
+  assert upstream.content_key(_tiny_config(epochs=2)) != upstream.content_key(
+      config)
+
+  # Loading into a 20-class model (shapes suffice: no init to compile):
+  # every backbone leaf comes from the checkpoint, the head stays fresh.
+  def fresh_variables(width, num_classes):
+    model = models.build_model(
+        make_config(**{"model.width": width}).model, num_classes)
+    return jax.eval_shape(lambda: model.init(
+        jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False))
+
+  fresh = fresh_variables(config.model.width, 20)
+  loaded, load_info = pretrained.load_pretrained(fresh, directory,
+                                                 "small_resnet")
+  saved, _ = pretrained.load_converted(directory)
+  flat_saved = flax.traverse_util.flatten_dict(saved)
+  flat_loaded = flax.traverse_util.flatten_dict(loaded)
+  flat_fresh = flax.traverse_util.flatten_dict(fresh)
+  assert load_info["num_loaded"] == len(flat_saved)
+  assert set(flat_loaded) == set(flat_fresh)
+  for key, value in flat_saved.items():
+    np.testing.assert_array_equal(np.asarray(flat_loaded[key]), value)
+  head = [k for k in flat_fresh if k[:2] == ("params", "head")]
+  assert head and all(flat_loaded[k] is flat_fresh[k] for k in head)
+  assert flat_fresh[("params", "head", "kernel")].shape[-1] == 20
+
+  # Another model shape does not fit: a listed mismatch, not a silent load.
+  with pytest.raises(ValueError, match="wrong shape"):
+    pretrained.load_pretrained(fresh_variables(12, 20), directory,
+                               "small_resnet")
+
+
+def test_resolve_errors_and_passthrough():
+  assert upstream.resolve_init_from(make_config()) == ""
+  assert upstream.resolve_init_from(
+      make_config(**{"model.init_from": "/some/dir"})) == "/some/dir"
+  with pytest.raises(UserError, match="only upstream value"):
+    upstream.resolve_init_from(
+        make_config(**{"model.init_from": "upstream:big"}))
+  with pytest.raises(UserError, match="small_resnet"):
+    upstream.resolve_init_from(make_config(
+        **{"model.init_from": upstream.AUTO, "model.arch": "resnet18"}))
