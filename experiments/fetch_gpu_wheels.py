@@ -4,7 +4,7 @@
 
 Run it where the package registry is reachable (this machine, a laptop),
 before carrying the checkout to the GPU machine, which has no network.
-For each package of ``gpu_check.CARRIED`` at the version installed here
+For each package of ``gpu_image.CARRIED`` at the version installed here
 (else the newest), ``pip download --no-deps --only-binary=:all:`` fetches
 the wheel for CPython 3.12 on manylinux x86_64 (the GPU image), and also
 the one for this interpreter (``--no_local`` skips it) so the CPU
@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
-from experiments import gpu_check  # pylint: disable=g-import-not-at-top
+from experiments import gpu_check, gpu_image  # pylint: disable=g-import-not-at-top
 
 LIMIT_BYTES = 60 * 2**20
 GPU_PYTHON = "3.12"
@@ -58,7 +58,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   os.makedirs(args.dest, exist_ok=True)
   local = f"{sys.version_info.major}.{sys.version_info.minor}"
-  for name in gpu_check.CARRIED:
+  for name in gpu_image.CARRIED:
     req = requirement(name)
     download(req, args.dest, GPU_PYTHON)
     if not args.no_local and local != GPU_PYTHON:

@@ -23,7 +23,7 @@ def test_both_impls_tiny_model_output_format(tmp_path):
   pytest.importorskip("torch")
   out = tmp_path / "bench.jsonl"
   lines = benchmark_step.main([
-      "--impl", "both", "--model", "small_resnet", "--batch", "4",
+      "--impl", "both", "--model", "tiny_resnet", "--batch", "4",
       "--size", "16", "--steps", "2", "--warmup", "0", "--num_classes", "8",
       "--matmul_size", "64", "--conv_impl", "xla,matmul_grad",
       "--out", str(out)])
@@ -78,7 +78,7 @@ def test_unknown_torch_variant_is_an_error():
 def test_cli_jax_only_prints_json_lines():
   proc = subprocess.run(
       [sys.executable, "experiments/benchmark_step.py", "--impl", "jax",
-       "--model", "small_resnet", "--batch", "4", "--size", "16",
+       "--model", "tiny_resnet", "--batch", "4", "--size", "16",
        "--steps", "1", "--warmup", "0", "--num_classes", "4",
        "--matmul_size", "64", "--cpu_devices", "2"],
       capture_output=True, text=True, timeout=300, check=True,

@@ -16,7 +16,7 @@ import zipfile
 
 import pytest
 
-from experiments import fetch_gpu_wheels, gpu_check
+from experiments import fetch_gpu_wheels, gpu_check, gpu_image
 
 ROOT = gpu_check.ROOT
 
@@ -102,24 +102,24 @@ def test_install_wheels_offline_into_a_target(tmp_path):
   wheels, target = tmp_path / "wheels", tmp_path / "target"
   wheels.mkdir()
   _fake_wheel(str(wheels), "rebll_fake_pkg")
-  out = gpu_check.install_wheels(str(wheels), str(target),
+  out = gpu_image.install_wheels(str(wheels), str(target),
                                  packages=("rebll-fake-pkg",))
   assert out["installed"] == ["rebll-fake-pkg"]
   assert (target / "rebll_fake_pkg" / "__init__.py").read_text() == (
       "VALUE = 42\n")
   with pytest.raises(RuntimeError, match="other_pkg"):
-    gpu_check.install_wheels(str(wheels), str(target),
+    gpu_image.install_wheels(str(wheels), str(target),
                              packages=("rebll-fake-pkg", "other_pkg"))
 
 
 def test_wheel_tags_match_this_python():
   v = f"{sys.version_info.major}{sys.version_info.minor}"
-  tags = gpu_check._compatible_tags()  # pylint: disable=protected-access
+  tags = gpu_image._compatible_tags()  # pylint: disable=protected-access
   ours = f"x-1-cp{v}-cp{v}-manylinux_2_17_x86_64.whl"
   other = "x-1-cp39-cp39-manylinux_2_17_x86_64.whl"
-  assert gpu_check._wheel_tags(ours) & tags  # pylint: disable=protected-access
-  assert not gpu_check._wheel_tags(other) & tags  # pylint: disable=protected-access
-  assert gpu_check._wheel_tags("x-1-py3-none-any.whl") & tags  # pylint: disable=protected-access
+  assert gpu_image._wheel_tags(ours) & tags  # pylint: disable=protected-access
+  assert not gpu_image._wheel_tags(other) & tags  # pylint: disable=protected-access
+  assert gpu_image._wheel_tags("x-1-py3-none-any.whl") & tags  # pylint: disable=protected-access
 
 
 def test_fetch_refuses_more_than_the_size_limit(tmp_path, monkeypatch,
@@ -133,7 +133,7 @@ def test_fetch_refuses_more_than_the_size_limit(tmp_path, monkeypatch,
   size = [1000]
   assert fetch_gpu_wheels.main(["--dest", str(tmp_path / "a")]) == 0
   line = json.loads(capsys.readouterr().out)
-  assert len(line["wheels"]) == len(gpu_check.CARRIED)
+  assert len(line["wheels"]) == len(gpu_image.CARRIED)
   monkeypatch.setattr(fetch_gpu_wheels, "LIMIT_BYTES", 2000)
   assert fetch_gpu_wheels.main(["--dest", str(tmp_path / "b")]) == 2
   assert "over the 0 MiB limit" in capsys.readouterr().err
