@@ -7,8 +7,7 @@ Written for the GPU image of DEVELOPERS.md: Python 3.12, CUDA jax and torch,
 flax, optax, orbax-checkpoint, chex, torchvision, timm, numpy, scikit-learn,
 absl-py, tqdm, matplotlib, pillow, tensorboard, and no network. What
 rebll_jax needs beyond that (``gpu_image.CARRIED``: ml-collections,
-tensorboardX, and grain with its dependencies while ``rebll_jax.train``
-imports it) comes as
+tensorboardX) comes as
 wheels that ``experiments/fetch_gpu_wheels.py`` downloads beforehand, on a
 machine with the package registry, into ``experiments/gpu_wheels/`` (git
 ignores it; carry it to the GPU machine with the checkout). The check first

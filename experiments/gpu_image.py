@@ -26,12 +26,9 @@ IMAGE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
                   "scikit-learn", "absl-py", "tqdm", "matplotlib", "pillow",
                   "tensorboard", "pip", "setuptools")
 # What a synthetic run needs beyond the image: ml-collections (configs),
-# tensorboardX (reporting.py), grain and the dependencies the image lacks
-# (rebll_jax.train records grain's version; drop these four once it no
-# longer imports grain). tensorflow-datasets and pycocotools are imported
-# only by the real-data readers, never by a synthetic run.
-CARRIED = ("ml-collections", "tensorboardX", "grain", "array-record",
-           "cloudpickle", "portpicker")
+# tensorboardX (reporting.py). tensorflow-datasets and pycocotools are
+# imported only by the real-data readers, never by a synthetic run.
+CARRIED = ("ml-collections", "tensorboardX")  # grain: dropped by the project
 
 
 def _norm(name: str) -> str:
