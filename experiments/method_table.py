@@ -40,8 +40,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("ft", "lwf", "er", "asl_pl", "rebll_akd", "rebll_or", "rebll",
-           "joint")
+METHODS = ("ft", "lwf", "er", "asl_pl", "krt_baseline", "rebll_akd",
+           "rebll_or", "rebll", "joint")
 
 
 def _joint_setting(setting):

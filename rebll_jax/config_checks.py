@@ -152,6 +152,34 @@ RULES: dict[str, Rule] = {
     "debug.kill_at_step": _STEP_OR_OFF,
 }
 
+# Blocks that only some configs carry (the ``pretrained_*`` settings add
+# ``upstream``, the pretraining budget of ``rebll_jax/upstream.py``): when a
+# config has the block, every field of its defaults must be there, nothing
+# else, and each numeric one obeys its rule here.
+OPTIONAL_RULES: dict[str, Rule] = {
+    "upstream.num_classes": _int(1, 64, why="synthetic.MAX_UPSTREAM_CLASSES"),
+    "upstream.num_train": _COUNT,
+    "upstream.num_test": _COUNT,
+    "upstream.seed": _SEED,
+    "upstream.render_size": _int(8),
+    "upstream.epochs": _COUNT,
+    "upstream.global_batch": _COUNT,
+    "upstream.lr": _POSITIVE,
+    "upstream.weight_decay": _NON_NEGATIVE,
+    "upstream.train_seed": _SEED,
+    "upstream.cutout": _UNIT,
+}
+
+
+def optional_blocks() -> dict:
+  """Name -> defaults of each block a config may add to the base schema."""
+  from rebll_jax import upstream  # pylint: disable=g-import-not-at-top
+  return {"upstream": upstream.default_config()}
+
+
+def rule_of(field: str) -> Rule:
+  return RULES[field] if field in RULES else OPTIONAL_RULES[field]
+
 
 def leaves(config, prefix: str = ""):
   """(dotted name, value) of every non-dict field of a ConfigDict."""
@@ -169,7 +197,7 @@ def is_number(value) -> bool:
 
 def check_value(field: str, value) -> None:
   """One field against its rule (UserError naming field, rule and value)."""
-  rule = RULES[field]
+  rule = rule_of(field)
   if not is_number(value) or (rule.kind is int and not isinstance(value, int)):
     raise UserError(f"{field} must be {rule.describe()}, got {value!r} "
                     f"({type(value).__name__})")
@@ -180,9 +208,13 @@ def check_value(field: str, value) -> None:
 
 
 def check_values(config) -> None:
-  """Every field of the base config present, known and in range."""
+  """Every field of the base config (and of each optional block the config
+  has) present, known and in range."""
   from rebll_jax import config_base  # pylint: disable=g-import-not-at-top
   schema = dict(leaves(config_base.base_config()))
+  for name, defaults in optional_blocks().items():
+    if name in config:
+      schema.update(leaves(defaults, f"{name}."))
   have = dict(leaves(config))
   missing = sorted(set(schema) - set(have))
   if missing:
@@ -193,5 +225,6 @@ def check_values(config) -> None:
   if unknown:
     raise UserError(f"config field {unknown[0]!r} is not in "
                     "rebll_jax/config_base.py (a typo in the config file?)")
-  for field in RULES:
-    check_value(field, have[field])
+  for field in (*RULES, *OPTIONAL_RULES):
+    if field in have:
+      check_value(field, have[field])

@@ -398,8 +398,8 @@ def test_check_init_from_is_cheap_and_names_the_problem(
   for path, arch, why in (
       (r18_converted, "resnet50", "holds a converted 'resnet18' backbone, "
        "but model.arch is 'resnet50'"),
-      (r18_converted, "small_resnet", "model.arch='small_resnet' takes no "
-       "converted backbone"),
+      (r18_converted, "small_resnet", "holds a converted 'resnet18' "
+       "backbone, but model.arch is 'small_resnet'"),
       (str(tmp_path / "nope"), "resnet18", "does not exist"),
       (str(a_file), "resnet18", "is a file, not a converted checkpoint"),
       (str(tmp_path), "resnet18", "info.json missing"),

@@ -4,6 +4,8 @@ pretrain -> save -> load round trip and the content-keyed cache."""
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import flax
 import jax
@@ -16,6 +18,8 @@ from rebll_jax.data import synthetic
 from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained
 from tests.helpers import make_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # sha256 of synthetic.generate(60, 7, 32) (images then labels) before the
 # upstream family was added: the benchmark must stay bit-identical.
@@ -130,3 +134,62 @@ def test_resolve_errors_and_passthrough():
   with pytest.raises(UserError, match="small_resnet"):
     upstream.resolve_init_from(make_config(
         **{"model.init_from": upstream.AUTO, "model.arch": "resnet18"}))
+
+
+# The pretrained_* settings shrunk to seconds: tiny benchmark, model and
+# upstream budget (the upstream block is part of those settings' configs).
+TINY_PRETRAINED = (
+    "data.image_size=32", "data.synthetic.num_train=96",
+    "data.synthetic.num_test=48", "data.synthetic.render_size=32",
+    "protocol.num_tasks=2", "model.width=8", "model.stage_sizes=(1,1)",
+    "train.global_batch=16", "train.epochs_first=1", "train.epochs_later=1",
+    "train.progress=False", "memory.per_class=2", "upstream.num_classes=6",
+    "upstream.num_train=48", "upstream.num_test=16",
+    "upstream.render_size=32", "upstream.epochs=1",
+    "upstream.global_batch=16")
+
+
+def _cli(workdir, cache, *extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env[upstream.CACHE_ENV] = cache
+  return subprocess.run(
+      [sys.executable, "-m", "rebll_jax.main",
+       "--config=configs/synthetic.py:pretrained_b0c4",
+       f"--workdir={workdir}",
+       *[f"--config.{o}" for o in (*TINY_PRETRAINED, *extra)]],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_pretrained_setting_runs_from_the_command_line(tmp_path):
+  """The whole path a user takes: upstream:auto trains the cache entry, the
+  run loads it and finishes (a config check once refused the upstream
+  block of every pretrained setting)."""
+  cache = str(tmp_path / "cache")
+  result = _cli(str(tmp_path / "run"), cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(tmp_path / "run" / "results.json"))
+  assert len(results["tasks"]) == 2
+  assert os.listdir(os.path.join(cache, "upstream"))  # trained and cached
+  # A typo or a bad value inside the block: one line, exit 2, nothing run.
+  for override, says in (("upstream.epochs=0", "upstream.epochs must be"),
+                         ("upstream.num_classes=65", "upstream.num_classes")):
+    bad = _cli(str(tmp_path / "bad"), cache, override)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-3000:]
+    assert lines[0].startswith("error: ") and says in lines[0], lines
+
+
+def test_upstream_block_fields_have_rules_and_typos_are_refused():
+  from rebll_jax import config_checks
+  defaults = dict(config_checks.leaves(upstream.default_config(),
+                                       "upstream."))
+  numeric = {k for k, v in defaults.items() if config_checks.is_number(v)}
+  assert numeric == set(config_checks.OPTIONAL_RULES)
+  for key in numeric:
+    config_checks.check_value(key, defaults[key])  # defaults accepted
+  config = _tiny_config()
+  config_checks.check_values(config)
+  config.upstream.unlock()
+  config.upstream.epoch = 3  # a typo of 'epochs'
+  with pytest.raises(UserError, match="upstream.epoch'"):
+    config_checks.check_values(config)
