@@ -135,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.temperature = 1.0
   c.loss.beta = 1.0  # exp(-beta * conf) decay on distillation (our reading)
   c.loss.adaptive = True  # renormalise the decay to mean 1 (our reading)
+  # The decay's argument (our reading; losses.DECAY_ON): "confidence" =
+  # |2q - 1| (METHOD.md) | "score" = q (damps confident old positives only).
+  c.loss.decay_on = "confidence"
   # L_cls over the batch's examples: "" = the method's own (mean; sum for
   # krt_baseline, as the PyTorch baseline trainer sums ASL) | mean | sum.
   c.loss.reduction = ""

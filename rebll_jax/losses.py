@@ -126,11 +126,19 @@ def asymmetric_bce(*, logits, labels, mask, g_pos=0., g_neg=0., margin=0.,
   return reduce_examples(-_masked_sum(terms, mask), reduction=reduction)
 
 
+# What the distillation decay is a function of (``loss.decay_on``, our
+# reading): the old model's confidence |2q - 1| (METHOD.md, default: damps
+# confident negatives and positives alike) or its score q (damps only
+# confident positives, the over-confidence the paper describes).
+DECAY_ON = ("confidence", "score")
+
+
 def distillation_weights(*, old_logits, mask, temperature=1., beta=0.,
-                         adaptive=False):
+                         adaptive=False, decay_on="confidence"):
   """The decay factors a_c of the distillation loss (no gradient) [N, C].
 
     q_c = sigmoid(z'_c / T),  a_c = exp(-beta * |2 q_c - 1|)
+    (``decay_on="score"``: a_c = exp(-beta * q_c))
 
   With ``adaptive``, a is divided by its mean over the entries ``mask``
   selects in this batch (so it has mean 1 there and the loss keeps the scale
@@ -141,7 +149,10 @@ def distillation_weights(*, old_logits, mask, temperature=1., beta=0.,
   dtype = _compute_dtype(old_logits)
   z_old = jax.lax.stop_gradient(jnp.asarray(old_logits, dtype))
   q = jax.nn.sigmoid(z_old / temperature)
-  a = jnp.exp(-beta * jnp.abs(2.0 * q - 1.0))
+  if decay_on not in DECAY_ON:
+    raise ValueError(f"decay_on must be one of {DECAY_ON}, got {decay_on!r}")
+  conf = jnp.abs(2.0 * q - 1.0) if decay_on == "confidence" else q
+  a = jnp.exp(-beta * conf)
   if adaptive:
     w = jnp.asarray(mask).astype(dtype)
     total = jnp.sum(w)
@@ -151,7 +162,8 @@ def distillation_weights(*, old_logits, mask, temperature=1., beta=0.,
 
 
 def asymmetric_distillation(*, logits, old_logits, mask, temperature=1.,
-                            beta=0., adaptive=False, student_temperature=1.):
+                            beta=0., adaptive=False, student_temperature=1.,
+                            decay_on="confidence"):
   """Asymmetric (decayed) sigmoid-BCE distillation (L_kd, METHOD.md s. 4).
 
     L = - sum_c mask_c * a_c * [ q_c log p_c + (1 - q_c) log(1 - p_c) ]
@@ -176,6 +188,7 @@ def asymmetric_distillation(*, logits, old_logits, mask, temperature=1.,
     mask: float or bool [N, C], selects old classes; may zero whole rows.
     temperature: teacher temperature T (c.loss.temperature).
     beta: decay strength (c.loss.beta); adaptive: c.loss.adaptive.
+    decay_on: "confidence" (|2q - 1|) or "score" (q), c.loss.decay_on.
     student_temperature: T_s, see above.
 
   Returns:
@@ -188,7 +201,7 @@ def asymmetric_distillation(*, logits, old_logits, mask, temperature=1.,
       jax.lax.stop_gradient(jnp.asarray(old_logits, dtype)) / temperature)
   a = distillation_weights(old_logits=old_logits, mask=mask,
                            temperature=temperature, beta=beta,
-                           adaptive=adaptive)
+                           adaptive=adaptive, decay_on=decay_on)
   terms = a * (q * jax.nn.log_sigmoid(z) + (1.0 - q) * jax.nn.log_sigmoid(-z))
   return -_masked_sum(terms, mask)
 

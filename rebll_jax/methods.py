@@ -46,7 +46,7 @@ CLS_REDUCTIONS = ("mean", "sum")  # of L_cls over the batch's examples
 # config.loss fields each part of a method reads.
 _CLS_KNOBS = ("g_pos", "g_neg", "margin", "w_pos", "w_neg")
 _KD_KNOBS = ("lambda_kd", "temperature")
-_ASYMMETRIC_KD_KNOBS = ("beta", "adaptive")
+_ASYMMETRIC_KD_KNOBS = ("beta", "adaptive", "decay_on")
 _POD_FLAT_KNOBS = ("pod_flat_weight",)
 _ALWAYS_READ = ("reduction",)
 
@@ -132,7 +132,8 @@ class Method:
     asymmetric = self.distill == "asymmetric"
     return dict(temperature=loss_cfg.temperature,
                 beta=loss_cfg.beta if asymmetric else 0.0,
-                adaptive=loss_cfg.adaptive if asymmetric else False)
+                adaptive=loss_cfg.adaptive if asymmetric else False,
+                decay_on=loss_cfg.decay_on if asymmetric else "confidence")
 
   # ----------------------------------------------------------- relabeling --
 

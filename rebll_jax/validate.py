@@ -12,7 +12,8 @@ import tempfile
 
 import numpy as np
 
-from rebll_jax import config_base, config_checks, data, methods, models, optim
+from rebll_jax import config_base, config_checks, data, losses, methods, models
+from rebll_jax import optim
 from rebll_jax.models import conv
 from rebll_jax.errors import UserError
 
@@ -36,6 +37,7 @@ def _registries() -> dict:
           "augment.policy": augment.POLICIES,
           "augment.cutout_fill": augment.CUTOUT_FILLS,
           "loss.reduction": ("",) + methods.CLS_REDUCTIONS,
+          "loss.decay_on": losses.DECAY_ON,
           "protocol.memory_future_labels": replay.MEMORY_FUTURE_LABELS}
 
 

@@ -519,3 +519,33 @@ def test_pod_flat_check_grads_away_from_zero_vectors():
         features=x, old_features=old[rows], n_seen=6, task_size=2,
         weight=1.5), (new[rows],), order=1, modes=("rev",), atol=1e-5,
         rtol=1e-5)
+
+
+def test_decay_on_score_damps_confident_positives_only():
+  z, z_old, _, mask = _data(5)
+  q = _sigmoid(z_old.astype(np.float64))
+  for adaptive in (False, True):
+    a = np.asarray(losses.distillation_weights(
+        old_logits=z_old, mask=mask, beta=1.5, adaptive=adaptive,
+        decay_on="score"), np.float64)
+    want = np.exp(-1.5 * q)
+    if adaptive:
+      want = want / ((want * mask).sum() / mask.sum())
+    np.testing.assert_allclose(a, want, rtol=1e-5)
+  # A confident negative (q ~ 0) keeps full weight, unlike the default.
+  sure_no = np.full((1, 2), -8.0, np.float32)
+  ones = np.ones((1, 2), np.float32)
+  by_score = losses.distillation_weights(old_logits=sure_no, mask=ones,
+                                         beta=2., decay_on="score")
+  by_conf = losses.distillation_weights(old_logits=sure_no, mask=ones,
+                                        beta=2.)
+  assert float(by_score[0, 0]) > 0.99 and float(by_conf[0, 0]) < 0.14
+  # The loss passes the knob through.
+  kd = losses.asymmetric_distillation(logits=z, old_logits=z_old, mask=mask,
+                                      beta=1.5, decay_on="score")
+  p = _sigmoid(z.astype(np.float64))
+  terms = np.exp(-1.5 * q) * (q * np.log(p) + (1 - q) * np.log(1 - p))
+  np.testing.assert_allclose(kd, -(terms * mask).sum(1), rtol=1e-4,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="decay_on"):
+    losses.distillation_weights(old_logits=z_old, mask=mask, decay_on="q")
