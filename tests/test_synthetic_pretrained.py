@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from configs import synthetic as synthetic_config
 from experiments import method_table
 from rebll_jax import upstream
@@ -68,3 +70,27 @@ def test_calibration_table_and_joint_regime(tmp_path):
   assert dict(zip(columns, rows["joint"]))["ECE seen"] == "1.0"
   table = open(os.path.join(out, "table.md")).read()
   assert "| joint | 1 |" in table
+
+
+def test_akd_readings_report(tmp_path):
+  from experiments import akd_readings
+  out = str(tmp_path)
+  # Two seeds of "decay on q", one of the lwf bar; nothing for the rest.
+  for seed, pos_old in ((0, 0.6), (1, 0.8)):
+    _write(os.path.join(out, "decay_on_q"), "pretrained_b0c4", "rebll", seed,
+           _calibration(pos_old, 0.02))
+  _write(os.path.join(out, "bar_lwf"), "pretrained_b0c4", "lwf", 0,
+         _calibration(0.5, 0.02))
+  akd_readings.main(["--seeds", "0,1", "--out", out, "--report_only"])
+  lines = open(os.path.join(out, "readings.md")).read().splitlines()
+  rows = {l.split(" | ")[0].strip("| "): l.strip("| ").split(" | ")
+          for l in lines if l.startswith("| ") and "---" not in l}
+  assert set(rows) == {"reading", "decay on q", "bar: lwf"}
+  columns = rows["reading"]
+  decay = dict(zip(columns, rows["decay on q"]))
+  assert decay["overrides"] == "`loss.decay_on=score`"
+  assert decay["seeds"] == "2" and decay["val avg mAP"] == "70.0 ± 0.0"
+  assert decay["pos mean old"] == "70.0 ± 10.0"
+  assert dict(zip(columns, rows["bar: lwf"]))["seeds"] == "1"
+  with pytest.raises(SystemExit):
+    akd_readings.main(["--readings", "not_a_reading", "--out", out])
