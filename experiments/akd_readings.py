@@ -43,6 +43,9 @@ READINGS = {
     "lambda_kd 3": ("rebll", ("loss.lambda_kd=3.0",)),
     "OR band 0.05-0.5": ("rebll", ("relabel.tau_old_low=0.05",
                                    "relabel.tau_cur_low=0.05")),
+    "decay on q + OR band": ("rebll", ("loss.decay_on=score",
+                                       "relabel.tau_old_low=0.05",
+                                       "relabel.tau_cur_low=0.05")),
     "bar: lwf": ("lwf", ()),
     "bar: krt_baseline": ("krt_baseline", ()),
 }

@@ -105,10 +105,10 @@ def _dumps(result: dict) -> str:
   return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, setting=None) -> dict:
   """Checks the config, builds the source and protocol, writes
   ``workdir/protocol.json``; returns its content."""
-  validate.check_config(config)
+  validate.check_config(config, setting)
   validate.check_workdir(workdir)
   method = methods.get_method(config.method)
   source = validate.build_source(config.data)

@@ -11,6 +11,7 @@ during a save, prints one line and exits with code 1.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -23,6 +24,8 @@ from ml_collections import config_flags
 from rebll_jax.errors import NoSpaceError, UserError
 
 FLAGS = flags.FLAGS
+# The --config file's config as get_config() returned it (no overrides).
+_FILE_CONFIG: dict = {}
 config_flags.DEFINE_config_file(
     "config", None,
     "Config file, optionally with a setting: configs/synthetic.py:b10c2. "
@@ -86,6 +89,9 @@ def _checked_config_loader(parse):
           f"config {spec!r}: get_config() returned {_describe(config)}, not "
           "an ml_collections.ConfigDict; start it from "
           "rebll_jax.config_base.base_config()")
+    # The setting as the file makes it, before --config.* overrides apply
+    # (validate.check_config tells a setting's knob from an override).
+    _FILE_CONFIG["last"] = copy.deepcopy(config)
     return config
 
   return load
@@ -214,7 +220,8 @@ def main(argv):
   ours.propagate = False
   from rebll_jax import reporting, train  # pylint: disable=g-import-not-at-top
   try:
-    results = train.run(FLAGS.config, FLAGS.workdir)
+    setting = _FILE_CONFIG.get("last")
+    results = train.run(FLAGS.config, FLAGS.workdir, setting)
   except UserError as e:
     _fail(str(e))
   except train.NonFiniteLossError as e:

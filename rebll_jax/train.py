@@ -82,9 +82,10 @@ class Setup:
   lock: workdir_lock.WorkdirLock | None  # held by process 0 while it runs
 
 
-def set_up(config, workdir: str) -> Setup:
-  """Every check that needs no compile, then the run's fixed pieces."""
-  validate.check_config(config)
+def set_up(config, workdir: str, setting=None) -> Setup:
+  """Every check that needs no compile, then the run's fixed pieces.
+  ``setting``: see ``validate.check_config``."""
+  validate.check_config(config, setting)
   validate.check_workdir(workdir)
   if config.distributed:
     parallel.initialize_distributed(config.dist)
@@ -92,19 +93,20 @@ def set_up(config, workdir: str) -> Setup:
   if jax.process_index() == 0:  # before anything in the workdir changes
     lock = workdir_lock.WorkdirLock(workdir).acquire()
   try:
-    return _set_up_locked(config, workdir, lock)
+    return _set_up_locked(config, workdir, lock, setting)
   except BaseException:
     if lock is not None:
       lock.release()
     raise
 
 
-def _set_up_locked(config, workdir, lock) -> Setup:
+def _set_up_locked(config, workdir, lock, setting) -> Setup:
   method = methods.get_method(config.method)
   source = validate.build_source(config.data)
   mesh = parallel.make_mesh(config.num_devices)
   validate.check_all(config, num_classes=source.num_classes,
-                     num_devices=mesh.size, num_processes=jax.process_count())
+                     num_devices=mesh.size, num_processes=jax.process_count(),
+                     setting=setting)
   tasks = method.tasks(source.num_classes, config.protocol)
   validate.check_tasks(source, tasks)
   init_from = upstream.resolve_init_from(config)  # "upstream:auto" -> dir
@@ -456,12 +458,14 @@ def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
 
 # -------------------------------------------------------------------- run --
 
-def run(config, workdir: str) -> dict:
-  """Trains every task of ``config`` in ``workdir``; returns results."""
+def run(config, workdir: str, setting=None) -> dict:
+  """Trains every task of ``config`` in ``workdir``; returns results.
+  ``setting``: the config file's config before overrides (main passes it;
+  see ``validate.check_config``)."""
   if config.get("dry_run", False):  # the protocol only: no model, no compile
     from rebll_jax import dry_run  # pylint: disable=g-import-not-at-top
-    return dry_run.run(config, workdir)
-  setup = set_up(config, workdir)
+    return dry_run.run(config, workdir, setting)
+  setup = set_up(config, workdir, setting)
   try:
     ckpt = _open_checkpoints(setup)
     try:

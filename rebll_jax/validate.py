@@ -47,8 +47,15 @@ def _field(config, dotted: str):
   return config
 
 
-def check_config(config):
-  """Checks that need no data and no devices."""
+def check_config(config, setting=None):
+  """Checks that need no data and no devices.
+
+  ``setting``: the config file's own config before command-line overrides
+  (main passes it). A ``loss`` field the method does not read is refused
+  only where it differs from the setting (a setting may choose a knob for
+  the methods that read it; ``--config.loss.X`` on a method that ignores X
+  is still an error). Default: the base config.
+  """
   config_checks.check_values(config)  # every numeric field in range, first
   for name, registry in _registries().items():
     value = _field(config, name)
@@ -56,7 +63,8 @@ def check_config(config):
     _check(value in registry,
            f"unknown {name} {value!r}; valid: {valid}")
   method = methods.get_method(config.method)
-  ignored = method.ignored_config(config, config_base.base_config())
+  ignored = method.ignored_config(config,
+                                  setting or config_base.base_config())
   _check(not ignored,
          f"method {config.method!r} does not read {', '.join(ignored)} "
          f"(it reads loss.{{{', '.join(method.loss_knobs_read())}}}); "
@@ -136,10 +144,10 @@ def check_protocol(config, num_classes: int):
 
 
 def check_all(config, *, num_classes: int, num_devices: int,
-              num_processes: int = 1):
+              num_processes: int = 1, setting=None):
   """Every check that needs neither data nor a workdir (the run's own
   checks, in the run's order; tests call it directly)."""
-  check_config(config)
+  check_config(config, setting)
   check_protocol(config, num_classes)
   check_devices(config, num_devices, num_processes)
 

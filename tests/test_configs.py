@@ -41,7 +41,8 @@ def test_setting_passes_the_run_checks(module, setting, num_classes):
   get_config = importlib.import_module(f"configs.{module}").get_config
   config = get_config(setting)
   config_checks.check_values(config)
-  validate.check_all(config, num_classes=num_classes, num_devices=1)
+  validate.check_all(config, num_classes=num_classes, num_devices=1,
+                     setting=get_config(setting))
   if config.method == "joint":
     return
   for method in methods.METHODS:  # a sweep over --config.method=M
@@ -49,7 +50,23 @@ def test_setting_passes_the_run_checks(module, setting, num_classes):
       continue
     config = get_config(setting)
     config.method = method
-    validate.check_all(config, num_classes=num_classes, num_devices=1)
+    validate.check_all(config, num_classes=num_classes, num_devices=1,
+                       setting=get_config(setting))
+
+
+def test_a_setting_knob_is_not_an_override_but_an_override_still_is():
+  from configs import synthetic
+  from rebll_jax.errors import UserError
+  setting = synthetic.get_config("pretrained_b0c4")
+  assert setting.loss.decay_on == "score"  # read by rebll, not by lwf
+  config = synthetic.get_config("pretrained_b0c4")
+  config.method = "lwf"
+  validate.check_config(config, setting)  # the setting chose it: fine
+  with pytest.raises(UserError, match="does not read loss.decay_on"):
+    validate.check_config(config)  # against the base config: an override
+  config.loss.beta = 0.5  # --config.loss.beta=0.5 with lwf
+  with pytest.raises(UserError, match="does not read loss.beta"):
+    validate.check_config(config, setting)
 
 
 def test_every_setting_is_covered():

@@ -19,6 +19,7 @@ def test_pretrained_settings():
     assert c.relabel.tau_old_low < 0 and c.relabel.tau_cur_low < 0
     assert c.relabel.tau_old == c.relabel.tau_cur == 0.5
     assert c.relabel.tau_pseudo == 0.5
+    assert c.loss.decay_on == "score"  # the reading validation chose
     assert c.optim.lr_first < scratch.optim.lr_first
     assert c.optim.lr_later > c.optim.lr_first
     # One upstream backbone serves every pretrained setting.

@@ -170,6 +170,14 @@ def test_pretrained_setting_runs_from_the_command_line(tmp_path):
   results = json.load(open(tmp_path / "run" / "results.json"))
   assert len(results["tasks"]) == 2
   assert os.listdir(os.path.join(cache, "upstream"))  # trained and cached
+  # A method that does not read the setting's loss.decay_on still runs (a
+  # setting's knob is not an override) and reuses the cached backbone.
+  lwf = _cli(str(tmp_path / "lwf"), cache, "method=lwf")
+  assert lwf.returncode == 0, lwf.stderr[-3000:]
+  assert "pretraining the upstream backbone" not in lwf.stderr
+  # ... but an override it does not read is refused on one line.
+  bad = _cli(str(tmp_path / "lwf_beta"), cache, "method=lwf", "loss.beta=0.5")
+  assert bad.returncode == 2 and "does not read loss.beta" in bad.stderr
   # A typo or a bad value inside the block: one line, exit 2, nothing run.
   for override, says in (("upstream.epochs=0", "upstream.epochs must be"),
                          ("upstream.num_classes=65", "upstream.num_classes")):
