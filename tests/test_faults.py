@@ -281,7 +281,7 @@ import jax.numpy as jnp
 from orbax.checkpoint._src.serialization import serialization
 from rebll_jax import checkpoint, main, train
 
-def run(config, workdir):  # a run whose third save meets a full disk
+def run(config, workdir, setting=None):  # third save meets a full disk
   ckpt = checkpoint.Checkpointer(workdir + "/checkpoints")
   for i in range(3):
     if i == 2:
