@@ -31,7 +31,9 @@ throughput ratio to the FASTEST PyTorch variant of the run (named), the
 CPU-time ratio, and the ratio to every PyTorch variant.
 
 ``--conv_impl xla,matmul_grad`` times several JAX variants in one run
-(``model.conv_impl``; default: this backend's ``auto`` choice);
+(``model.conv_impl``; default: this backend's ``auto`` choice), each for
+every value of ``--cpu_library_fusion reductions,xla_default``
+(``model.cpu_library_fusion``, CPU only; default: the run default);
 ``--xla_options '[{"xla_cpu_...": ...}]'`` adds one JAX variant per dict of
 XLA compiler options (compiled in this process, so still interleaved);
 ``--xla_flags`` appends to XLA_FLAGS for the whole process.
@@ -84,6 +86,9 @@ def parse_args(argv=None):
                  help="add the 'compile' variant (torch.compile)")
   p.add_argument("--conv_impl", default="auto",
                  help="comma list of model.conv_impl values to time (JAX)")
+  p.add_argument("--cpu_library_fusion", default="reductions",
+                 help="comma list of model.cpu_library_fusion values to time "
+                      "(JAX on CPU; one variant per conv_impl and value)")
   p.add_argument("--cpu_devices", type=int, default=0,
                  help="XLA CPU devices (0: leave XLA_FLAGS alone)")
   p.add_argument("--xla_flags", default="",
@@ -130,20 +135,24 @@ def _median(xs):
 class JaxStep:
   """The jitted RebLL step; ``run()`` does one step and blocks on it."""
 
-  def __init__(self, args, host, masks, conv_impl, xla_options=None):
+  def __init__(self, args, host, masks, conv_impl, xla_options=None,
+               cpu_library_fusion="reductions"):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from rebll_jax import config_base, methods, models, optim, parallel, steps  # pylint: disable=g-import-not-at-top,multiple-imports
+    from rebll_jax import config_base, methods, models, optim, parallel, steps, xla_cpu  # pylint: disable=g-import-not-at-top,multiple-imports,line-too-long
     from rebll_jax.models import conv  # pylint: disable=g-import-not-at-top
     self.jax = jax
     c = config_base.base_config()
     model_config(c, args.model)
     c.model.dtype = args.dtype
     c.model.conv_impl = conv_impl
+    c.model.cpu_library_fusion = cpu_library_fusion
     c.augment.flip, c.augment.cutout, c.augment.randaugment_ops = False, 0, 0
     c.relabel.warmup_frac = 0.0
     self.name = f"jax[{conv.resolve_impl(conv_impl)}]"
+    if jax.default_backend() == "cpu":
+      self.name = f"{self.name[:-1]},{cpu_library_fusion}]"
     if xla_options:
       self.name = self.name[:-1] + "," + ",".join(
           f"{k}={v}" for k, v in xla_options.items()) + "]"
@@ -181,7 +190,10 @@ class JaxStep:
     t0 = time.perf_counter()
     self.compiled = jitted.lower(self.state, self.old, self.batch,
                                  self.context, self.key).compile(
-                                     compiler_options=xla_options or None)
+                                     compiler_options={
+                                         **(xla_cpu.options_for(c.model)
+                                            or {}),
+                                         **(xla_options or {})} or None)
     self.compile_s = time.perf_counter() - t0
     # Analytic cost: MACs of one eval forward per image (convs + matmuls).
     from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top
@@ -338,6 +350,11 @@ def main(argv=None):
   # side (measured: torch 30 ms/step alone, 1000+ ms beside JAX on 2 cores).
   # Passive waiting costs torch nothing measurable when it runs alone.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  from rebll_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  for fusion in args.cpu_library_fusion.split(","):
+    if fusion.strip() not in xla_cpu.CPU_LIBRARY_FUSIONS:
+      raise SystemExit(f"unknown --cpu_library_fusion {fusion.strip()!r}; "
+                       f"valid: {list(xla_cpu.CPU_LIBRARY_FUSIONS)}")
   host, masks = make_inputs(args.batch, args.size, args.num_classes)
   runners = []
   # PyTorch first: its max-RSS growth is then its own (CPU memory figure).
@@ -345,11 +362,13 @@ def main(argv=None):
     for variant in torch_variants(args):
       runners.append(TorchStep(args, host, masks, variant))
   if args.impl in ("jax", "both"):
-    variants = [(impl.strip(), None) for impl in args.conv_impl.split(",")]
+    fusions = [f.strip() for f in args.cpu_library_fusion.split(",")]
+    variants = [(impl.strip(), None, fusion)
+                for impl in args.conv_impl.split(",") for fusion in fusions]
     for opts in json.loads(args.xla_options or "[]"):
-      variants.append((variants[0][0], opts))
-    for impl, opts in variants:
-      runners.append(JaxStep(args, host, masks, impl, opts))
+      variants.append((variants[0][0], opts, fusions[0]))
+    for impl, opts, fusion in variants:
+      runners.append(JaxStep(args, host, masks, impl, opts, fusion))
       runners[-1].run()  # first call of the compiled executable
   macs = next((r.macs_per_image for r in runners
                if r.macs_per_image is not None), None)

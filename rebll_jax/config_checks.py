@@ -100,6 +100,7 @@ RULES: dict[str, Rule] = {
     "dist.num_processes": _NON_NEGATIVE_INT,  # 0 = from the environment
     "dist.process_id": _int(0, sentinels=(-1,)),  # -1 = from the env
     "num_devices": _NON_NEGATIVE_INT,  # 0 = all local devices
+    "cpu_devices": _NON_NEGATIVE_INT,  # 0 = XLA's one CPU device
     "data.image_size": _int(8),
     "data.num_workers": _COUNT,
     "data.val_fraction": _UNIT_BELOW_ONE,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rebll_jax import metrics, parallel, protocol, steps
+from rebll_jax import metrics, parallel, protocol, steps, xla_cpu
 from rebll_jax.data import loader
 
 
@@ -33,7 +33,8 @@ class Predictor:
     self.mesh = mesh
     self.batch = config.train.eval_batch
     self._fn = jax.jit(steps.make_predict(model, config.data.normalize),
-                       out_shardings=parallel.replicated(mesh))
+                       out_shardings=parallel.replicated(mesh),
+                       compiler_options=xla_cpu.options_for(config.model))
 
   def predict(self, variables, images: np.ndarray):
     """uint8 [n, H, W, 3] (the same rows on every process) ->

@@ -218,6 +218,10 @@ def main(argv):
   handler.setFormatter(logging.Formatter("%(message)s"))
   ours.addHandler(handler)
   ours.propagate = False
+  from rebll_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  split = xla_cpu.split_host_cpu(FLAGS.config.get("cpu_devices", 0))
+  if split:
+    ours.info(split)
   from rebll_jax import reporting, train  # pylint: disable=g-import-not-at-top
   try:
     setting = _FILE_CONFIG.get("last")

@@ -24,7 +24,7 @@ from rebll_jax.errors import UserError
 # Dotted config fields (or whole sections, ending in ".") that may differ
 # between the run that saved a checkpoint and the run that resumes it.
 MAY_CHANGE_ON_RESUME = (
-    "resume", "distributed", "dist.", "num_devices",  # machine
+    "resume", "distributed", "dist.", "num_devices", "cpu_devices",  # machine
     "data.num_workers", "data.data_dir",  # host threads; where data lives
     "model.init_from",  # used at init only; the checkpoint holds the weights
     "train.progress", "train.log_every", "train.label_diagnostics",  # logs

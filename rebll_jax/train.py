@@ -36,7 +36,7 @@ import tqdm
 from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
 from rebll_jax import memory as memory_lib
 from rebll_jax import models, optim, parallel, protocol, replay, reporting
-from rebll_jax import run_identity, steps, upstream, validate, workdir_lock
+from rebll_jax import run_identity, steps, upstream, validate, workdir_lock, xla_cpu
 from rebll_jax.data import field_augment, loader
 from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained
@@ -319,7 +319,8 @@ def compile_steps(setup: Setup) -> CompiledSteps:
           first, jnp.stack([state.step, what]).astype(jnp.int32), watch)
 
     return jax.jit(step_and_watch, donate_argnums=0,
-                   out_shardings=(replicated, replicated, replicated))
+                   out_shardings=(replicated, replicated, replicated),
+                   compiler_options=xla_cpu.options_for(setup.config.model))
 
   return CompiledSteps(first=jitted(False), later=jitted(True),
                        trace_counts=trace_counts)

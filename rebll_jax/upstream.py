@@ -195,7 +195,7 @@ def pretrain(config, out_dir: str) -> dict:
   # Deferred: the CLI's --help and the key functions need no jax.
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from rebll_jax import methods, metrics, models, optim, protocol, steps  # pylint: disable=g-import-not-at-top
+  from rebll_jax import methods, metrics, models, optim, protocol, steps, xla_cpu  # pylint: disable=g-import-not-at-top,line-too-long
   from rebll_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from rebll_jax.models import pretrained  # pylint: disable=g-import-not-at-top
 
@@ -224,7 +224,8 @@ def pretrain(config, out_dir: str) -> dict:
                                lr_peak=up.lr)
   step_fn = jax.jit(steps.make_train_step(
       model=model, method=methods.get_method("joint"), config=cfg, tx=tx,
-      has_old=False), donate_argnums=0)
+      has_old=False), donate_argnums=0,
+      compiler_options=xla_cpu.options_for(cfg.model))
   rng = np.random.default_rng(up.train_seed)
   known = np.ones((batch_size, num_classes), bool)
   not_memory = np.zeros((batch_size,), bool)
@@ -245,7 +246,8 @@ def pretrain(config, out_dir: str) -> dict:
   train_seconds = time.time() - started - render_seconds
 
   variables = steps.variables_of(state)
-  predict = jax.jit(steps.make_predict(model, cfg.data.normalize))
+  predict = jax.jit(steps.make_predict(model, cfg.data.normalize),
+                    compiler_options=xla_cpu.options_for(cfg.model))
   scores = np.concatenate([
       np.asarray(predict(variables, test_x[i:i + 256])[0])
       for i in range(0, len(test_x), 256)])

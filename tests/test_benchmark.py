@@ -26,13 +26,15 @@ def test_both_impls_tiny_model_output_format(tmp_path):
       "--impl", "both", "--model", "tiny_resnet", "--batch", "4",
       "--size", "16", "--steps", "2", "--warmup", "0", "--num_classes", "8",
       "--matmul_size", "64", "--conv_impl", "xla,matmul_grad",
-      "--out", str(out)])
+      "--cpu_library_fusion", "reductions,xla_default", "--out", str(out)])
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert rows == json.loads(json.dumps(lines))
   impls = [r["impl"] for r in rows if "impl" in r]
-  assert impls == ["torch_eager", "torch_eager_nchw", "jax[xla]",
-                   "jax[matmul_grad]"]
-  for r in rows[:4]:
+  jax_variants = ["jax[xla,reductions]", "jax[xla,xla_default]",
+                  "jax[matmul_grad,reductions]",
+                  "jax[matmul_grad,xla_default]"]
+  assert impls == ["torch_eager", "torch_eager_nchw"] + jax_variants
+  for r in rows[:6]:
     for field in FIELDS + ("cpu_ms_per_step",):
       assert field in r, (r["impl"], field)
     assert r["ms_per_step"] > 0 and r["images_per_s"] > 0
@@ -41,8 +43,8 @@ def test_both_impls_tiny_model_output_format(tmp_path):
     assert 0 < r["fraction_of_peak"]
   ratios = [r for r in rows if "ratio" in r]
   fastest = max(rows[:2], key=lambda r: r["images_per_s"])["impl"]
-  assert [r["ratio"] for r in ratios] == [f"jax[xla]/{fastest}",
-                                          f"jax[matmul_grad]/{fastest}"]
+  assert [r["ratio"] for r in ratios] == [f"{v}/{fastest}"
+                                          for v in jax_variants]
   assert all(r["fastest_torch"] == fastest for r in ratios)
   assert all(r["throughput_ratio"] > 0 for r in ratios)
   assert set(ratios[0]["per_torch_variant"]) == {"torch_eager",
@@ -73,6 +75,12 @@ def test_unknown_torch_variant_is_an_error():
   args = benchmark_step.parse_args(["--torch_compile"])
   assert benchmark_step.torch_variants(args) == ["eager", "eager_nchw",
                                                  "compile"]
+
+
+def test_unknown_cpu_library_fusion_is_an_error():
+  with pytest.raises(SystemExit, match="unknown --cpu_library_fusion 'fast'"):
+    benchmark_step.main(["--impl", "jax", "--cpu_library_fusion",
+                         "reductions,fast"])
 
 
 def test_cli_jax_only_prints_json_lines():
