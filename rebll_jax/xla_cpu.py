@@ -5,14 +5,14 @@ XLA:CPU (jax 0.10) hands parts of a program to the YNNPACK library
 gradient) and reductions. On the default experiment's small ResNet
 (batch 64, 64 px, 2 cores) YNNPACK's convolutions run on one thread and
 its filter gradients are 2-3x slower than XLA's own Eigen convolution
-(3x3, 16 -> 16 channels at 32x32: 8.3 ms vs 2.7 ms), while its reductions
+(3x3, 32 -> 32 channels at 16x16, batch 64: 8.3 ms vs 2.7 ms), while its reductions
 (the BatchNorm statistics) are 4-6x faster than XLA's emitter.
 ``config.model.cpu_library_fusion`` chooses, for every jitted program of a
 run (train step, prediction, upstream pretraining):
 
 - ``"reductions"`` (default): YNNPACK for reductions only; convolutions and
-  dots go to XLA's Eigen kernels. The small ResNet's train step: 1.4x faster
-  than XLA's default (experiments/benchmark_step.py, README).
+  dots go to XLA's Eigen kernels. The small ResNet's train step: 1.25-1.4x
+  faster than XLA's default (experiments/benchmark_step.py, README).
 - ``"xla_default"``: whatever this XLA version does by default.
 - ``"off"``: no library fusions.
 
