@@ -49,7 +49,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown setting {arg!r}; valid: {sorted(valid)}")
   c.protocol.base, c.protocol.increment = SETTINGS[setting]
   # This benchmark trains on CPUs: two batch shards side by side keep two
-  # cores busy (the default experiment: 127 s -> 112 s; README "CPU").
+  # cores busy (the default experiment: 127 s -> 112-116 s; README "CPU").
   c.cpu_devices = 2
   if setting.startswith(PRETRAINED):
     c.model.init_from = upstream.AUTO

@@ -26,7 +26,7 @@ before JAX starts (``split_host_cpu``, called by the CLI), so the data
 parallel train step runs N batch shards side by side: XLA:CPU runs many of
 a small model's ops (elementwise fusions, YNNPACK's reductions) on one
 thread each, and N shards keep the cores busy (default experiment on 2
-cores: 127 s -> 112 s for the whole run). Only the CPU platform is split;
+cores: 127 s -> 112-116 s for the whole run). Only the CPU platform is split;
 a GPU or TPU run's devices are unchanged.
 """
 
