@@ -204,12 +204,16 @@ def check_disk_space(workdir: str, checkpoint_bytes: int):
 
 def check_devices(config, num_devices: int, num_processes: int):
   batch = config.train.global_batch
+  # A CPU split by cpu_devices: say where the device count comes from.
+  split = (f" (the CPU split by cpu_devices={config.cpu_devices}; "
+           "--config.cpu_devices=0 keeps one device)"
+           if config.get("cpu_devices", 0) == num_devices > 1 else "")
   _check(batch % num_devices == 0,
          f"train.global_batch={batch} is not divisible by the {num_devices} "
-         f"devices; use a multiple of {num_devices}")
+         f"devices{split}; use a multiple of {num_devices}")
   _check(config.train.eval_batch % num_devices == 0,
          f"train.eval_batch={config.train.eval_batch} is not divisible by "
-         f"the {num_devices} devices; use a multiple of {num_devices}")
+         f"the {num_devices} devices{split}; use a multiple of {num_devices}")
   _check(batch % num_processes == 0,
          f"train.global_batch={batch} is not divisible by the "
          f"{num_processes} processes")

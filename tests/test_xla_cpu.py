@@ -177,3 +177,14 @@ def test_cli_run_on_a_split_cpu(tmp_path):
   assert "host CPU split into 2 XLA devices" in result.stderr
   results = json.loads((tmp_path / "w" / "results.json").read_text())
   assert results["devices"]["count"] == 2
+
+
+def test_a_batch_the_split_cpu_cannot_share_names_cpu_devices():
+  config = make_config(**{"cpu_devices": 2, "train.global_batch": 15})
+  with pytest.raises(UserError, match=r"the 2 devices \(the CPU split by "
+                     r"cpu_devices=2; --config.cpu_devices=0 keeps one "
+                     r"device\); use a multiple of 2"):
+    validate.check_devices(config, num_devices=2, num_processes=1)
+  config = make_config(**{"train.global_batch": 15})
+  with pytest.raises(UserError, match=r"the 2 devices; use a multiple"):
+    validate.check_devices(config, num_devices=2, num_processes=1)
