@@ -36,7 +36,8 @@ import tqdm
 from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
 from rebll_jax import memory as memory_lib
 from rebll_jax import models, optim, parallel, protocol, replay, reporting
-from rebll_jax import run_identity, steps, upstream, validate, workdir_lock, xla_cpu
+from rebll_jax import run_identity, steps, upstream, validate, workdir_lock
+from rebll_jax import xla_cpu
 from rebll_jax.data import field_augment, loader
 from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained
