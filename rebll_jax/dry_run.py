@@ -117,9 +117,12 @@ def run(config, workdir: str, setting=None) -> dict:
   validate.check_tasks(source, tasks)
   result = plan(config, source, method, tasks)
   path = os.path.join(workdir, "protocol.json")
-  with open(path + ".tmp", "w") as f:  # a kill never leaves half a file
+  # A kill never leaves half a file; the pid keeps two dry runs of one
+  # workdir (a dry run takes no workdir lock) out of each other's file.
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
     f.write(_dumps(result))
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
   return result
 
 
