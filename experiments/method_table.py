@@ -77,6 +77,27 @@ def run_one(out, setting, method, seed, overrides, val):
   return workdir, time.time() - started, "ran"
 
 
+def _check_settings(parser, settings):
+  """parser.error for a setting configs/synthetic.py does not know."""
+  sys.path.insert(0, ROOT)
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  for setting in settings:
+    try:
+      synthetic.get_config(setting)
+    except ValueError as e:
+      parser.error(str(e))
+
+
+def _parse_seeds(parser, text):
+  try:
+    seeds = [int(s) for s in text.split(",")]
+  except ValueError:
+    parser.error(f"--seeds must be comma-separated integers, got {text!r}")
+  if any(not 0 <= s < 2**32 for s in seeds):
+    parser.error(f"--seeds must be in [0, 2**32-1], got {text!r}")
+  return seeds
+
+
 def _buffer_rate(task, wrong, right):
   """100 * wrong / (wrong + right) summed over the buffer's relabeled
   entries after a task (FPR: "fp", "tn"; FNR: "fn", "tp"), or None."""
@@ -188,7 +209,10 @@ def main(argv=None):
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     parser.error(f"unknown methods {unknown}; valid: {list(METHODS)}")
-  seeds = [int(s) for s in args.seeds.split(",")]
+  if args.jobs < 1:
+    parser.error(f"--jobs must be >= 1, got {args.jobs}")
+  seeds = _parse_seeds(parser, args.seeds)
+  _check_settings(parser, settings)
   jobs = []
   for setting in settings:
     for method in methods:
@@ -200,12 +224,22 @@ def main(argv=None):
   if args.report_only:
     jobs = [j for j in jobs if os.path.exists(
         os.path.join(_workdir(args.out, *j), "results.json"))]
+  if not args.report_only:
+    print(f"{len(jobs)} runs into {args.out} ({args.jobs} at a time); "
+          "finished runs are kept and skipped on a rerun", flush=True)
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     futures = {pool.submit(run_one, args.out, s, m, seed, args.set, args.val):
                (s, m, seed) for s, m, seed in jobs}
     for i, future in enumerate(concurrent.futures.as_completed(futures)):
       setting, method, seed = futures[future]
-      workdir, seconds, how = future.result()
+      try:
+        workdir, seconds, how = future.result()
+      except RuntimeError as e:
+        # Fail fast: the runs not started yet are dropped (a rerun resumes).
+        pool.shutdown(wait=False, cancel_futures=True)
+        sys.exit(f"error: {setting} {method} seed {seed}: {e}\n"
+                 "(runs already started finish first; rerun the same "
+                 "command to resume)")
       summary = summarise(workdir, seconds)
       key = (_row_setting(setting, method), method)
       rows.setdefault(key, []).append(summary)

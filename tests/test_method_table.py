@@ -2,11 +2,14 @@
 
 Builds results.json files by hand (two seeds, known numbers) and checks the
 ``--report_only`` table: mean ± std over seeds, relabel FPR/FNR summed over
-the buffer blocks, "–" where a method relabels nothing.
+the buffer blocks, "–" where a method relabels nothing. Bad input is a usage error before
+anything runs, and the first failing run ends the table.
 """
 
 import json
 import os
+
+import pytest
 
 from experiments import method_table
 
@@ -43,3 +46,26 @@ def test_report_only_table(tmp_path, capsys):
   assert rebll[7] == "20.0 ± 0.0" and rebll[8] == "80.0 ± 0.0"
   assert rebll[9] == "20 ± 0 |"  # train seconds: two tasks of 10 s
   assert rows["lwf"][7] == "–" and rows["lwf"][8] == "–"
+
+
+def test_bad_input_is_a_usage_error(tmp_path, capsys):
+  for argv in (["--settings", "b0c5"], ["--seeds", "a"], ["--seeds", "-1"],
+               ["--jobs", "0"], ["--methods", "foo"]):
+    with pytest.raises(SystemExit) as exit_info:
+      method_table.main(argv + ["--out", str(tmp_path)])
+    assert exit_info.value.code == 2, argv
+  assert "unknown setting 'b0c5'" in capsys.readouterr().err
+  assert not os.listdir(tmp_path)  # nothing started
+
+
+def test_a_failing_run_stops_the_table(tmp_path):
+  # A bad override makes every run fail; the first failure ends the table
+  # with a non-zero exit naming the run, and the other runs never start.
+  with pytest.raises(SystemExit) as exit_info:
+    method_table.main(["--settings", "b0c4", "--seeds", "0,1", "--methods",
+                       "ft,lwf", "--out", str(tmp_path), "--set",
+                       "train.no_such_knob=1"])
+  message = str(exit_info.value.code)
+  assert message.startswith("error: b0c4 ") and "no_such_knob" in message
+  assert not (tmp_path / "b0c4" / "ft" / "seed1").exists()
+  assert not (tmp_path / "b0c4" / "lwf").exists()
