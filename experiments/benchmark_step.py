@@ -99,7 +99,21 @@ def parse_args(argv=None):
   p.add_argument("--matmul_size", type=int, default=0,
                  help="side of the peak-FLOPs matmul (0: 2048 CPU, 8192 GPU)")
   p.add_argument("--out", default="", help="also append the JSON lines here")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  for flag in ("batch", "size", "steps", "num_classes"):
+    if getattr(args, flag) < 1:
+      p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+  if args.warmup < 0 or args.cpu_devices < 0:
+    p.error("--warmup and --cpu_devices must be >= 0")
+  try:
+    options = json.loads(args.xla_options or "[]")
+  except json.JSONDecodeError as e:
+    p.error(f"--xla_options is not JSON ({e})")
+  if not (isinstance(options, list)
+          and all(isinstance(o, dict) for o in options)):
+    p.error("--xla_options must be a JSON list of objects, e.g. "
+            "'[{\"xla_cpu_enable_fast_math\": true}]'")
+  return args
 
 
 # ------------------------------------------------------------------ inputs ---
@@ -188,12 +202,17 @@ class JaxStep:
                                config=c, tx=tx, has_old=True)
     jitted = jax.jit(fn, donate_argnums=0, out_shardings=(rep, rep))
     t0 = time.perf_counter()
-    self.compiled = jitted.lower(self.state, self.old, self.batch,
-                                 self.context, self.key).compile(
-                                     compiler_options={
-                                         **(xla_cpu.options_for(c.model)
-                                            or {}),
-                                         **(xla_options or {})} or None)
+    try:
+      self.compiled = jitted.lower(self.state, self.old, self.batch,
+                                   self.context, self.key).compile(
+                                       compiler_options={
+                                           **(xla_cpu.options_for(c.model)
+                                              or {}),
+                                           **(xla_options or {})} or None)
+    except jax.errors.JaxRuntimeError as e:
+      if "compile option" not in str(e):
+        raise
+      raise SystemExit(f"error: --xla_options {xla_options}: {e}") from None
     self.compile_s = time.perf_counter() - t0
     # Analytic cost: MACs of one eval forward per image (convs + matmuls).
     from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top
@@ -355,6 +374,11 @@ def main(argv=None):
     if fusion.strip() not in xla_cpu.CPU_LIBRARY_FUSIONS:
       raise SystemExit(f"unknown --cpu_library_fusion {fusion.strip()!r}; "
                        f"valid: {list(xla_cpu.CPU_LIBRARY_FUSIONS)}")
+  from rebll_jax.models import conv  # pylint: disable=g-import-not-at-top
+  for impl in args.conv_impl.split(","):
+    if impl.strip() not in conv.IMPLS:
+      raise SystemExit(f"unknown --conv_impl {impl.strip()!r}; "
+                       f"valid: {list(conv.IMPLS)}")
   host, masks = make_inputs(args.batch, args.size, args.num_classes)
   runners = []
   # PyTorch first: its max-RSS growth is then its own (CPU memory figure).

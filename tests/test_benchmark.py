@@ -81,6 +81,25 @@ def test_unknown_cpu_library_fusion_is_an_error():
                          "reductions,fast"])
 
 
+@pytest.mark.parametrize("argv", [
+    ["--batch", "0"], ["--steps", "0"], ["--warmup", "-1"],
+    ["--xla_options", "notjson"], ["--xla_options", "{}"],
+    ["--xla_options", "[1]"]])
+def test_bad_numbers_and_options_are_usage_errors(argv):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark_step.parse_args(argv)
+  assert exit_info.value.code == 2
+
+
+def test_unknown_conv_impl_and_compile_option_are_errors():
+  with pytest.raises(SystemExit, match="unknown --conv_impl 'foo'"):
+    benchmark_step.main(["--impl", "jax", "--conv_impl", "gemm,foo"])
+  with pytest.raises(SystemExit, match="No such compile option"):
+    benchmark_step.main(["--impl", "jax", "--model", "tiny_resnet",
+                         "--batch", "2", "--size", "16", "--steps", "1",
+                         "--xla_options", '[{"xla_no_such_option": 1}]'])
+
+
 def test_cli_jax_only_prints_json_lines():
   proc = subprocess.run(
       [sys.executable, "experiments/benchmark_step.py", "--impl", "jax",
