@@ -64,7 +64,8 @@ def main(argv=None):
   parser.add_argument("--readings", default=",".join(map(_slug, READINGS)),
                       help="comma list of reading slugs (default: all)")
   parser.add_argument("--out", default="workdirs/akd_readings")
-  parser.add_argument("--jobs", type=int, default=1)
+  parser.add_argument("--jobs", type=method_table.cli_checks.positive_int,
+                      default=1)
   parser.add_argument("--report_only", action="store_true")
   args = parser.parse_args(argv)
   by_slug = {_slug(name): name for name in READINGS}
@@ -72,7 +73,7 @@ def main(argv=None):
   unknown = sorted(set(chosen) - set(by_slug))
   if unknown:
     parser.error(f"unknown readings {unknown}; valid: {sorted(by_slug)}")
-  seeds = [int(s) for s in args.seeds.split(",")]
+  seeds = method_table.cli_checks.parse_seeds(parser, args.seeds)
   jobs = [(by_slug[slug], seed) for slug in chosen for seed in seeds]
 
   def run(name, seed):

@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.cli_checks import positive_int  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _photo_like(rng, h=480, w=640):
@@ -81,10 +82,10 @@ def _make_dataset(root, n):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--images", type=int, default=300)
-  p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--size", type=int, default=224)
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  p.add_argument("--images", type=positive_int, default=300)
+  p.add_argument("--batch", type=positive_int, default=64)
+  p.add_argument("--size", type=positive_int, default=224)
+  p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
   p.add_argument("--assumed_step_ms", type=float, default=45.0)
   p.add_argument("--storages", default="original,256,224squash")
   args = p.parse_args()

@@ -44,18 +44,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rebll_jax import config_base
 from rebll_jax import relabel
 from rebll_jax.models import build_model
+from experiments.cli_checks import positive_int
 # pylint: enable=wrong-import-position
 
 
 def main():
   c = config_base.base_config()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rows", type=int, default=1000)
-  parser.add_argument("--capacity", type=int, default=1200)
-  parser.add_argument("--chunk", type=int, default=c.relabel.chunk)
-  parser.add_argument("--image_size", type=int, default=c.data.image_size)
-  parser.add_argument("--num_classes", type=int, default=20)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--rows", type=positive_int, default=1000)
+  parser.add_argument("--capacity", type=positive_int, default=1200)
+  parser.add_argument("--chunk", type=positive_int, default=c.relabel.chunk)
+  parser.add_argument("--image_size", type=positive_int, default=c.data.image_size)
+  parser.add_argument("--num_classes", type=positive_int, default=20)
+  parser.add_argument("--repeats", type=positive_int, default=3)
   args = parser.parse_args()
 
   model = build_model(c.model, args.num_classes)

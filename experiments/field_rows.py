@@ -54,9 +54,10 @@ def main():
   parser.add_argument("--seeds", default="0")
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--out", default="workdirs/field_rows")
-  parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--workers", type=method_table.cli_checks.positive_int,
+                      default=2)
   args = parser.parse_args()
-  seeds = [int(s) for s in args.seeds.split(",")]
+  seeds = method_table.cli_checks.parse_seeds(parser, args.seeds)
   variants = args.variants.split(",")
   for v in variants:
     if v not in VARIANTS:

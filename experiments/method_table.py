@@ -40,6 +40,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments import cli_checks  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 METHODS = ("ft", "lwf", "er", "asl_pl", "krt_baseline", "rebll_akd",
            "rebll_or", "rebll", "joint")
 
@@ -79,23 +81,12 @@ def run_one(out, setting, method, seed, overrides, val):
 
 def _check_settings(parser, settings):
   """parser.error for a setting configs/synthetic.py does not know."""
-  sys.path.insert(0, ROOT)
   from configs import synthetic  # pylint: disable=g-import-not-at-top
   for setting in settings:
     try:
       synthetic.get_config(setting)
     except ValueError as e:
       parser.error(str(e))
-
-
-def _parse_seeds(parser, text):
-  try:
-    seeds = [int(s) for s in text.split(",")]
-  except ValueError:
-    parser.error(f"--seeds must be comma-separated integers, got {text!r}")
-  if any(not 0 <= s < 2**32 for s in seeds):
-    parser.error(f"--seeds must be in [0, 2**32-1], got {text!r}")
-  return seeds
 
 
 def _buffer_rate(task, wrong, right):
@@ -201,7 +192,7 @@ def main(argv=None):
                       help="score on a validation split carved from train")
   parser.add_argument("--report_only", action="store_true",
                       help="tabulate the runs already in --out, run nothing")
-  parser.add_argument("--jobs", type=int, default=1,
+  parser.add_argument("--jobs", type=cli_checks.positive_int, default=1,
                       help="runs at once (each uses all cores)")
   args = parser.parse_args(argv)
   settings = args.settings.split(",")
@@ -209,9 +200,7 @@ def main(argv=None):
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     parser.error(f"unknown methods {unknown}; valid: {list(METHODS)}")
-  if args.jobs < 1:
-    parser.error(f"--jobs must be >= 1, got {args.jobs}")
-  seeds = _parse_seeds(parser, args.seeds)
+  seeds = cli_checks.parse_seeds(parser, args.seeds)
   _check_settings(parser, settings)
   jobs = []
   for setting in settings:

@@ -1,0 +1,32 @@
+"""Argument checks shared by the experiment scripts.
+
+A user's mistake on the command line is a one-line usage error (exit 2),
+never a traceback from deep inside a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+  """argparse ``type=`` for counts and sizes that must be >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+  """``"0,1,2"`` -> [0, 1, 2]; parser.error for anything else (jax keeps 32
+  bits of a seed)."""
+  try:
+    seeds = [int(s) for s in text.split(",")]
+  except ValueError:
+    parser.error(f"--seeds must be comma-separated integers, got {text!r}")
+  if any(not 0 <= s < 2**32 for s in seeds):
+    parser.error(f"--seeds must be in [0, 2**32-1], got {text!r}")
+  return seeds
