@@ -211,8 +211,13 @@ def main(argv=None):
           jobs.append(job)  # joint: once per seed and regime
   rows = {}
   if args.report_only:
-    jobs = [j for j in jobs if os.path.exists(
+    finished = [j for j in jobs if os.path.exists(
         os.path.join(_workdir(args.out, *j), "results.json"))]
+    print(f"{len(finished)} of {len(jobs)} runs finished in {args.out}",
+          file=sys.stderr, flush=True)
+    if not finished:
+      sys.exit(f"error: no finished run under {args.out}; nothing to report")
+    jobs = finished
   if not args.report_only:
     print(f"{len(jobs)} runs into {args.out} ({args.jobs} at a time); "
           "finished runs are kept and skipped on a rerun", flush=True)

@@ -58,6 +58,11 @@ def test_bad_input_is_a_usage_error(tmp_path, capsys):
   assert not os.listdir(tmp_path)  # nothing started
 
 
+def test_report_only_without_runs_is_an_error(tmp_path):
+  with pytest.raises(SystemExit, match="no finished run"):
+    method_table.main(["--out", str(tmp_path), "--report_only"])
+
+
 def test_a_failing_run_stops_the_table(tmp_path):
   # A bad override makes every run fail; the first failure ends the table
   # with a non-zero exit naming the run, and the other runs never start.
