@@ -89,6 +89,9 @@ def parse_args(argv=None):
   p.add_argument("--cpu_library_fusion", default="reductions",
                  help="comma list of model.cpu_library_fusion values to time "
                       "(JAX on CPU; one variant per conv_impl and value)")
+  p.add_argument("--norm_impl", default="auto",
+                 help="comma list of model.norm_impl values to time "
+                      "(JAX: auto, flax, fused)")
   p.add_argument("--cpu_devices", type=int, default=0,
                  help="XLA CPU devices (0: leave XLA_FLAGS alone)")
   p.add_argument("--xla_flags", default="",
@@ -150,26 +153,27 @@ class JaxStep:
   """The jitted RebLL step; ``run()`` does one step and blocks on it."""
 
   def __init__(self, args, host, masks, conv_impl, xla_options=None,
-               cpu_library_fusion="reductions"):
+               cpu_library_fusion="reductions", norm_impl="auto"):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from rebll_jax import config_base, methods, models, optim, parallel, steps, xla_cpu  # pylint: disable=g-import-not-at-top,multiple-imports,line-too-long
-    from rebll_jax.models import conv  # pylint: disable=g-import-not-at-top
+    from rebll_jax.models import conv, norm  # pylint: disable=g-import-not-at-top
     self.jax = jax
     c = config_base.base_config()
     model_config(c, args.model)
     c.model.dtype = args.dtype
     c.model.conv_impl = conv_impl
+    c.model.norm_impl = norm_impl
     c.model.cpu_library_fusion = cpu_library_fusion
     c.augment.flip, c.augment.cutout, c.augment.randaugment_ops = False, 0, 0
     c.relabel.warmup_frac = 0.0
-    self.name = f"jax[{conv.resolve_impl(conv_impl)}]"
+    parts = [conv.resolve_impl(conv_impl),
+             f"norm={norm.resolve_impl(norm_impl)}"]
     if jax.default_backend() == "cpu":
-      self.name = f"{self.name[:-1]},{cpu_library_fusion}]"
-    if xla_options:
-      self.name = self.name[:-1] + "," + ",".join(
-          f"{k}={v}" for k, v in xla_options.items()) + "]"
+      parts.append(cpu_library_fusion)
+    parts += [f"{k}={v}" for k, v in (xla_options or {}).items()]
+    self.name = f"jax[{','.join(parts)}]"
     model = models.build_model(c.model, args.num_classes)
     tx = optim.make_transform(c.optim)
     # One device (one GPU, or the whole CPU as one XLA device) unless the
@@ -370,15 +374,13 @@ def main(argv=None):
   # Passive waiting costs torch nothing measurable when it runs alone.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   from rebll_jax import xla_cpu  # pylint: disable=g-import-not-at-top
-  for fusion in args.cpu_library_fusion.split(","):
-    if fusion.strip() not in xla_cpu.CPU_LIBRARY_FUSIONS:
-      raise SystemExit(f"unknown --cpu_library_fusion {fusion.strip()!r}; "
-                       f"valid: {list(xla_cpu.CPU_LIBRARY_FUSIONS)}")
-  from rebll_jax.models import conv  # pylint: disable=g-import-not-at-top
-  for impl in args.conv_impl.split(","):
-    if impl.strip() not in conv.IMPLS:
-      raise SystemExit(f"unknown --conv_impl {impl.strip()!r}; "
-                       f"valid: {list(conv.IMPLS)}")
+  from rebll_jax.models import conv, norm  # pylint: disable=g-import-not-at-top
+  for flag, valid in (("cpu_library_fusion", xla_cpu.CPU_LIBRARY_FUSIONS),
+                      ("conv_impl", conv.IMPLS), ("norm_impl", norm.IMPLS)):
+    for value in getattr(args, flag).split(","):
+      if value.strip() not in valid:
+        raise SystemExit(f"unknown --{flag} {value.strip()!r}; "
+                         f"valid: {list(valid)}")
   host, masks = make_inputs(args.batch, args.size, args.num_classes)
   runners = []
   # PyTorch first: its max-RSS growth is then its own (CPU memory figure).
@@ -387,12 +389,14 @@ def main(argv=None):
       runners.append(TorchStep(args, host, masks, variant))
   if args.impl in ("jax", "both"):
     fusions = [f.strip() for f in args.cpu_library_fusion.split(",")]
-    variants = [(impl.strip(), None, fusion)
-                for impl in args.conv_impl.split(",") for fusion in fusions]
+    variants = [(impl.strip(), None, fusion, norm_impl)
+                for impl in args.conv_impl.split(",") for fusion in fusions
+                for norm_impl in args.norm_impl.split(",")]
     for opts in json.loads(args.xla_options or "[]"):
-      variants.append((variants[0][0], opts, fusions[0]))
-    for impl, opts, fusion in variants:
-      runners.append(JaxStep(args, host, masks, impl, opts, fusion))
+      variants.append((variants[0][0], opts, fusions[0], variants[0][3]))
+    for impl, opts, fusion, norm_impl in variants:
+      runners.append(JaxStep(args, host, masks, impl, opts, fusion,
+                             norm_impl))
       runners[-1].run()  # first call of the compiled executable
   macs = next((r.macs_per_image for r in runners
                if r.macs_per_image is not None), None)

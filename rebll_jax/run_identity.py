@@ -27,9 +27,9 @@ MAY_CHANGE_ON_RESUME = (
     "resume", "distributed", "dist.", "num_devices", "cpu_devices",  # machine
     "data.num_workers", "data.data_dir",  # host threads; where data lives
     "model.init_from",  # used at init only; the checkpoint holds the weights
-    # XLA:CPU kernel choice: the same function to float32 rounding, like
+    # Kernel choices: the same function to float32 rounding, like
     # num_devices (and a run saved before the field existed can resume).
-    "model.cpu_library_fusion",
+    "model.cpu_library_fusion", "model.norm_impl",
     "train.progress", "train.log_every", "train.label_diagnostics",  # logs
     "train.checkpoint_every", "train.keep_checkpoints",  # cadence
     "train.epochs_later", "optim.lr_later", "protocol.num_tasks",  # extend

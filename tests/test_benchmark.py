@@ -30,7 +30,8 @@ def test_both_impls_tiny_model_output_format(tmp_path):
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert rows == json.loads(json.dumps(lines))
   impls = [r["impl"] for r in rows if "impl" in r]
-  jax_variants = ["jax[xla,reductions]", "jax[xla,xla_default]"]
+  jax_variants = ["jax[xla,norm=fused,reductions]",
+                  "jax[xla,norm=fused,xla_default]"]
   assert impls == ["torch_eager", "torch_eager_nchw"] + jax_variants
   for r in rows[:4]:
     for field in FIELDS + ("cpu_ms_per_step",):
@@ -91,9 +92,11 @@ def test_bad_numbers_and_options_are_usage_errors(argv):
   assert exit_info.value.code == 2
 
 
-def test_unknown_conv_impl_and_compile_option_are_errors():
+def test_unknown_kernel_choice_and_compile_option_are_errors():
   with pytest.raises(SystemExit, match="unknown --conv_impl 'foo'"):
     benchmark_step.main(["--impl", "jax", "--conv_impl", "gemm,foo"])
+  with pytest.raises(SystemExit, match="unknown --norm_impl 'bar'"):
+    benchmark_step.main(["--impl", "jax", "--norm_impl", "fused,bar"])
   with pytest.raises(SystemExit, match="No such compile option"):
     benchmark_step.main(["--impl", "jax", "--model", "tiny_resnet",
                          "--batch", "2", "--size", "16", "--steps", "1",

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rebll_jax.models import conv
+from rebll_jax.models import norm
 from rebll_jax.models import pretrained
 from rebll_jax.models import small_resnet
 from rebll_jax.models.pretrained import restore_backbone
@@ -28,17 +29,24 @@ def _conv_impl(cfg) -> str:
   return conv.resolve_impl(cfg.get("conv_impl", "auto"))
 
 
+def _norm_impl(cfg) -> str:
+  # A config saved before the field existed ran nn.BatchNorm.
+  return norm.resolve_impl(cfg.get("norm_impl", "flax"))
+
+
 def _small_resnet(cfg, num_classes, dtype):
   return small_resnet.SmallResNet(num_classes=num_classes, width=cfg.width,
                                   stage_sizes=tuple(cfg.stage_sizes),
                                   stem_stride=cfg.stem_stride, dtype=dtype,
-                                  conv_impl=_conv_impl(cfg))
+                                  conv_impl=_conv_impl(cfg),
+                                  norm_impl=_norm_impl(cfg))
 
 
 def _backbone(arch: str):
   def factory(cfg, num_classes, dtype):
     model = pretrained.arch_factory(arch)(cfg, num_classes, dtype)
-    return model.clone(conv_impl=_conv_impl(cfg))
+    return model.clone(conv_impl=_conv_impl(cfg),
+                       norm_impl=_norm_impl(cfg))
   return factory
 
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rebll_jax.models.conv import Conv
+from rebll_jax.models.norm import norm_act
 
 # name -> (block kind, blocks per stage)
 SPECS = {
@@ -35,20 +36,20 @@ def _pad(k: int):
 class _Layers:
   """Conv / norm factories bound to one module's dtype and train flag."""
 
-  def __init__(self, dtype, train: bool, conv_impl: str = "auto"):
-    self.dtype, self.train, self.conv_impl = dtype, train, conv_impl
+  def __init__(self, dtype, train: bool, conv_impl: str = "auto",
+               norm_impl: str = "auto"):
+    self.dtype, self.train = dtype, train
+    self.conv_impl, self.norm_impl = conv_impl, norm_impl
 
   def conv(self, features, k, stride=1, name=None):
     return Conv(features, (k, k), (stride, stride), padding=_pad(k),
                 use_bias=False, kernel_init=conv_init, dtype=self.dtype,
                 impl=self.conv_impl, name=name)
 
-  def norm(self, name, zero=False):
+  def norm(self, name, zero=False, relu=False):
     # torch momentum 0.1 == Flax momentum 0.9; eps as in torch.
-    return nn.BatchNorm(
-        use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype, name=name,
-        scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
+    return norm_act(self.norm_impl, self.train, self.dtype, name,
+                    0.0 if relu else None, zero_scale=zero)
 
 
 class BasicBlock(nn.Module):
@@ -57,12 +58,14 @@ class BasicBlock(nn.Module):
   zero_init_residual: bool = True
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  norm_impl: str = "auto"
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    L = _Layers(self.dtype, train, self.conv_impl)
-    y = nn.relu(L.norm("bn1")(L.conv(self.planes, 3, self.stride, "conv1")(x)))
+    L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl)
+    y = L.conv(self.planes, 3, self.stride, "conv1")(x)
+    y = L.norm("bn1", relu=True)(y)
     y = L.conv(self.planes, 3, 1, "conv2")(y)
     y = L.norm("bn2", zero=self.zero_init_residual)(y)
     if self.stride != 1 or x.shape[-1] != self.planes:
@@ -77,14 +80,16 @@ class Bottleneck(nn.Module):
   zero_init_residual: bool = True
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  norm_impl: str = "auto"
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    L = _Layers(self.dtype, train, self.conv_impl)
+    L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl)
     out = self.planes * self.expansion
-    y = nn.relu(L.norm("bn1")(L.conv(self.planes, 1, 1, "conv1")(x)))
-    y = nn.relu(L.norm("bn2")(L.conv(self.planes, 3, self.stride, "conv2")(y)))
+    y = L.norm("bn1", relu=True)(L.conv(self.planes, 1, 1, "conv1")(x))
+    y = L.conv(self.planes, 3, self.stride, "conv2")(y)
+    y = L.norm("bn2", relu=True)(y)
     y = L.conv(out, 1, 1, "conv3")(y)
     y = L.norm("bn3", zero=self.zero_init_residual)(y)
     if self.stride != 1 or x.shape[-1] != out:
@@ -107,14 +112,15 @@ class ResNet(nn.Module):
   zero_init_residual: bool = True  # last norm of a block starts at 0
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # see rebll_jax.models.conv
+  norm_impl: str = "auto"  # see rebll_jax.models.norm
 
   head_name = "fc"  # top-level params the converter leaves out
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    L = _Layers(self.dtype, train, self.conv_impl)
+    L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl)
     x = images.astype(self.dtype)
-    x = nn.relu(L.norm("bn1")(L.conv(64, 7, 2, "conv1")(x)))
+    x = L.norm("bn1", relu=True)(L.conv(64, 7, 2, "conv1")(x))
     # After a ReLU every value is >= 0, so zero padding == -inf padding.
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     block = BasicBlock if self.block == "basic" else Bottleneck
@@ -122,7 +128,8 @@ class ResNet(nn.Module):
       for i in range(num_blocks):
         stride = 2 if stage > 0 and i == 0 else 1
         x = block(64 * 2**stage, stride, self.zero_init_residual, self.dtype,
-                  self.conv_impl, name=f"layer{stage + 1}_{i}")(x, train)
+                  self.conv_impl, self.norm_impl,
+                  name=f"layer{stage + 1}_{i}")(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes == 0:
       return {"logits": jnp.zeros((x.shape[0], 0), jnp.float32),

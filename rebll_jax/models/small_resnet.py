@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rebll_jax.models.conv import Conv
+from rebll_jax.models.norm import norm_act
 
 
 class BasicBlock(nn.Module):
@@ -20,22 +21,22 @@ class BasicBlock(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # see rebll_jax.models.conv
+  norm_impl: str = "auto"  # see rebll_jax.models.norm
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = lambda name, **kw: nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype, name=name, **kw)
+    norm = lambda name, slope=None, zero_scale=False: norm_act(
+        self.norm_impl, train, self.dtype, name, slope, zero_scale)
     residual = x
     y = Conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)),
              use_bias=False, dtype=self.dtype, impl=self.conv_impl,
              name="conv1")(x)
-    y = nn.relu(norm("bn1")(y))
+    y = norm("bn1", slope=0.0)(y)
     y = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
              use_bias=False, dtype=self.dtype, impl=self.conv_impl,
              name="conv2")(y)
     # Zero-initialised last norm: each block starts as the identity.
-    y = norm("bn2", scale_init=nn.initializers.zeros)(y)
+    y = norm("bn2", zero_scale=True)(y)
     if residual.shape != y.shape:
       residual = Conv(self.features, (1, 1), self.strides, use_bias=False,
                       dtype=self.dtype, impl=self.conv_impl,
@@ -53,6 +54,7 @@ class SmallResNet(nn.Module):
   stem_stride: int = 1  # 2 halves the resolution early, as real ResNets do
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # see rebll_jax.models.conv
+  norm_impl: str = "auto"  # see rebll_jax.models.norm
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -60,14 +62,12 @@ class SmallResNet(nn.Module):
     x = Conv(self.width, (3, 3), self.stem_stride,
              padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
              impl=self.conv_impl, name="stem_conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, dtype=self.dtype, name="stem_bn")(x)
-    x = nn.relu(x)
+    x = norm_act(self.norm_impl, train, self.dtype, "stem_bn", 0.0)(x)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.width * 2**stage, strides, self.dtype,
-                       self.conv_impl,
+                       self.conv_impl, self.norm_impl,
                        name=f"stage{stage + 1}_block{block + 1}")(x, train)
     features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rebll_jax.models.conv import Conv
+from rebll_jax.models.norm import norm_act
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -64,6 +65,7 @@ class ConvNormAct(nn.Module):
   zero_norm: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -71,13 +73,8 @@ class ConvNormAct(nn.Module):
     x = Conv(self.features, (self.kernel, self.kernel),
              padding=((p, p), (p, p)), use_bias=False, kernel_init=conv_init,
              dtype=self.dtype, impl=self.conv_impl, name="conv")(x)
-    x = nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype, name="bn",
-        scale_init=nn.initializers.zeros if self.zero_norm
-        else nn.initializers.ones)(x)
-    if self.slope is not None:
-      x = nn.leaky_relu(x, self.slope)
+    x = norm_act(self.norm_impl, train, self.dtype, "bn", self.slope,
+                 zero_scale=self.zero_norm)(x)
     return blur_downsample(x) if self.blur else x
 
 
@@ -98,6 +95,12 @@ class SqueezeExcite(nn.Module):
     return x * nn.sigmoid(s)
 
 
+def _kernels(module) -> dict:
+  """The dtype and kernel choices a block hands to its layers."""
+  return dict(dtype=module.dtype, conv_impl=module.conv_impl,
+              norm_impl=module.norm_impl)
+
+
 class Shortcut(nn.Module):
   """2x2/2 ceil-mode average pool (padding not counted), 1x1 conv, norm."""
 
@@ -105,6 +108,7 @@ class Shortcut(nn.Module):
   pool: bool
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -113,9 +117,8 @@ class Shortcut(nn.Module):
       x = nn.avg_pool(x, (2, 2), (2, 2), padding=((0, h % 2), (0, w % 2)),
                       count_include_pad=False)
     # Named as the module at index 1 of timm's Sequential(pool, conv-norm).
-    return ConvNormAct(self.features, 1, dtype=self.dtype,
-                       conv_impl=self.conv_impl,
-                       name="1" if self.pool else "0")(x, train)
+    return ConvNormAct(self.features, 1, name="1" if self.pool else "0",
+                       **_kernels(self))(x, train)
 
 
 class BasicBlock(nn.Module):
@@ -124,21 +127,22 @@ class BasicBlock(nn.Module):
   use_se: bool = True
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  norm_impl: str = "auto"
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
+    kw = _kernels(self)
     y = ConvNormAct(self.planes, 3, 1e-3, blur=self.stride == 2,
-                    dtype=self.dtype, conv_impl=self.conv_impl,
-                    name="conv1")(x, train)
-    y = ConvNormAct(self.planes, 3, zero_norm=True, dtype=self.dtype,
-                    conv_impl=self.conv_impl, name="conv2")(y, train)
+                    name="conv1", **kw)(x, train)
+    y = ConvNormAct(self.planes, 3, zero_norm=True, name="conv2",
+                    **kw)(y, train)
     if self.use_se:
       y = SqueezeExcite(max(self.planes // 4, 64), self.dtype,
                         self.conv_impl, name="se")(y)
     if self.stride != 1 or x.shape[-1] != self.planes:
-      x = Shortcut(self.planes, self.stride == 2, self.dtype,
-                   self.conv_impl, name="downsample")(x, train)
+      x = Shortcut(self.planes, self.stride == 2, name="downsample",
+                   **kw)(x, train)
     return nn.relu(x + y)
 
 
@@ -148,25 +152,23 @@ class Bottleneck(nn.Module):
   use_se: bool = True
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  norm_impl: str = "auto"
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
+    kw = _kernels(self)
     out = self.planes * self.expansion
-    y = ConvNormAct(self.planes, 1, 1e-3, dtype=self.dtype,
-                    conv_impl=self.conv_impl, name="conv1")(x, train)
+    y = ConvNormAct(self.planes, 1, 1e-3, name="conv1", **kw)(x, train)
     y = ConvNormAct(self.planes, 3, 1e-3, blur=self.stride == 2,
-                    dtype=self.dtype, conv_impl=self.conv_impl,
-                    name="conv2")(y, train)
+                    name="conv2", **kw)(y, train)
     if self.use_se:
       # On the unexpanded width, between conv2 and conv3.
       y = SqueezeExcite(max(out // 8, 64), self.dtype, self.conv_impl,
                         name="se")(y)
-    y = ConvNormAct(out, 1, zero_norm=True, dtype=self.dtype,
-                    conv_impl=self.conv_impl, name="conv3")(y, train)
+    y = ConvNormAct(out, 1, zero_norm=True, name="conv3", **kw)(y, train)
     if self.stride != 1 or x.shape[-1] != out:
-      x = Shortcut(out, self.stride == 2, self.dtype, self.conv_impl,
-                   name="downsample")(x, train)
+      x = Shortcut(out, self.stride == 2, name="downsample", **kw)(x, train)
     return nn.relu(x + y)
 
 
@@ -182,21 +184,21 @@ class TResNet(nn.Module):
   width: int = 64
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # see rebll_jax.models.conv
+  norm_impl: str = "auto"  # see rebll_jax.models.norm
 
   head_name = "head_fc"  # top-level params the converter leaves out
 
   @nn.compact
   def __call__(self, images, train: bool = False):
+    kw = _kernels(self)
     x = space_to_depth(images.astype(self.dtype))
-    x = ConvNormAct(self.width, 3, 1e-2, dtype=self.dtype,
-                    conv_impl=self.conv_impl, name="body_conv1")(x, train)
+    x = ConvNormAct(self.width, 3, 1e-2, name="body_conv1", **kw)(x, train)
     kinds = (BasicBlock, BasicBlock, Bottleneck, Bottleneck)
     for stage, (block, num_blocks) in enumerate(zip(kinds, self.stage_sizes)):
       for i in range(num_blocks):
         stride = 2 if stage > 0 and i == 0 else 1
         x = block(self.width * 2**stage, stride, use_se=stage < 3,
-                  dtype=self.dtype, conv_impl=self.conv_impl,
-                  name=f"body_layer{stage + 1}_{i}")(x, train)
+                  name=f"body_layer{stage + 1}_{i}", **kw)(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes == 0:
       return {"logits": jnp.zeros((x.shape[0], 0), jnp.float32),
