@@ -32,6 +32,10 @@ so the whole check ends within 8 minutes):
    --squash``) on all host cores and on one, against the images/s of the
    fastest GPU step of stage 3: does the host keep up, how many cores per GPU.
 
+5. ``norm``: if budget is left, ``model.norm_impl`` flax against fused
+   (the closed-form BatchNorm gradient, the CPU default) for TResNet-M,
+   batch 64, bf16, JAX only: whether ``auto`` should pick fused on GPU too.
+
 Every result is one JSON line on stdout as soon as it is known (and in
 OUT_DIR/gpu_check.jsonl), so a cut run still reports what it finished.
 
@@ -233,6 +237,33 @@ def stage_bench(args):
   return summary
 
 
+def stage_norm(args):
+  """Which BatchNorm is faster on this device: ``model.norm_impl`` flax
+  (the default off CPU) against the closed-form-gradient one, JAX only."""
+  from experiments import benchmark_step  # pylint: disable=g-import-not-at-top
+  if args.rehearsal:
+    argv = ["--model", "tiny_resnet", "--batch", "4", "--size", "16",
+            "--steps", "2", "--warmup", "0", "--num_classes", "8",
+            "--dtype", "float32"]
+  else:
+    argv = ["--model", "tresnet_m", "--batch", "64", "--size", "224",
+            "--steps", "10", "--warmup", "2", "--dtype", "bfloat16"]
+  # A tiny matmul: this stage compares two JAX variants, not against a peak.
+  argv += ["--impl", "jax", "--norm_impl", "flax,fused", "--matmul_size", "64"]
+  rows = [l for l in benchmark_step.main(argv) if "impl" in l]
+  by_norm = {("fused" if "norm=fused" in l["impl"] else "flax"): l
+             for l in rows}
+  summary = {"stage": "norm", "model": rows[0]["model"],
+             "dtype": rows[0]["dtype"], "batch": rows[0]["batch"],
+             "size": rows[0]["size"],
+             "ms_per_step": {k: l["ms_per_step"] for k, l in by_norm.items()},
+             "compile_s": {k: l["compile_s"] for k, l in by_norm.items()}}
+  if set(by_norm) == {"flax", "fused"}:
+    summary["fused_speedup"] = round(
+        by_norm["flax"]["ms_per_step"] / by_norm["fused"]["ms_per_step"], 3)
+  return summary
+
+
 def stage_loader(args):
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
@@ -286,6 +317,7 @@ def stage_loader(args):
 
 
 STAGES = {"env": stage_env, "train": stage_train, "bench": stage_bench,
+          "norm": stage_norm,
           "loader": stage_loader}
 
 
@@ -388,7 +420,7 @@ def main(argv=None):
     else:
       emit({"stage": "wheels", "status": "none",
             "carried_from": "this environment"}, out_file)
-    caps = {"env": 60, "train": 150, "bench": 150, "loader": 60}
+    caps = {"env": 60, "train": 150, "bench": 150, "loader": 60, "norm": 120}
     env = _run_stage(args, "env", [], min(caps["env"], left()), out_file)
     peaks = (env or {}).get("peak_tflops", {})
     _run_stage(args, "train", [], min(caps["train"], left()), out_file)
@@ -412,6 +444,13 @@ def main(argv=None):
       if i == len(MODELS) - 1 or len(plan) == 1:
         _run_stage(args, "loader", ["--gpu_images_per_s", str(best_gpu)],
                    min(caps["loader"], left()), out_file)
+    # Last and optional: whatever budget the main stages left.
+    if left() >= 30 or args.rehearsal:
+      _run_stage(args, "norm", [], min(caps["norm"], max(left(), 30)),
+                 out_file)
+    else:
+      emit({"stage": "norm", "status": "skipped", "reason": "time budget"},
+           out_file)
     emit({"stage": "done", "seconds": round(time.perf_counter() - t0, 1),
           "out": out_file}, out_file)
   finally:

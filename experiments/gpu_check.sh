@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-GPU check (experiments/gpu_check.py): environment and matmul peak,
 # a tiny 2-task training run, the JAX vs PyTorch step benchmark (TResNet-M
-# and ResNet-50, batch 64, 224 px, bfloat16 and float32), the host loader.
+# and ResNet-50, batch 64, 224 px, bfloat16 and float32), the host loader,
+# then flax against the fused BatchNorm if time is left.
 # JSON lines on stdout and in OUT_DIR/gpu_check.jsonl; within 8 minutes.
 #
 #   bash experiments/gpu_check.sh [OUT_DIR]

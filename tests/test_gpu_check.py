@@ -43,7 +43,7 @@ def test_rehearsal_runs_every_stage(tmp_path):
   for r in rows:
     by_stage.setdefault(r["stage"], []).append(r)
   assert list(by_stage) == ["wheels", "env", "train", "bench", "loader",
-                            "done"]
+                            "norm", "done"]
   env = by_stage["env"][0]
   assert env["jax_backend"] == "cpu" and env["peak_tflops"]["float32"] > 0
   train = by_stage["train"][0]
@@ -54,6 +54,9 @@ def test_rehearsal_runs_every_stage(tmp_path):
   assert bench["fastest_torch"] == "torch_eager"
   assert bench["jax_vs_fastest_torch"] > 0
   assert all(r["mfu_vs_env_peak"] > 0 for r in bench["rows"])
+  norm = by_stage["norm"][-1]
+  assert set(norm["ms_per_step"]) == {"flax", "fused"}
+  assert norm["fused_speedup"] > 0
   loader = by_stage["loader"][0]
   assert set(loader["storages"]) == {"original_640x480", "store_size_256",
                                      "store_size_32_squash"}
