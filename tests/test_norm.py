@@ -86,6 +86,41 @@ def test_values_stats_and_gradients_equal_flax(slope, train):
     assert float(jnp.abs(g1[1]).max()) > 1e-2
 
 
+class _NormAct(nn.Module):
+  impl: str
+  dtype: object
+
+  @nn.compact
+  def __call__(self, x):
+    return norm.norm_act(self.impl, True, self.dtype, "bn", slope=0.0)(x)
+
+
+def test_bfloat16_activations_match_flax():
+  # Mixed precision (model.dtype=bfloat16): both keep the statistics in
+  # float32 and return bfloat16 maps.
+  variables, x, weights = _inputs()
+  variables = {k: {"bn": v} for k, v in variables.items()}
+  x = x.astype(jnp.bfloat16)
+  results = []
+  for impl in ("flax", "fused"):
+    module = _NormAct(impl, jnp.bfloat16)
+    apply = lambda v, module=module: module.apply(  # noqa: E731
+        v, x, mutable=["batch_stats"])
+    y, updates = apply(variables)
+    assert y.dtype == jnp.bfloat16
+    grads = jax.grad(lambda v, apply=apply: jnp.sum(
+        apply(v)[0].astype(jnp.float32) * weights))(variables)
+    results.append((y, updates, grads["params"]))
+  (y0, u0, g0), (y1, u1, g1) = results
+  np.testing.assert_allclose(np.asarray(y1, np.float32),
+                             np.asarray(y0, np.float32), rtol=2e-2, atol=2e-2)
+  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-1)
+  assert float(jnp.abs(g1["bn"]["scale"]).max()) > 1.0
+
+
 def test_sharded_batch_gives_global_statistics():
   n = len(jax.devices())
   assert n >= 2, "the suite runs with several CPU devices (conftest)"
