@@ -197,10 +197,8 @@ class RunState:
 
 def _initial_state(setup: Setup) -> RunState:
   config, size = setup.config, setup.config.data.image_size
-  # Jitted: an op-by-op init of a deep net costs far more than compiling it.
-  variables = jax.jit(setup.model.init, static_argnames="train")(
-      jax.random.fold_in(setup.root_key, 0), jnp.zeros((1, size, size, 3)),
-      train=False)
+  variables = models.init_variables(
+      setup.model, jax.random.fold_in(setup.root_key, 0), size)
   if setup.init_from:
     try:
       variables, setup.init_info["init_from"] = pretrained.load_pretrained(

@@ -208,9 +208,7 @@ def pretrain(config, out_dir: str) -> dict:
   model = models.build_model(cfg.model, num_classes)
   size = cfg.data.image_size
   root = jax.random.key(up.train_seed)
-  variables = jax.jit(model.init, static_argnames="train")(
-      jax.random.fold_in(root, 0), jnp.zeros((1, size, size, 3)),
-      train=False)
+  variables = models.init_variables(model, jax.random.fold_in(root, 0), size)
   tx = optim.make_transform(cfg.optim)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32),
                            params=variables["params"],

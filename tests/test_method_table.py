@@ -8,6 +8,7 @@ anything runs, and the first failing run ends the table.
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -74,3 +75,27 @@ def test_a_failing_run_stops_the_table(tmp_path):
   assert message.startswith("error: b0c4 ") and "no_such_knob" in message
   assert not (tmp_path / "b0c4" / "ft" / "seed1").exists()
   assert not (tmp_path / "b0c4" / "lwf").exists()
+
+
+def test_runs_share_a_compilation_cache(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  seen = []
+  def fake_run(cmd, env=None, **kwargs):
+    seen.append(env)
+    workdir = next(c.split("=", 1)[1] for c in cmd
+                   if c.startswith("--workdir="))
+    _write(os.path.dirname(os.path.dirname(os.path.dirname(workdir))),
+           "b0c4", "ft", 0, 50.0, {})
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+  monkeypatch.setattr(method_table.subprocess, "run", fake_run)
+  out = str(tmp_path / "t")
+  method_table.main(["--settings", "b0c4", "--seeds", "0", "--methods",
+                     "ft", "--out", out])
+  assert seen[0]["JAX_COMPILATION_CACHE_DIR"] == os.path.join(
+      os.path.abspath(out), "xla_cache")
+  # "off" gives none; a cache the caller already set is kept.
+  assert "JAX_COMPILATION_CACHE_DIR" not in method_table.child_environment(
+      "off")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+  assert method_table.child_environment("x")[
+      "JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rebll_jax import config_base, evaluation, parallel, validate, xla_cpu
+from rebll_jax import config_base, evaluation, models, parallel, validate
+from rebll_jax import xla_cpu
 from rebll_jax.errors import UserError
-from rebll_jax.models import build_model
+from rebll_jax.models import build_model, resnet, tresnet
 
 from tests.helpers import make_config
 
@@ -114,6 +115,29 @@ def test_xla_default_and_other_backends_pass_no_options(monkeypatch):
   assert xla_cpu.compiler_options("xla_default") is None
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert xla_cpu.compiler_options("reductions") is None
+
+
+@pytest.mark.parametrize("family", ["small_resnet", "resnet", "tresnet"])
+def test_init_options_give_bit_identical_parameters(family):
+  # The cheap-to-compile init program must not change a single bit (small
+  # members of each family: the same initialisers as the full nets).
+  model = {"small_resnet": _small_model,
+           "resnet": lambda: resnet.ResNet(5, stage_sizes=(1, 1, 1, 1)),
+           "tresnet": lambda: tresnet.TResNet(5, stage_sizes=(1, 1, 1, 1),
+                                              width=16)}[family]()
+  assert xla_cpu.init_options() == {"xla_backend_optimization_level": 1}
+  key = jax.random.key(3)
+  ours = models.init_variables(model, key, 32)  # with init_options
+  default = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)),
+                                         train=False))(key)
+  same = jax.tree.leaves(jax.tree.map(
+      lambda a, b: bool(np.array_equal(a, b)), ours, default))
+  assert len(same) > 10 and all(same)
+
+
+def test_init_options_only_on_cpu(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert xla_cpu.init_options() is None
 
 
 def test_unknown_choice_is_a_user_error():

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from rebll_jax import xla_cpu
 from rebll_jax.models import conv
 from rebll_jax.models import norm
 from rebll_jax.models import pretrained
@@ -66,3 +68,14 @@ def build_model(cfg, num_classes: int) -> nn.Module:
   if cfg.dtype not in DTYPES:
     raise ValueError(f"unknown model.dtype {cfg.dtype!r}; valid: {sorted(DTYPES)}")
   return ARCHS[cfg.arch](cfg, num_classes, DTYPES[cfg.dtype])
+
+
+def init_variables(model: nn.Module, key, image_size: int) -> dict:
+  """The model's initial ``{"params", "batch_stats"}`` from ``key``.
+
+  Jitted (an op-by-op init of a deep net costs far more than compiling
+  it), with the cheap-to-compile options of ``xla_cpu.init_options``.
+  """
+  init = jax.jit(model.init, static_argnames="train",
+                 compiler_options=xla_cpu.init_options())
+  return init(key, jnp.zeros((1, image_size, image_size, 3)), train=False)
