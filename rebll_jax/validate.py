@@ -14,7 +14,7 @@ import numpy as np
 
 from rebll_jax import config_base, config_checks, data, losses, methods, models
 from rebll_jax import optim, xla_cpu
-from rebll_jax.models import conv
+from rebll_jax.models import conv, norm
 from rebll_jax.errors import UserError
 
 
@@ -31,6 +31,7 @@ def _registries() -> dict:
   from rebll_jax.data import augment, loader  # pylint: disable=g-import-not-at-top
   return {"method": methods.METHODS, "data.source": data.SOURCES,
           "model.arch": models.ARCHS, "model.conv_impl": conv.IMPLS,
+          "model.norm_impl": norm.IMPLS,
           "model.cpu_library_fusion": xla_cpu.CPU_LIBRARY_FUSIONS,
           "model.dtype": models.DTYPES, "optim.name": optim.OPTIMIZERS,
           "optim.schedule": optim.SCHEDULES,

@@ -258,6 +258,11 @@ def test_cli_never_tracebacks_on_a_raw_override(key, raw, tmp_path_factory):
   _assert_one_line_error(result)
 
 
+def test_unknown_norm_impl_is_a_user_error():
+  with pytest.raises(UserError, match="unknown model.norm_impl 'bogus'"):
+    validate.check_config(_config(**{"model.norm_impl": "bogus"}))
+
+
 def test_unknown_conv_impl_is_a_user_error():
   with pytest.raises(UserError, match="unknown model.conv_impl 'foo'"):
     validate.check_config(_config(**{"model.conv_impl": "foo"}))
