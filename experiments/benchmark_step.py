@@ -149,6 +149,35 @@ def _median(xs):
 
 # --------------------------------------------------------------------- JAX ---
 
+def jax_variant_name(conv_impl, norm_impl, cpu_library_fusion, xla_options):
+  """What the JAX variant computes with on this backend, e.g.
+  ``jax[gemm,norm=fused,reductions]`` ("auto" resolved; the library fusion
+  only on CPU, where it means something)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from rebll_jax.models import conv, norm  # pylint: disable=g-import-not-at-top
+  parts = [conv.resolve_impl(conv_impl), f"norm={norm.resolve_impl(norm_impl)}"]
+  if jax.default_backend() == "cpu":
+    parts.append(cpu_library_fusion)
+  parts += [f"{k}={v}" for k, v in (xla_options or {}).items()]
+  return f"jax[{','.join(parts)}]"
+
+
+def _once(variants, name_of):
+  """``variants`` without the ones that name an already listed variant
+  (e.g. ``--norm_impl auto,fused`` on CPU): timing one program twice under
+  one name would pool its steps. Says what it dropped on stderr."""
+  kept, names = [], set()
+  for variant in variants:
+    name = name_of(variant)
+    if name in names:
+      print(f"note: {variant} is {name} here, already listed; timed once",
+            file=sys.stderr)
+      continue
+    names.add(name)
+    kept.append(variant)
+  return kept
+
+
 class JaxStep:
   """The jitted RebLL step; ``run()`` does one step and blocks on it."""
 
@@ -158,7 +187,6 @@ class JaxStep:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from rebll_jax import config_base, methods, models, optim, parallel, steps, xla_cpu  # pylint: disable=g-import-not-at-top,multiple-imports,line-too-long
-    from rebll_jax.models import conv, norm  # pylint: disable=g-import-not-at-top
     self.jax = jax
     c = config_base.base_config()
     model_config(c, args.model)
@@ -168,12 +196,8 @@ class JaxStep:
     c.model.cpu_library_fusion = cpu_library_fusion
     c.augment.flip, c.augment.cutout, c.augment.randaugment_ops = False, 0, 0
     c.relabel.warmup_frac = 0.0
-    parts = [conv.resolve_impl(conv_impl),
-             f"norm={norm.resolve_impl(norm_impl)}"]
-    if jax.default_backend() == "cpu":
-      parts.append(cpu_library_fusion)
-    parts += [f"{k}={v}" for k, v in (xla_options or {}).items()]
-    self.name = f"jax[{','.join(parts)}]"
+    self.name = jax_variant_name(conv_impl, norm_impl, cpu_library_fusion,
+                                 xla_options)
     model = models.build_model(c.model, args.num_classes)
     tx = optim.make_transform(c.optim)
     # One device (one GPU, or the whole CPU as one XLA device) unless the
@@ -385,7 +409,7 @@ def main(argv=None):
   runners = []
   # PyTorch first: its max-RSS growth is then its own (CPU memory figure).
   if args.impl in ("torch", "both"):
-    for variant in torch_variants(args):
+    for variant in _once(torch_variants(args), lambda v: v):
       runners.append(TorchStep(args, host, masks, variant))
   if args.impl in ("jax", "both"):
     fusions = [f.strip() for f in args.cpu_library_fusion.split(",")]
@@ -394,6 +418,8 @@ def main(argv=None):
                 for norm_impl in args.norm_impl.split(",")]
     for opts in json.loads(args.xla_options or "[]"):
       variants.append((variants[0][0], opts, fusions[0], variants[0][3]))
+    variants = _once(variants, lambda v: jax_variant_name(v[0], v[3], v[2],
+                                                          v[1]))
     for impl, opts, fusion, norm_impl in variants:
       runners.append(JaxStep(args, host, masks, impl, opts, fusion,
                              norm_impl))

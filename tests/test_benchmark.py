@@ -50,6 +50,21 @@ def test_both_impls_tiny_model_output_format(tmp_path):
                                                  "torch_eager_nchw"}
 
 
+def test_a_variant_listed_twice_is_timed_once(capsys):
+  # On CPU "auto" is "fused": two runners of one name would pool their
+  # steps into one believable-looking row.
+  lines = benchmark_step.main([
+      "--impl", "jax", "--model", "tiny_resnet", "--batch", "4", "--size",
+      "16", "--steps", "2", "--warmup", "0", "--num_classes", "8",
+      "--matmul_size", "64", "--conv_impl", "xla",
+      "--norm_impl", "auto,fused,flax"])
+  impls = [l["impl"] for l in lines if "impl" in l]
+  assert impls == ["jax[xla,norm=fused,reductions]",
+                   "jax[xla,norm=flax,reductions]"]
+  assert all(len(l["step_times_ms"]) == 2 for l in lines if "impl" in l)
+  assert "already listed; timed once" in capsys.readouterr().err
+
+
 def test_ratio_is_against_the_fastest_torch_variant():
   rows = [{"impl": "torch_eager", "images_per_s": 10.0,
            "cpu_ms_per_step": 100.0},
