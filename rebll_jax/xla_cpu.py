@@ -53,11 +53,13 @@ def compiler_options(choice: str) -> dict | None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu" or choice == "xla_default":
     return None
-  return _supported(_VALUES[choice], _OPTION)
+  return _supported(_OPTION, _VALUES[choice])
 
 
 @functools.lru_cache(maxsize=None)
-def _supported(value, option: str) -> dict | None:
+def _supported(option: str, value) -> dict | None:
+  """``{option: value}`` if this XLA compiles with it (probed once), else
+  None with one warning."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   options = {option: value}
@@ -85,7 +87,7 @@ def init_options() -> dict | None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":
     return None
-  return _supported(1, "xla_backend_optimization_level")
+  return _supported("xla_backend_optimization_level", 1)
 
 
 def options_for(model_config) -> dict | None:
