@@ -211,12 +211,9 @@ class JaxStep:
     shape = (1, args.size, args.size, 3)
     variables = jax.jit(model.init, static_argnames="train")(
         jax.random.key(0), jnp.zeros(shape), train=False)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32),
-                             params=variables["params"],
-                             batch_stats=variables["batch_stats"],
-                             opt_state=tx.init(variables["params"]))
+    state = steps.initial_train_state(tx, variables)
     self.state = jax.device_put(state, rep)
-    self.old = jax.device_put(jax.tree.map(jnp.copy, variables), rep)
+    self.old = jax.device_put(steps.copy_tree(variables), rep)
     self.batch = parallel.to_global(mesh, host)
     self.context = jax.device_put({
         "current_mask": jnp.asarray(masks["current"]),

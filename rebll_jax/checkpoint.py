@@ -171,6 +171,21 @@ def checksum(tree) -> str:
   return f"{crc:08x}"
 
 
+def _on_host(tree):
+  """``tree`` with its device arrays copied to numpy, all at once.
+
+  Handed device arrays, orbax moves each one to the host itself, slicing
+  out one replica per array with an eager op (a compile per new shape):
+  0.3-0.4 s of every save of the default experiment on 2 CPU devices, where
+  the whole state is a few MB. Restores are unchanged: the arrays come back
+  on the target's devices and shardings either way. With several processes
+  the tree goes to orbax as it is (each process writes what it owns).
+  """
+  if jax.process_count() > 1:
+    return tree
+  return jax.device_get(tree)
+
+
 _SAVE_SLACK_BYTES = 1 << 20  # orbax's metadata files and the JSON item
 _JOIN_SECONDS = 30.0  # most to wait for orbax's writers after a failed save
 
@@ -215,6 +230,7 @@ class Checkpointer:
     """Writes ``tree`` and ``meta`` (plus the tree's checksum) atomically."""
     steps = self.steps()
     number = steps[-1] + 1 if steps else 0
+    tree = _on_host(tree)
     meta = {**meta, "checksum": checksum(tree)}
     meta["meta_checksum"] = meta_checksum(meta)
     self._check_free_space(tree, number)

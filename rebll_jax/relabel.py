@@ -4,7 +4,9 @@ Two places fill the missing blocks of the label block matrix (section 3):
 
 - inside the jitted train step, per batch (``relabel_new_rows``,
   ``relabel_memory_rows``): pure jnp on [batch, num_classes] arrays, where
-  every class/row selection is an array mask so tasks never recompile;
+  every class/row selection is an array mask so tasks never recompile
+  (given only numpy arrays, the same functions run in numpy: the
+  between-task pass uses ``relabel_new_rows`` on the host);
 - between tasks, over the whole replay buffer (``relabel_buffer``): the
   trained model runs over fixed-size chunks through one jitted function the
   caller supplies; the buffer stays numpy on the host.
@@ -33,9 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _as_bool(x):
-  x = jnp.asarray(x)
-  return x if x.dtype == jnp.bool_ else x != 0
+def _namespace(*arrays):
+  """jnp if any input is a JAX array (or tracer), else numpy: host callers
+  (the between-task pass) then run no eager op, so no compile per shape."""
+  return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
+
+
+def _as_bool(x, xp):
+  x = xp.asarray(x)
+  return x if x.dtype == np.bool_ else x != 0
 
 
 def decide(probs, tau, tau_low=None):
@@ -48,14 +56,15 @@ def decide(probs, tau, tau_low=None):
   return positive, positive | (probs <= tau_low)
 
 
-def _fill(labels, known, fill, probs, tau, tau_low):
+def _fill(labels, known, fill, probs, tau, tau_low, xp):
   """Writes 1[p > tau] where fill and decided; returns (labels, known)."""
-  labels, known = jnp.asarray(labels), jnp.asarray(known)
-  values, decided = decide(jax.lax.stop_gradient(jnp.asarray(probs)), tau,
-                           tau_low)
+  labels, known, probs = (xp.asarray(a) for a in (labels, known, probs))
+  if xp is jnp:
+    probs = jax.lax.stop_gradient(probs)
+  values, decided = decide(probs, tau, tau_low)
   fill = fill & decided
-  new_labels = jnp.where(fill, values.astype(labels.dtype), labels)
-  new_known = jnp.where(fill, jnp.ones_like(known), known)
+  new_labels = xp.where(fill, values.astype(labels.dtype), labels)
+  new_known = xp.where(fill, xp.ones_like(known), known)
   return new_labels, new_known
 
 
@@ -82,9 +91,11 @@ def relabel_new_rows(*, labels, known, old_probs, old_class_mask, row_is_new,
   Returns:
     (labels, known) with the input shapes and dtypes.
   """
-  fill = (_as_bool(row_is_new)[:, None] & _as_bool(old_class_mask) &
-          ~_as_bool(known))
-  return _fill(labels, known, fill, old_probs, tau_old, tau_old_low)
+  xp = _namespace(labels, known, old_probs, old_class_mask, row_is_new,
+                  tau_old, tau_old_low)
+  fill = (_as_bool(row_is_new, xp)[:, None] & _as_bool(old_class_mask, xp) &
+          ~_as_bool(known, xp))
+  return _fill(labels, known, fill, old_probs, tau_old, tau_old_low, xp)
 
 
 def relabel_memory_rows(*, labels, known, probs, current_class_mask,
@@ -110,9 +121,11 @@ def relabel_memory_rows(*, labels, known, probs, current_class_mask,
   Returns:
     (labels, known) with the input shapes and dtypes.
   """
-  fill = (_as_bool(active) & _as_bool(row_is_memory)[:, None] &
-          _as_bool(current_class_mask) & ~_as_bool(known))
-  return _fill(labels, known, fill, probs, tau_cur, tau_cur_low)
+  xp = _namespace(labels, known, probs, current_class_mask, row_is_memory,
+                  tau_cur, active, tau_cur_low)
+  fill = (_as_bool(active, xp) & _as_bool(row_is_memory, xp)[:, None] &
+          _as_bool(current_class_mask, xp) & ~_as_bool(known, xp))
+  return _fill(labels, known, fill, probs, tau_cur, tau_cur_low, xp)
 
 
 def warmup_active(*, step, total_steps, warmup_frac):

@@ -208,12 +208,9 @@ def _initial_state(setup: Setup) -> RunState:
       detail = "; ".join(l.strip() for l in str(e).splitlines() if l.strip())
       raise UserError(f"model.init_from={setup.init_from!r}: "
                       f"{detail}") from None
-  train_state = steps.TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"],
-      opt_state=setup.tx.init(variables["params"]))
+  train_state = steps.initial_train_state(setup.tx, variables)
   return RunState(train=train_state,
-                  old=jax.tree.map(jnp.copy, steps.variables_of(train_state)),
+                  old=steps.copy_tree(steps.variables_of(train_state)),
                   memory=replay.create(config, setup.method, setup.source))
 
 
@@ -361,7 +358,7 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
   total = epochs * batches.steps_per_epoch
   if state.task_step == 0:  # optimizer and schedule rebuilt for every task
     state.train = state.train.replace(opt_state=parallel.replicate(
-        mesh, setup.tx.init(state.train.params)))
+        mesh, steps.fresh_opt_state(setup.tx, state.train.params)))
   task_start = int(state.train.step) - state.task_step
   context = parallel.replicate(mesh, steps.task_context(
       task, task_start=task_start, total_steps=total,
@@ -431,7 +428,7 @@ def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
       state.memory, config=config, method=setup.method, source=source,
       view=view, task=task, tasks=setup.tasks, predictor=setup.predictor,
       variables=variables, old_variables=state.old)
-  state.old = jax.tree.map(jnp.copy, variables)  # owns its buffers
+  state.old = steps.copy_tree(variables)  # owns its buffers
   sums = diagnostics.LabelSums(state.label_sums)
   state.results.append({
       "task": task.index + 1,

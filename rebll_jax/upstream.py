@@ -194,7 +194,6 @@ def pretrain(config, out_dir: str) -> dict:
   """
   # Deferred: the CLI's --help and the key functions need no jax.
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from rebll_jax import methods, metrics, models, optim, protocol, steps, xla_cpu  # pylint: disable=g-import-not-at-top,line-too-long
   from rebll_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from rebll_jax.models import pretrained  # pylint: disable=g-import-not-at-top
@@ -210,10 +209,7 @@ def pretrain(config, out_dir: str) -> dict:
   root = jax.random.key(up.train_seed)
   variables = models.init_variables(model, jax.random.fold_in(root, 0), size)
   tx = optim.make_transform(cfg.optim)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32),
-                           params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]))
+  state = steps.initial_train_state(tx, variables)
   batch_size = min(up.global_batch, len(train_x))
   steps_per_epoch = len(train_x) // batch_size
   total = up.epochs * steps_per_epoch

@@ -199,12 +199,23 @@ TENSORSTORE_ENOSPC = (
     "left on device [os_error_code='28']")
 
 
-def _array_writer_fills_disk(monkeypatch):
-  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
+def fill_disk(set_attribute=setattr):
+  """Makes orbax's array writes fail with tensorstore's ENOSPC, on both of
+  its paths: device arrays (several processes) and host arrays (one
+  process: ``checkpoint._on_host``)."""
+  from orbax.checkpoint._src.serialization import serialization, type_handlers  # pylint: disable=g-import-not-at-top,line-too-long
 
   def full(array):
     raise ValueError(TENSORSTORE_ENOSPC)
-  monkeypatch.setattr(serialization, "estimate_write_memory_footprint", full)
+
+  async def full_write(self, value, tspec, ts_context):
+    raise ValueError(TENSORSTORE_ENOSPC)
+  set_attribute(serialization, "estimate_write_memory_footprint", full)
+  set_attribute(type_handlers.NumpyHandler, "_open_and_write", full_write)
+
+
+def _array_writer_fills_disk(monkeypatch):
+  fill_disk(monkeypatch.setattr)
 
 
 def _json_writer_fills_disk(monkeypatch):
@@ -278,22 +289,20 @@ def test_is_no_space_looks_through_wrappers():
 _FULL_DISK_RUN = """
 import sys
 import jax.numpy as jnp
-from orbax.checkpoint._src.serialization import serialization
 from rebll_jax import checkpoint, main, train
+from tests.test_faults import fill_disk
 
 def run(config, workdir, setting=None):  # third save meets a full disk
   ckpt = checkpoint.Checkpointer(workdir + "/checkpoints")
   for i in range(3):
     if i == 2:
-      def full(array):
-        raise ValueError(%r)
-      serialization.estimate_write_memory_footprint = full
+      fill_disk()
     ckpt.save({"w": jnp.arange(256.0) + i}, {"i": i})
 
 train.run = run
 sys.argv = ["main", "--config=configs/test.py", "--workdir=" + sys.argv[1]]
 main.run()
-""" % TENSORSTORE_ENOSPC
+"""
 
 
 def test_cli_disk_full_is_one_line_exit_1(tmp_path):
@@ -308,3 +317,32 @@ def test_cli_disk_full_is_one_line_exit_1(tmp_path):
   assert result.stderr == ("error: no space left on device while saving "
                            "checkpoint 2; free space and rerun to resume\n")
   assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["0", "1"]
+
+
+def test_save_hands_orbax_host_arrays_restore_puts_them_back(tmp_path,
+                                                             monkeypatch):
+  """Single process: one batched copy to numpy before orbax (no per-array
+  replica slicing); the restore puts each array back on the target's
+  devices, bit for bit."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rebll_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(2)
+  tree = parallel.replicate(mesh, {
+      "w": jnp.arange(12., dtype=jnp.float32).reshape(3, 4) / 7,
+      "step": jnp.asarray(7, jnp.int32), "mask": jnp.array([True, False])})
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  handed = []
+  save = ckpt.manager.save
+  monkeypatch.setattr(ckpt.manager, "save", lambda number, args: (
+      handed.append(args["state"].item), save(number, args=args))[1])
+  ckpt.save(tree, {"i": 1})
+  assert handed and all(isinstance(leaf, np.ndarray)
+                        for leaf in jax.tree.leaves(handed[0]))
+  restored, meta = ckpt.restore_latest(tree)
+  ckpt.close()
+  assert meta["i"] == 1 and meta["checksum"] == checkpoint.checksum(tree)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(tree)):
+    assert isinstance(got, jax.Array) and got.sharding == want.sharding
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)

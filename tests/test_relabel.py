@@ -223,6 +223,36 @@ def test_relabel_memory_rows_by_hand_and_warmup():
   assert [act(s) for s in (0, 4, 5, 9)] == [False, False, True, True]
 
 
+def test_numpy_inputs_run_in_numpy_with_the_same_result():
+  """The between-task pass hands numpy: the same labels, computed in numpy
+  (numpy out: no eager JAX op, so no compile per buffer shape)."""
+  labels, known, probs, current, old, row_is_new, row_is_memory = _batch()
+  host = [np.asarray(a) for a in (labels, known, probs, current, old,
+                                  row_is_new, row_is_memory)]
+  for tau_low in (None, 0.3):
+    want = relabel.relabel_new_rows(
+        labels=labels, known=known, old_probs=probs, old_class_mask=old,
+        row_is_new=row_is_new, tau_old=0.5, tau_old_low=tau_low)
+    got = relabel.relabel_new_rows(
+        labels=host[0], known=host[1], old_probs=host[2],
+        old_class_mask=host[4], row_is_new=host[5], tau_old=0.5,
+        tau_old_low=tau_low)
+    for g, w in zip(got, want):
+      assert isinstance(g, np.ndarray) and g.dtype == w.dtype
+      np.testing.assert_array_equal(g, w)
+    want = relabel.relabel_memory_rows(
+        labels=labels, known=known, probs=probs, current_class_mask=current,
+        row_is_memory=row_is_memory, tau_cur=0.5, active=True,
+        tau_cur_low=tau_low)
+    got = relabel.relabel_memory_rows(
+        labels=host[0], known=host[1], probs=host[2],
+        current_class_mask=host[3], row_is_memory=host[6], tau_cur=0.5,
+        active=True, tau_cur_low=tau_low)
+    for g, w in zip(got, want):
+      assert isinstance(g, np.ndarray) and g.dtype == w.dtype
+      np.testing.assert_array_equal(g, w)
+
+
 def test_online_jit_equals_no_jit_and_no_gradient_leak():
   labels, known, probs, current, old, row_is_new, row_is_memory = _batch()
 

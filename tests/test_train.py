@@ -71,3 +71,32 @@ def test_resume_after_task_equals_uninterrupted(eight_devices, tmp_path):
       "train_seconds"]
   np.testing.assert_allclose(_maps(resumed), _maps(eight_devices[1]),
                              atol=1e-6)
+
+
+def test_state_helpers_equal_the_eager_construction():
+  """steps.initial_train_state / fresh_opt_state / copy_tree: one program
+  each, the same arrays as optax's eager init and jnp.copy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rebll_jax import optim, steps  # pylint: disable=g-import-not-at-top
+  c = make_config()
+  for name in ("adam", "sgd"):
+    c.optim.name = name
+    tx = optim.make_transform(c.optim)
+    variables = {"params": {"conv": {"kernel": jnp.arange(24.).reshape(
+        2, 3, 4)}, "head": {"bias": jnp.ones(5)}},
+                 "batch_stats": {"bn": {"mean": jnp.full(3, 0.5)}}}
+    state = steps.initial_train_state(tx, variables)
+    assert state.step.dtype == jnp.int32 and int(state.step) == 0
+    want = tx.init(variables["params"])
+    for got in (state.opt_state, steps.fresh_opt_state(tx,
+                                                        variables["params"])):
+      assert jax.tree.structure(got) == jax.tree.structure(want)
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+    old = steps.copy_tree(steps.variables_of(state))
+    for g, w in zip(jax.tree.leaves(old), jax.tree.leaves(variables)):
+      np.testing.assert_array_equal(g, w)
+      # Own buffers: the train step donates the state's.
+      assert g.unsafe_buffer_pointer() != w.unsafe_buffer_pointer()
