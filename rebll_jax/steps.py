@@ -44,7 +44,8 @@ def variables_of(state: TrainState) -> dict:
 
 
 # One program each instead of one small eager compile per parameter shape
-# (optax's zeros, the copies): ~40 of them per run, ~1 s on 2 CPU cores.
+# (optax's zeros, the copies): ~45 of them per run of the default
+# experiment, 0.6 s of compiling on 2 CPU cores plus their dispatch.
 @functools.partial(jax.jit, static_argnums=0)
 def initial_train_state(tx: optax.GradientTransformation,
                         variables: dict) -> TrainState:
