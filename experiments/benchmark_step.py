@@ -209,8 +209,7 @@ class JaxStep:
                        "devices")
     rep = parallel.replicated(mesh)
     shape = (1, args.size, args.size, 3)
-    variables = jax.jit(model.init, static_argnames="train")(
-        jax.random.key(0), jnp.zeros(shape), train=False)
+    variables = models.init_variables(model, jax.random.key(0), args.size)
     state = steps.initial_train_state(tx, variables)
     self.state = jax.device_put(state, rep)
     self.old = jax.device_put(steps.copy_tree(variables), rep)
