@@ -68,7 +68,8 @@ def conv_shapes(model_name: str, batch: int, size: int) -> list:
   model = models.build_model(c.model, 20)
   x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
   variables = jax.eval_shape(
-      lambda: models.init_variables(model, jax.random.key(0), size))
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                         train=False))
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
       variables, x).jaxpr
   uses = collections.OrderedDict()
