@@ -38,7 +38,9 @@ every value of ``--cpu_library_fusion reductions,xla_default``
 XLA compiler options (compiled in this process, so still interleaved);
 ``--xla_flags`` appends to XLA_FLAGS for the whole process.
 ``--cpu_devices N`` splits the CPU into N XLA devices with the batch sharded
-over them (set before JAX starts).
+over them (set before JAX starts). ``--host_malloc`` (default ``retain``, a
+run's default) sets the C allocator for the whole process, so both sides
+run with the same allocator (rebll_jax/host_malloc.py).
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ def parse_args(argv=None):
                       "(JAX: auto, flax, fused)")
   p.add_argument("--cpu_devices", type=int, default=0,
                  help="XLA CPU devices (0: leave XLA_FLAGS alone)")
+  p.add_argument("--host_malloc", choices=("retain", "system"),
+                 default="retain",
+                 help="the C allocator's handling of freed memory, for the "
+                      "whole process (both sides): config.host_malloc")
   p.add_argument("--xla_flags", default="",
                  help="appended to XLA_FLAGS before JAX starts")
   p.add_argument("--xla_options", default="",
@@ -393,7 +399,7 @@ def main(argv=None):
   # side (measured: torch 30 ms/step alone, 1000+ ms beside JAX on 2 cores).
   # Passive waiting costs torch nothing measurable when it runs alone.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-  from rebll_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from rebll_jax import host_malloc, xla_cpu  # pylint: disable=g-import-not-at-top,multiple-imports
   from rebll_jax.models import conv, norm  # pylint: disable=g-import-not-at-top
   for flag, valid in (("cpu_library_fusion", xla_cpu.CPU_LIBRARY_FUSIONS),
                       ("conv_impl", conv.IMPLS), ("norm_impl", norm.IMPLS)):
@@ -401,6 +407,10 @@ def main(argv=None):
       if value.strip() not in valid:
         raise SystemExit(f"unknown --{flag} {value.strip()!r}; "
                          f"valid: {list(valid)}")
+  # The run's default (config.host_malloc); one process, so both sides.
+  problem = host_malloc.configure(args.host_malloc)
+  if problem:
+    print(f"warning: {problem}", file=sys.stderr)
   host, masks = make_inputs(args.batch, args.size, args.num_classes)
   runners = []
   # PyTorch first: its max-RSS growth is then its own (CPU memory figure).
@@ -465,6 +475,7 @@ def main(argv=None):
         "step_times_ms": [round(t * 1e3, 1) for t in times[r.name]],
         "loadavg": [round(x, 2) for x in load], "cpus": os.cpu_count(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "host_malloc": args.host_malloc,
     }
     if r.name.startswith("torch"):
       line["torch_threads"] = r.torch.get_num_threads()

@@ -30,6 +30,7 @@ MAY_CHANGE_ON_RESUME = (
     # Kernel choices: the same function to float32 rounding, like
     # num_devices (and a run saved before the field existed can resume).
     "model.cpu_library_fusion", "model.norm_impl",
+    "host_malloc",  # where host memory comes from, never a value
     "train.progress", "train.log_every", "train.label_diagnostics",  # logs
     "train.checkpoint_every", "train.keep_checkpoints",  # cadence
     "train.epochs_later", "optim.lr_later", "protocol.num_tasks",  # extend

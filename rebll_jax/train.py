@@ -37,7 +37,7 @@ from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
 from rebll_jax import memory as memory_lib
 from rebll_jax import models, optim, parallel, protocol, replay, reporting
 from rebll_jax import run_identity, steps, upstream, validate, workdir_lock
-from rebll_jax import xla_cpu
+from rebll_jax import host_malloc, xla_cpu
 from rebll_jax.data import field_augment, loader
 from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained
@@ -114,6 +114,8 @@ def _set_up_locked(config, workdir, lock, setting) -> Setup:
   if init_from and not os.path.isfile(init_from):  # files convert at init
     pretrained.check_init_from(init_from, config.model.arch)
   model = models.build_model(config.model, source.num_classes)
+  # Process-wide, before the first step allocates (rebll_jax/host_malloc.py).
+  host_malloc.apply(config.get("host_malloc", "retain"), log)
   return Setup(config=config, workdir=workdir, method=method, source=source,
                tasks=tasks, mesh=mesh, model=model,
                tx=optim.make_transform(config.optim),

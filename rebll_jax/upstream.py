@@ -39,6 +39,7 @@ import time
 import ml_collections
 import numpy as np
 
+from rebll_jax import host_malloc
 from rebll_jax.errors import UserError
 
 log = logging.getLogger("rebll_jax")
@@ -316,6 +317,10 @@ def main(argv=None) -> int:
     if args.out and os.path.exists(args.out) and not _complete(args.out):
       raise UserError(f"--out {args.out} exists and is not an upstream "
                       "checkpoint; choose another directory")
+    try:  # process-wide, as a run does (rebll_jax/host_malloc.py)
+      host_malloc.apply(config.get("host_malloc", "retain"), log)
+    except ValueError as e:
+      raise UserError(f"--config {args.config}: {e}") from None
     started = time.time()
     directory = ensure(config, args.out or None)
   except UserError as e:

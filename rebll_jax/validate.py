@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 
 from rebll_jax import config_base, config_checks, data, losses, methods, models
-from rebll_jax import optim, xla_cpu
+from rebll_jax import host_malloc, optim, xla_cpu
 from rebll_jax.models import conv, norm
 from rebll_jax.errors import UserError
 
@@ -33,6 +33,7 @@ def _registries() -> dict:
           "model.arch": models.ARCHS, "model.conv_impl": conv.IMPLS,
           "model.norm_impl": norm.IMPLS,
           "model.cpu_library_fusion": xla_cpu.CPU_LIBRARY_FUSIONS,
+          "host_malloc": host_malloc.HOST_MALLOCS,
           "model.dtype": models.DTYPES, "optim.name": optim.OPTIMIZERS,
           "optim.schedule": optim.SCHEDULES,
           "memory.selection": memory.SELECTIONS, "memory.mix": loader.MIXES,

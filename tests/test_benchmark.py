@@ -16,7 +16,7 @@ from experiments import benchmark_step
 FIELDS = ("impl", "model", "batch", "size", "dtype", "device", "ms_per_step",
           "images_per_s", "compile_s", "peak_memory_bytes",
           "peak_memory_source", "flops_per_step", "fraction_of_peak",
-          "matmul_peak_tflops", "step_times_ms", "loadavg")
+          "matmul_peak_tflops", "step_times_ms", "loadavg", "host_malloc")
 
 
 def test_both_impls_tiny_model_output_format(tmp_path):
