@@ -33,7 +33,8 @@ CPU-time ratio, and the ratio to every PyTorch variant.
 ``--conv_impl xla,matmul_grad`` times several JAX variants in one run
 (``model.conv_impl``; default: this backend's ``auto`` choice), each for
 every value of ``--cpu_library_fusion reductions,xla_default``
-(``model.cpu_library_fusion``, CPU only; default: the run default);
+(``model.cpu_library_fusion``, CPU only; default: the run default) and of
+``--cpu_scheduler memory,xla_default`` (``model.cpu_scheduler``);
 ``--xla_options '[{"xla_cpu_...": ...}]'`` adds one JAX variant per dict of
 XLA compiler options (compiled in this process, so still interleaved);
 ``--xla_flags`` appends to XLA_FLAGS for the whole process.
@@ -91,6 +92,9 @@ def parse_args(argv=None):
   p.add_argument("--cpu_library_fusion", default="reductions",
                  help="comma list of model.cpu_library_fusion values to time "
                       "(JAX on CPU; one variant per conv_impl and value)")
+  p.add_argument("--cpu_scheduler", default="memory",
+                 help="comma list of model.cpu_scheduler values to time "
+                      "(JAX on CPU: memory, xla_default)")
   p.add_argument("--norm_impl", default="auto",
                  help="comma list of model.norm_impl values to time "
                       "(JAX: auto, flax, fused)")
@@ -155,15 +159,17 @@ def _median(xs):
 
 # --------------------------------------------------------------------- JAX ---
 
-def jax_variant_name(conv_impl, norm_impl, cpu_library_fusion, xla_options):
+def jax_variant_name(conv_impl, norm_impl, cpu_library_fusion, xla_options,
+                     cpu_scheduler="memory"):
   """What the JAX variant computes with on this backend, e.g.
-  ``jax[gemm,norm=fused,reductions]`` ("auto" resolved; the library fusion
-  only on CPU, where it means something)."""
+  ``jax[gemm,norm=fused,reductions,sched=memory]`` ("auto" resolved; the
+  library fusion and the scheduler only on CPU, where they mean
+  something)."""
   import jax  # pylint: disable=g-import-not-at-top
   from rebll_jax.models import conv, norm  # pylint: disable=g-import-not-at-top
   parts = [conv.resolve_impl(conv_impl), f"norm={norm.resolve_impl(norm_impl)}"]
   if jax.default_backend() == "cpu":
-    parts.append(cpu_library_fusion)
+    parts += [cpu_library_fusion, f"sched={cpu_scheduler}"]
   parts += [f"{k}={v}" for k, v in (xla_options or {}).items()]
   return f"jax[{','.join(parts)}]"
 
@@ -188,7 +194,8 @@ class JaxStep:
   """The jitted RebLL step; ``run()`` does one step and blocks on it."""
 
   def __init__(self, args, host, masks, conv_impl, xla_options=None,
-               cpu_library_fusion="reductions", norm_impl="auto"):
+               cpu_library_fusion="reductions", norm_impl="auto",
+               cpu_scheduler="memory"):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
@@ -200,10 +207,11 @@ class JaxStep:
     c.model.conv_impl = conv_impl
     c.model.norm_impl = norm_impl
     c.model.cpu_library_fusion = cpu_library_fusion
+    c.model.cpu_scheduler = cpu_scheduler
     c.augment.flip, c.augment.cutout, c.augment.randaugment_ops = False, 0, 0
     c.relabel.warmup_frac = 0.0
     self.name = jax_variant_name(conv_impl, norm_impl, cpu_library_fusion,
-                                 xla_options)
+                                 xla_options, cpu_scheduler)
     model = models.build_model(c.model, args.num_classes)
     tx = optim.make_transform(c.optim)
     # One device (one GPU, or the whole CPU as one XLA device) unless the
@@ -402,6 +410,7 @@ def main(argv=None):
   from rebll_jax import host_malloc, xla_cpu  # pylint: disable=g-import-not-at-top,multiple-imports
   from rebll_jax.models import conv, norm  # pylint: disable=g-import-not-at-top
   for flag, valid in (("cpu_library_fusion", xla_cpu.CPU_LIBRARY_FUSIONS),
+                      ("cpu_scheduler", xla_cpu.CPU_SCHEDULERS),
                       ("conv_impl", conv.IMPLS), ("norm_impl", norm.IMPLS)):
     for value in getattr(args, flag).split(","):
       if value.strip() not in valid:
@@ -419,16 +428,18 @@ def main(argv=None):
       runners.append(TorchStep(args, host, masks, variant))
   if args.impl in ("jax", "both"):
     fusions = [f.strip() for f in args.cpu_library_fusion.split(",")]
-    variants = [(impl.strip(), None, fusion, norm_impl)
+    schedulers = [f.strip() for f in args.cpu_scheduler.split(",")]
+    variants = [(impl.strip(), None, fusion, norm_impl.strip(), scheduler)
                 for impl in args.conv_impl.split(",") for fusion in fusions
-                for norm_impl in args.norm_impl.split(",")]
+                for norm_impl in args.norm_impl.split(",")
+                for scheduler in schedulers]
     for opts in json.loads(args.xla_options or "[]"):
-      variants.append((variants[0][0], opts, fusions[0], variants[0][3]))
+      variants.append(variants[0][:1] + (opts,) + variants[0][2:])
     variants = _once(variants, lambda v: jax_variant_name(v[0], v[3], v[2],
-                                                          v[1]))
-    for impl, opts, fusion, norm_impl in variants:
+                                                          v[1], v[4]))
+    for impl, opts, fusion, norm_impl, scheduler in variants:
       runners.append(JaxStep(args, host, masks, impl, opts, fusion,
-                             norm_impl))
+                             norm_impl, scheduler))
       runners[-1].run()  # first call of the compiled executable
   macs = next((r.macs_per_image for r in runners
                if r.macs_per_image is not None), None)

@@ -29,7 +29,7 @@ MAY_CHANGE_ON_RESUME = (
     "model.init_from",  # used at init only; the checkpoint holds the weights
     # Kernel choices: the same function to float32 rounding, like
     # num_devices (and a run saved before the field existed can resume).
-    "model.cpu_library_fusion", "model.norm_impl",
+    "model.cpu_library_fusion", "model.norm_impl", "model.cpu_scheduler",
     "host_malloc",  # where host memory comes from, never a value
     "train.progress", "train.log_every", "train.label_diagnostics",  # logs
     "train.checkpoint_every", "train.keep_checkpoints",  # cadence

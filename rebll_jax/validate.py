@@ -33,6 +33,7 @@ def _registries() -> dict:
           "model.arch": models.ARCHS, "model.conv_impl": conv.IMPLS,
           "model.norm_impl": norm.IMPLS,
           "model.cpu_library_fusion": xla_cpu.CPU_LIBRARY_FUSIONS,
+          "model.cpu_scheduler": xla_cpu.CPU_SCHEDULERS,
           "host_malloc": host_malloc.HOST_MALLOCS,
           "model.dtype": models.DTYPES, "optim.name": optim.OPTIMIZERS,
           "optim.schedule": optim.SCHEDULES,

@@ -30,8 +30,8 @@ def test_both_impls_tiny_model_output_format(tmp_path):
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert rows == json.loads(json.dumps(lines))
   impls = [r["impl"] for r in rows if "impl" in r]
-  jax_variants = ["jax[xla,norm=fused,reductions]",
-                  "jax[xla,norm=fused,xla_default]"]
+  jax_variants = ["jax[xla,norm=fused,reductions,sched=memory]",
+                  "jax[xla,norm=fused,xla_default,sched=memory]"]
   assert impls == ["torch_eager", "torch_eager_nchw"] + jax_variants
   for r in rows[:4]:
     for field in FIELDS + ("cpu_ms_per_step",):
@@ -57,10 +57,13 @@ def test_a_variant_listed_twice_is_timed_once(capsys):
       "--impl", "jax", "--model", "tiny_resnet", "--batch", "4", "--size",
       "16", "--steps", "2", "--warmup", "0", "--num_classes", "8",
       "--matmul_size", "64", "--conv_impl", "xla",
-      "--norm_impl", "auto,fused,flax"])
+      "--norm_impl", "auto,fused,flax", "--cpu_scheduler",
+      "memory,xla_default"])
   impls = [l["impl"] for l in lines if "impl" in l]
-  assert impls == ["jax[xla,norm=fused,reductions]",
-                   "jax[xla,norm=flax,reductions]"]
+  assert impls == ["jax[xla,norm=fused,reductions,sched=memory]",
+                   "jax[xla,norm=fused,reductions,sched=xla_default]",
+                   "jax[xla,norm=flax,reductions,sched=memory]",
+                   "jax[xla,norm=flax,reductions,sched=xla_default]"]
   assert all(len(l["step_times_ms"]) == 2 for l in lines if "impl" in l)
   assert "already listed; timed once" in capsys.readouterr().err
 

@@ -156,6 +156,38 @@ def test_the_predictor_compiles_with_the_runs_choice(monkeypatch):
   assert seen == ["off"]
 
 
+# --- config.model.cpu_scheduler: instruction order, never a value --------
+
+def test_memory_scheduler_is_bit_identical_and_really_asked_for(net):
+  model, variables, x = net
+  options = xla_cpu.scheduler_options("memory")
+  assert options == {"xla_cpu_scheduler_type":
+                     "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+  fusion = xla_cpu.compiler_options("reductions") or {}
+  grads = {}
+  for name, extra in (("memory", options), ("xla_default", {})):
+    fn = jax.jit(_grad_program(model, variables, x),
+                 compiler_options={**fusion, **extra})
+    grads[name] = jax.tree.leaves(fn(variables["params"]))
+  assert len(grads["memory"]) > 5
+  for a, b in zip(grads["memory"], grads["xla_default"]):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  # A run's options carry both choices; an old config gets XLA's order.
+  config = make_config()
+  assert xla_cpu.options_for(config.model) == {**fusion, **options}
+  with config.unlocked():
+    del config.model["cpu_scheduler"]
+  assert xla_cpu.options_for(config.model) == (fusion or None)
+
+
+def test_scheduler_choice_errors_and_other_backends(monkeypatch):
+  with pytest.raises(UserError, match="unknown model.cpu_scheduler 'fast'"):
+    validate.check_config(make_config(**{"model.cpu_scheduler": "fast"}))
+  assert xla_cpu.scheduler_options("xla_default") is None
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert xla_cpu.scheduler_options("memory") is None
+
+
 # --- config.cpu_devices: the CLI splits the host CPU before JAX starts -----
 
 
