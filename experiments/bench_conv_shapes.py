@@ -13,6 +13,11 @@ convolution and its VJPs; PyTorch runs ``conv2d`` and
 shape (median ms of ``--reps`` calls, and how often the model uses it),
 then one line of totals, weighted by use.
 
+``--dw_forms`` adds, per stride-1 k x k convolution, the filter gradient
+written as GEMMs (one im2col GEMM; k*k shifted-view GEMMs), timed the same
+way and checked against XLA's gradient: the formulations a custom VJP could
+route to (``rebll_jax/models/conv.py``).
+
 ``--threads 1`` (the default) is the regime of the default experiment: its
 two XLA CPU devices each get one core (``--xla_cpu_multi_thread_eigen=false``
 here, ``torch.set_num_threads(1)``) and a batch of 32. ``--threads 0``
@@ -50,6 +55,10 @@ def parse_args(argv=None):
   p.add_argument("--reps", type=cli_checks.positive_int, default=20)
   p.add_argument("--no_torch", action="store_true",
                  help="time XLA only (no PyTorch installed)")
+  p.add_argument("--dw_forms", action="store_true",
+                 help="also time the filter gradient of every stride-1 k x k "
+                 "convolution written as GEMMs (one im2col GEMM; k*k tap "
+                 "GEMMs), checked against XLA's")
   args = p.parse_args(argv)
   if args.threads not in (0, 1):
     p.error(f"--threads must be 0 or 1, got {args.threads}")
@@ -136,6 +145,64 @@ def time_xla(shape: dict, reps: int) -> tuple[dict, object]:
   }, np.asarray(fwd(x, w))
 
 
+def _dw_gemm_forms(shape: dict) -> dict:
+  """{name: jitted (x, g) -> dW} for a stride-1, ungrouped k x k convolution:
+  the filter gradient as one im2col GEMM ([P, k*k*cin]^T [P, cout] over the
+  P output positions) and as k*k tap GEMMs (one per shifted input view)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  kh, kw, cin, _ = shape["kernel"]
+
+  def views(x, g):
+    xp = jnp.pad(x, [(0, 0), *map(tuple, shape["padding"]), (0, 0)])
+    ho, wo = g.shape[1:3]
+    return [xp[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)]
+
+  def flat(a):
+    return a.reshape(-1, a.shape[-1])
+
+  def im2col(x, g):
+    cols = jnp.concatenate(views(x, g), axis=-1)
+    return (flat(cols).T @ flat(g)).reshape(kh, kw, cin, -1)
+
+  def taps(x, g):
+    return jnp.stack([flat(v).T @ flat(g) for v in views(x, g)]).reshape(
+        kh, kw, cin, -1)
+
+  return {"im2col": jax.jit(im2col), "taps": jax.jit(taps)}
+
+
+def time_dw_forms(shape: dict, reps: int) -> dict:
+  """{form: ms} of ``_dw_gemm_forms`` ({} where they do not apply); exits 1
+  if a form computes another gradient than XLA's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  kh, kw = shape["kernel"][:2]
+  if shape["strides"] != [1, 1] or shape["groups"] != 1 or kh * kw == 1:
+    return {}
+  x, w = (jax.numpy.asarray(a) for a in operands(shape))
+
+  def conv(w):
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), [tuple(p) for p in shape["padding"]],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  y, vjp = jax.vjp(conv, w)
+  g = jax.numpy.asarray(
+      np.random.default_rng(1).standard_normal(y.shape, np.float32))
+  want = np.asarray(vjp(g)[0])
+  times = {}
+  for name, form in _dw_gemm_forms(shape).items():
+    diff = float(abs(np.asarray(form(x, g)) - want).max()) / float(
+        abs(want).max())
+    if diff > 1e-4:
+      raise SystemExit(f"error: filter gradient as {name} differs from "
+                       f"XLA's (relative {diff:.2e}) for {shape}")
+    times[name] = round(_median_ms(
+        lambda f=form: f(x, g).block_until_ready(), reps), 3)
+  return times
+
+
 def time_torch(shape: dict, reps: int) -> tuple[dict, object]:
   """({pass: ms}, forward output as numpy NHWC); ({}, None) when PyTorch
   has no single call for the shape (asymmetric padding)."""
@@ -186,6 +253,8 @@ def main(argv=None):
   for i, (shape, uses) in enumerate(shapes):
     line = {"model": args.model, "conv": i, "uses": uses, **shape}
     line["xla_ms"], xla_out = time_xla(shape, args.reps)
+    if args.dw_forms:
+      line["xla_dw_forms_ms"] = time_dw_forms(shape, args.reps)
     if use_torch:
       line["torch_ms"], torch_out = time_torch(shape, args.reps)
       if torch_out is not None:

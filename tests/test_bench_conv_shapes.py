@@ -60,3 +60,32 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
     bench_conv_shapes.parse_args(argv)
   assert error.value.code == 2
   assert "error:" in capsys.readouterr().err
+
+
+def test_dw_forms_are_timed_for_stride_one_convs_only():
+  result = subprocess.run(
+      [sys.executable, "experiments/bench_conv_shapes.py", "--model",
+       "tiny_resnet", "--size", "16", "--batch", "2", "--reps", "2",
+       "--no_torch", "--dw_forms"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  stem, block, _ = [json.loads(l) for l in result.stdout.splitlines()]
+  assert stem["xla_dw_forms_ms"] == {}  # stride 2: not a form's shape
+  assert set(block["xla_dw_forms_ms"]) == {"im2col", "taps"}
+  assert all(ms > 0 for ms in block["xla_dw_forms_ms"].values())
+
+
+def test_a_dw_form_with_another_gradient_is_an_error(monkeypatch):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  real = bench_conv_shapes._dw_gemm_forms
+
+  def transposed_taps(shape):
+    forms = real(shape)
+    forms["taps"] = lambda x, g, f=forms["taps"]: jnp.flip(f(x, g), 0)
+    return forms
+  monkeypatch.setattr(bench_conv_shapes, "_dw_gemm_forms", transposed_taps)
+  shape = {"input": [2, 6, 6, 3], "kernel": [3, 3, 3, 4], "strides": [1, 1],
+           "padding": [[1, 1], [1, 1]], "groups": 1}
+  with pytest.raises(SystemExit, match="filter gradient as taps differs"):
+    bench_conv_shapes.time_dw_forms(shape, 1)
