@@ -13,6 +13,10 @@ convolution and its VJPs; PyTorch runs ``conv2d`` and
 shape (median ms of ``--reps`` calls, and how often the model uses it),
 then one line of totals, weighted by use.
 
+XLA's programs compile with ``--cpu_library_fusion`` (default
+``reductions``, as a run compiles them: convolutions on Eigen;
+``xla_default`` puts them in YNNPACK).
+
 ``--dw_forms`` adds, per stride-1 k x k convolution, the filter gradient
 written as GEMMs (one im2col GEMM; k*k shifted-view GEMMs), timed the same
 way and checked against XLA's gradient: the formulations a custom VJP could
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -55,11 +60,20 @@ def parse_args(argv=None):
   p.add_argument("--reps", type=cli_checks.positive_int, default=20)
   p.add_argument("--no_torch", action="store_true",
                  help="time XLA only (no PyTorch installed)")
+  p.add_argument("--cpu_library_fusion", default="reductions",
+                 help="model.cpu_library_fusion of XLA's programs on CPU "
+                 "(default: reductions, as a run compiles them; xla_default "
+                 "puts convolutions in YNNPACK)")
   p.add_argument("--dw_forms", action="store_true",
                  help="also time the filter gradient of every stride-1 k x k "
                  "convolution written as GEMMs (one im2col GEMM; k*k tap "
                  "GEMMs), checked against XLA's")
   args = p.parse_args(argv)
+  from rebll_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  if args.cpu_library_fusion not in xla_cpu.CPU_LIBRARY_FUSIONS:
+    p.error(f"--cpu_library_fusion must be one of "
+            f"{list(xla_cpu.CPU_LIBRARY_FUSIONS)}, got "
+            f"{args.cpu_library_fusion!r}")
   if args.threads not in (0, 1):
     p.error(f"--threads must be 0 or 1, got {args.threads}")
   return args
@@ -122,8 +136,10 @@ def operands(shape: dict):
           rng.standard_normal(shape["kernel"], np.float32))
 
 
-def time_xla(shape: dict, reps: int) -> tuple[dict, object]:
-  """({pass: ms}, forward output as numpy NHWC)."""
+def time_xla(shape: dict, reps: int,
+             options: dict | None = None) -> tuple[dict, object]:
+  """({pass: ms}, forward output as numpy NHWC); ``options``: XLA compiler
+  options of every program."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   x, w = (jax.numpy.asarray(a) for a in operands(shape))
@@ -135,9 +151,10 @@ def time_xla(shape: dict, reps: int) -> tuple[dict, object]:
         feature_group_count=shape["groups"])
 
   g = jax.numpy.ones_like(conv(x, w))
-  fwd = jax.jit(conv)
-  dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
-  dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+  jit = functools.partial(jax.jit, compiler_options=options)
+  fwd = jit(conv)
+  dx = jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+  dw = jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
   return {
       "fwd": _median_ms(lambda: fwd(x, w).block_until_ready(), reps),
       "dx": _median_ms(lambda: dx(x, w, g).block_until_ready(), reps),
@@ -145,7 +162,7 @@ def time_xla(shape: dict, reps: int) -> tuple[dict, object]:
   }, np.asarray(fwd(x, w))
 
 
-def _dw_gemm_forms(shape: dict) -> dict:
+def _dw_gemm_forms(shape: dict, options: dict | None = None) -> dict:
   """{name: jitted (x, g) -> dW} for a stride-1, ungrouped k x k convolution:
   the filter gradient as one im2col GEMM ([P, k*k*cin]^T [P, cout] over the
   P output positions) and as k*k tap GEMMs (one per shifted input view)."""
@@ -169,10 +186,12 @@ def _dw_gemm_forms(shape: dict) -> dict:
     return jnp.stack([flat(v).T @ flat(g) for v in views(x, g)]).reshape(
         kh, kw, cin, -1)
 
-  return {"im2col": jax.jit(im2col), "taps": jax.jit(taps)}
+  jit = functools.partial(jax.jit, compiler_options=options)
+  return {"im2col": jit(im2col), "taps": jit(taps)}
 
 
-def time_dw_forms(shape: dict, reps: int) -> dict:
+def time_dw_forms(shape: dict, reps: int,
+                  options: dict | None = None) -> dict:
   """{form: ms} of ``_dw_gemm_forms`` ({} where they do not apply); exits 1
   if a form computes another gradient than XLA's."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -187,12 +206,14 @@ def time_dw_forms(shape: dict, reps: int) -> dict:
         x, w, (1, 1), [tuple(p) for p in shape["padding"]],
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  y, vjp = jax.vjp(conv, w)
+  y = jax.eval_shape(conv, w)
   g = jax.numpy.asarray(
       np.random.default_rng(1).standard_normal(y.shape, np.float32))
-  want = np.asarray(vjp(g)[0])
+  xla_dw = jax.jit(lambda w, g: jax.vjp(conv, w)[1](g)[0],
+                   compiler_options=options)
+  want = np.asarray(xla_dw(w, g))
   times = {}
-  for name, form in _dw_gemm_forms(shape).items():
+  for name, form in _dw_gemm_forms(shape, options).items():
     diff = float(abs(np.asarray(form(x, g)) - want).max()) / float(
         abs(want).max())
     if diff > 1e-4:
@@ -249,12 +270,14 @@ def main(argv=None):
     if args.threads == 1:
       torch.set_num_threads(1)
   totals, skipped = collections.defaultdict(float), 0
+  from rebll_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  options = xla_cpu.compiler_options(args.cpu_library_fusion)
   shapes = conv_shapes(args.model, args.batch, args.size)
   for i, (shape, uses) in enumerate(shapes):
     line = {"model": args.model, "conv": i, "uses": uses, **shape}
-    line["xla_ms"], xla_out = time_xla(shape, args.reps)
+    line["xla_ms"], xla_out = time_xla(shape, args.reps, options)
     if args.dw_forms:
-      line["xla_dw_forms_ms"] = time_dw_forms(shape, args.reps)
+      line["xla_dw_forms_ms"] = time_dw_forms(shape, args.reps, options)
     if use_torch:
       line["torch_ms"], torch_out = time_torch(shape, args.reps)
       if torch_out is not None:
@@ -278,6 +301,7 @@ def main(argv=None):
     print(json.dumps(line), flush=True)
   print(json.dumps({"model": args.model, "batch": args.batch,
                     "size": args.size, "threads": args.threads or "default",
+                    "cpu_library_fusion": args.cpu_library_fusion,
                     "convs": sum(n for _, n in shapes),
                     "distinct": len(shapes), "not_in_totals": skipped,
                     **{k: round(v, 2) for k, v in sorted(totals.items())}}))

@@ -54,6 +54,7 @@ def test_different_convolutions_are_an_error_not_a_timing(monkeypatch,
 
 
 @pytest.mark.parametrize("argv", [["--threads", "2"], ["--batch", "0"],
+                                  ["--cpu_library_fusion", "eigen"],
                                   ["--reps", "x"], ["--model", "vgg"]])
 def test_bad_arguments_are_usage_errors(argv, capsys):
   with pytest.raises(SystemExit) as error:
@@ -80,8 +81,8 @@ def test_a_dw_form_with_another_gradient_is_an_error(monkeypatch):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   real = bench_conv_shapes._dw_gemm_forms
 
-  def transposed_taps(shape):
-    forms = real(shape)
+  def transposed_taps(shape, options=None):
+    forms = real(shape, options)
     forms["taps"] = lambda x, g, f=forms["taps"]: jnp.flip(f(x, g), 0)
     return forms
   monkeypatch.setattr(bench_conv_shapes, "_dw_gemm_forms", transposed_taps)
