@@ -45,6 +45,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from experiments import cli_checks  # pylint: disable=g-import-not-at-top
+# xla_cpu imports JAX only inside its functions: XLA_FLAGS can still be set.
+from rebll_jax import xla_cpu  # pylint: disable=g-import-not-at-top
 from experiments.benchmark_step import MODELS, model_config  # pylint: disable=g-import-not-at-top
 
 
@@ -69,7 +71,6 @@ def parse_args(argv=None):
                  "convolution written as GEMMs (one im2col GEMM; k*k tap "
                  "GEMMs), checked against XLA's")
   args = p.parse_args(argv)
-  from rebll_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   if args.cpu_library_fusion not in xla_cpu.CPU_LIBRARY_FUSIONS:
     p.error(f"--cpu_library_fusion must be one of "
             f"{list(xla_cpu.CPU_LIBRARY_FUSIONS)}, got "
@@ -136,6 +137,18 @@ def operands(shape: dict):
           rng.standard_normal(shape["kernel"], np.float32))
 
 
+def _conv(shape: dict):
+  """(x NHWC, w HWIO) -> the shape's convolution, as XLA runs it."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, shape["strides"], [tuple(p) for p in shape["padding"]],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=shape["groups"])
+  return conv
+
+
 def time_xla(shape: dict, reps: int,
              options: dict | None = None) -> tuple[dict, object]:
   """({pass: ms}, forward output as numpy NHWC); ``options``: XLA compiler
@@ -143,13 +156,7 @@ def time_xla(shape: dict, reps: int,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   x, w = (jax.numpy.asarray(a) for a in operands(shape))
-
-  def conv(x, w):
-    return jax.lax.conv_general_dilated(
-        x, w, shape["strides"], [tuple(p) for p in shape["padding"]],
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=shape["groups"])
-
+  conv = _conv(shape)
   g = jax.numpy.ones_like(conv(x, w))
   jit = functools.partial(jax.jit, compiler_options=options)
   fwd = jit(conv)
@@ -200,12 +207,7 @@ def time_dw_forms(shape: dict, reps: int,
   if shape["strides"] != [1, 1] or shape["groups"] != 1 or kh * kw == 1:
     return {}
   x, w = (jax.numpy.asarray(a) for a in operands(shape))
-
-  def conv(w):
-    return jax.lax.conv_general_dilated(
-        x, w, (1, 1), [tuple(p) for p in shape["padding"]],
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
+  conv = functools.partial(_conv(shape), x)
   y = jax.eval_shape(conv, w)
   g = jax.numpy.asarray(
       np.random.default_rng(1).standard_normal(y.shape, np.float32))
@@ -270,7 +272,6 @@ def main(argv=None):
     if args.threads == 1:
       torch.set_num_threads(1)
   totals, skipped = collections.defaultdict(float), 0
-  from rebll_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   options = xla_cpu.compiler_options(args.cpu_library_fusion)
   shapes = conv_shapes(args.model, args.batch, args.size)
   for i, (shape, uses) in enumerate(shapes):
