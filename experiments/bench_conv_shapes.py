@@ -17,6 +17,11 @@ XLA's programs compile with ``--cpu_library_fusion`` (default
 ``reductions``, as a run compiles them: convolutions on Eigen;
 ``xla_default`` puts them in YNNPACK).
 
+``--kernel`` adds each convolution as the model runs it with
+``model.conv_impl=kernel`` (our C++ kernels for the passes whose shapes
+they take, XLA's elsewhere; ``rebll_jax/models/cpu_kernels.py``), checked
+against XLA's forward.
+
 ``--dw_forms`` adds, per stride-1 k x k convolution, the filter gradient
 written as GEMMs (one im2col GEMM; k*k shifted-view GEMMs), timed the same
 way and checked against XLA's gradient: the formulations a custom VJP could
@@ -66,6 +71,11 @@ def parse_args(argv=None):
                  help="model.cpu_library_fusion of XLA's programs on CPU "
                  "(default: reductions, as a run compiles them; xla_default "
                  "puts convolutions in YNNPACK)")
+  p.add_argument("--kernel", action="store_true",
+                 help="also time each convolution as the model runs it with "
+                 "model.conv_impl=kernel (our C++ kernels where the shape "
+                 "allows, rebll_jax/models/cpu_kernels.py), checked against "
+                 "XLA's forward")
   p.add_argument("--dw_forms", action="store_true",
                  help="also time the filter gradient of every stride-1 k x k "
                  "convolution written as GEMMs (one im2col GEMM; k*k tap "
@@ -137,9 +147,16 @@ def operands(shape: dict):
           rng.standard_normal(shape["kernel"], np.float32))
 
 
-def _conv(shape: dict):
-  """(x NHWC, w HWIO) -> the shape's convolution, as XLA runs it."""
+def _conv(shape: dict, impl: str = "lax"):
+  """(x NHWC, w HWIO) -> the shape's convolution: ``lax``, one
+  ``lax.conv_general_dilated`` as XLA runs it; else the model's
+  ``conv2d(impl=...)`` route (ungrouped shapes)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from rebll_jax.models import conv as conv_lib  # pylint: disable=g-import-not-at-top
+  if impl != "lax":
+    return lambda x, w: conv_lib.conv2d(
+        x, w, strides=shape["strides"],
+        padding=[tuple(p) for p in shape["padding"]], impl=impl)
 
   def conv(x, w):
     return jax.lax.conv_general_dilated(
@@ -149,14 +166,14 @@ def _conv(shape: dict):
   return conv
 
 
-def time_xla(shape: dict, reps: int,
-             options: dict | None = None) -> tuple[dict, object]:
+def time_xla(shape: dict, reps: int, options: dict | None = None,
+             impl: str = "lax") -> tuple[dict, object]:
   """({pass: ms}, forward output as numpy NHWC); ``options``: XLA compiler
-  options of every program."""
+  options of every program; ``impl``: see ``_conv``."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   x, w = (jax.numpy.asarray(a) for a in operands(shape))
-  conv = _conv(shape)
+  conv = _conv(shape, impl)
   g = jax.numpy.ones_like(conv(x, w))
   jit = functools.partial(jax.jit, compiler_options=options)
   fwd = jit(conv)
@@ -262,6 +279,12 @@ def main(argv=None):
   if args.threads == 1:  # before JAX starts
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false")
+    os.environ["REBLL_CPU_KERNEL_THREADS"] = "1"
+  if args.kernel:
+    from rebll_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
+    if not cpu_kernels.available():
+      raise SystemExit("error: --kernel: the CPU kernels cannot be built ("
+                       f"{cpu_kernels.unavailable_reason()})")
   use_torch = not args.no_torch
   if use_torch:
     try:
@@ -277,6 +300,14 @@ def main(argv=None):
   for i, (shape, uses) in enumerate(shapes):
     line = {"model": args.model, "conv": i, "uses": uses, **shape}
     line["xla_ms"], xla_out = time_xla(shape, args.reps, options)
+    if args.kernel and shape["groups"] == 1:
+      line["kernel_ms"], kernel_out = time_xla(shape, args.reps, options,
+                                               "kernel")
+      diff = float(abs(kernel_out - xla_out).max()) / (
+          float(abs(xla_out).max()) or 1.0)
+      if diff > 1e-4:
+        raise SystemExit(f"error: conv {i}: conv_impl=kernel and XLA "
+                         f"forward outputs differ (relative {diff:.2e})")
     if args.dw_forms:
       line["xla_dw_forms_ms"] = time_dw_forms(shape, args.reps, options)
     if use_torch:
@@ -294,7 +325,7 @@ def main(argv=None):
     counted = not use_torch or bool(line["torch_ms"])
     if not counted:
       skipped += uses
-    for lib in ("xla_ms", "torch_ms"):
+    for lib in ("xla_ms", "kernel_ms", "torch_ms"):
       for step, ms in line.get(lib, {}).items():
         line[lib][step] = round(ms, 3)
         if counted:

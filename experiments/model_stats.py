@@ -47,11 +47,21 @@ def _sub_jaxprs(eqn):
 
 
 def count_macs(jaxpr) -> int:
-  """Multiply-accumulates of every conv and dot_general in ``jaxpr``."""
+  """Multiply-accumulates of every conv and dot_general in ``jaxpr``,
+  our CPU kernels' convolutions (``ffi_call``, conv_impl=kernel) included."""
   total = 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    if name == "conv_general_dilated":
+    target = eqn.params.get("target_name", "") if name == "ffi_call" else ""
+    if target == "rebll_conv_forward":  # (x padded, w HWIO) -> y
+      kh, kw, cin, _ = eqn.invars[1].aval.shape
+      total += math.prod(eqn.outvars[0].aval.shape) * kh * kw * cin
+    elif target == "rebll_conv_filter_grad":  # (x, g) -> dw over n*oh*ow
+      n, oh, ow, _ = eqn.invars[1].aval.shape
+      total += math.prod(eqn.outvars[0].aval.shape) * n * oh * ow
+    elif target:
+      raise ValueError(f"count_macs: unknown FFI target {target!r}")
+    elif name == "conv_general_dilated":
       rhs = eqn.invars[1].aval.shape
       out = eqn.outvars[0].aval.shape
       out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]

@@ -75,8 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stage_sizes = (1, 1, 1)
   c.model.stem_stride = 2  # small_resnet only
   c.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision
-  # Conv filter gradients: "auto" (matmuls on CPU, XLA's elsewhere) | "xla" |
-  # "matmul_grad"; same numbers either way (rebll_jax/models/conv.py).
+  # How convolutions run: "auto" (on CPU our C++ kernels where a compiler
+  # builds them, else XLA's convs with GEMM rewrites; XLA's elsewhere) | "xla"
+  # | "matmul_grad" | "gemm" | "kernel"; the same function to float32
+  # rounding (rebll_jax/models/conv.py, cpu_kernels.py).
   c.model.conv_impl = "auto"
   # BatchNorm (+ its activation), every backbone: "auto" (fused on CPU, flax
   # elsewhere) | "flax" (nn.BatchNorm, autodiff) | "fused" (closed-form

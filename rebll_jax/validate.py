@@ -205,7 +205,28 @@ def check_disk_space(workdir: str, checkpoint_bytes: int):
          "train.keep_checkpoints); free space or pick another --workdir")
 
 
+def check_conv_kernels(config):
+  """``model.conv_impl=kernel`` needs the CPU and our compiled kernels;
+  ``$REBLL_CPU_KERNEL_THREADS``, where set, is a thread count."""
+  from rebll_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
+  forced = os.environ.get(cpu_kernels.THREADS_ENV, "")
+  _check(not forced or (forced.isdigit() and int(forced) >= 1),
+         f"${cpu_kernels.THREADS_ENV} must be a positive integer (threads "
+         f"per kernel call), got {forced!r}; unset it for the default")
+  if config.model.get("conv_impl") != "kernel":
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  _check(jax.default_backend() == "cpu",
+         f"model.conv_impl=kernel runs on the CPU only (this run's backend: "
+         f"{jax.default_backend()}); use model.conv_impl=auto")
+  _check(cpu_kernels.available(),
+         "model.conv_impl=kernel: the CPU kernels cannot be built ("
+         f"{cpu_kernels.unavailable_reason()}); install a C++ compiler or "
+         "use model.conv_impl=auto")
+
+
 def check_devices(config, num_devices: int, num_processes: int):
+  check_conv_kernels(config)
   batch = config.train.global_batch
   # A CPU split by cpu_devices: say where the device count comes from.
   split = (f" (the CPU split by cpu_devices={config.cpu_devices}; "

@@ -90,3 +90,21 @@ def test_a_dw_form_with_another_gradient_is_an_error(monkeypatch):
            "padding": [[1, 1], [1, 1]], "groups": 1}
   with pytest.raises(SystemExit, match="filter gradient as taps differs"):
     bench_conv_shapes.time_dw_forms(shape, 1)
+
+
+def test_kernel_column_is_timed_and_totalled():
+  from rebll_jax.models import cpu_kernels
+  if not cpu_kernels.available():
+    pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+  result = subprocess.run(
+      [sys.executable, "experiments/bench_conv_shapes.py", "--model",
+       "small_resnet", "--size", "16", "--batch", "2", "--reps", "2",
+       "--no_torch", "--kernel"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  *rows, total = [json.loads(l) for l in result.stdout.splitlines()]
+  for step in ("fwd", "dx", "dw"):
+    assert all(r["kernel_ms"][step] > 0 for r in rows)
+    want = sum(r["uses"] * r["kernel_ms"][step] for r in rows)
+    assert total[f"kernel_{step}_ms"] == pytest.approx(want, abs=0.02)

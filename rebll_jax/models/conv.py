@@ -36,9 +36,16 @@ the gradient of the filter is computed, chosen by ``impl``:
   ReLU inside the transposes that feed the filter-gradient convolution, in
   transposed (cache-hostile) order, which was 30% of the small ResNet's
   backward pass. Small output maps keep the tap GEMMs.
-- ``"auto"`` (the default, ``config.model.conv_impl``): ``gemm`` when
-  the default backend is the CPU, ``xla`` elsewhere (GPU/TPU compilers have
-  good filter-gradient convolutions, and the rewrite would cost memory).
+- ``"kernel"``: ``gemm``, with the forward, input gradient and filter
+  gradient of stride-1 k x k convolutions of at most 64 channels on our own
+  C++ kernels (``rebll_jax.models.cpu_kernels``, XLA's FFI) where their
+  shapes allow (``cpu_kernels.supports``). On the default experiment's
+  step, two CPU devices, XLA's Eigen convolutions there ran at well under
+  the kernels' speed; wider convolutions stay on XLA's GEMMs, which win.
+- ``"auto"`` (the default, ``config.model.conv_impl``): on the CPU,
+  ``kernel`` where the kernels build (a C++ compiler), else ``gemm``;
+  ``xla`` elsewhere (GPU/TPU compilers have good filter-gradient
+  convolutions, and the rewrite would cost memory).
 
 All implementations compute the same function and gradients (tested to
 float32 rounding in tests/test_fast_conv.py).
@@ -53,16 +60,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "matmul_grad", "gemm")
+from rebll_jax.models import cpu_kernels
+
+IMPLS = ("auto", "xla", "matmul_grad", "gemm", "kernel")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
 def resolve_impl(impl: str) -> str:
-  """"auto" -> "gemm" on a CPU backend, "xla" otherwise."""
+  """"auto" -> "kernel" on a CPU backend where our kernels build, else
+  "gemm"; "xla" on other backends."""
   if impl not in IMPLS:
     raise ValueError(f"unknown model.conv_impl {impl!r}; valid: {list(IMPLS)}")
   if impl == "auto":
-    return "gemm" if jax.default_backend() == "cpu" else "xla"
+    if jax.default_backend() != "cpu":
+      return "xla"
+    return "kernel" if cpu_kernels.available() else "gemm"
   return impl
 
 
@@ -141,6 +153,9 @@ def _matmul_grad_conv(strides: tuple, padding: tuple) -> Callable:
 
 # Parts of the "gemm" impl (a set so experiments can switch one off).
 GEMM_PARTS = frozenset({"dot1x1", "phase_dx", "barrier", "im2col"})
+# The passes of stride-1 k x k convolutions "kernel" gives to our own CPU
+# kernels (rebll_jax.models.cpu_kernels), where their shapes allow.
+KERNEL_PASSES = frozenset({"filter_grad", "forward", "input_grad"})
 # k x k convolutions with at most this many input channels (the RGB stems)
 # run as one im2col GEMM.
 IM2COL_MAX_CIN = 4
@@ -222,18 +237,35 @@ def _fusion_barrier(tree, token):
 @functools.lru_cache(maxsize=None)
 def _gemm_conv(strides: tuple, padding: tuple, parts: frozenset) -> Callable:
   """A k x k conv: XLA's forward; input gradient by phases when strided;
-  XLA's filter gradient on materialised operands (custom VJP)."""
+  XLA's filter gradient on materialised operands (custom VJP). With
+  "kernel" parts: those passes on our CPU kernels where shapes allow."""
+
+  def kernel_can(x, w, name):
+    return (name in parts and
+            cpu_kernels.supports(x.shape, w.shape, strides, x.dtype)[name])
+
+  def forward(x, w):
+    if kernel_can(x, w, "forward"):
+      return cpu_kernels.conv_forward(x, w, padding)
+    return _xla_conv(x, w, strides, padding)
 
   @jax.custom_vjp
   def conv(x, w):
-    return _xla_conv(x, w, strides, padding)
+    return forward(x, w)
 
   def fwd(x, w):
-    return _xla_conv(x, w, strides, padding), (x, w)
+    return forward(x, w), (x, w)
 
   def bwd(residuals, g):
     x, w = residuals
-    if strides != (1, 1) and "phase_dx" in parts:
+    kh, kw = w.shape[:2]
+    if kernel_can(x, w, "input_grad"):
+      # The transposed convolution: the flipped filter, cin <-> cout.
+      w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+      pad_t = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+               (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+      dx = cpu_kernels.conv_forward(g, w_t, pad_t)
+    elif strides != (1, 1) and "phase_dx" in parts:
       dx = _input_grad_phases(g, w, x.shape, strides, padding)
     else:
       _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
@@ -241,17 +273,20 @@ def _gemm_conv(strides: tuple, padding: tuple, parts: frozenset) -> Callable:
     xb, gb = x, g
     if "barrier" in parts:
       xb, gb = _fusion_barrier((x, g), g.reshape(-1)[0])
-    _, filter_vjp = jax.vjp(lambda w_: _xla_conv(xb, w_, strides, padding),
-                            w)
-    (dw,) = filter_vjp(gb)
-    return dx.astype(x.dtype), dw
+    if kernel_can(x, w, "filter_grad"):
+      dw = cpu_kernels.filter_grad(xb, gb, (kh, kw), padding)
+    else:
+      _, filter_vjp = jax.vjp(lambda w_: _xla_conv(xb, w_, strides, padding),
+                              w)
+      (dw,) = filter_vjp(gb)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
   conv.defvjp(fwd, bwd)
   return conv
 
 
-def _gemm_route(x, w, strides, padding):
-  parts = GEMM_PARTS
+def _gemm_route(x, w, strides, padding, kernels: bool = False):
+  parts = GEMM_PARTS | (KERNEL_PASSES if kernels else frozenset())
   kh, kw, cin, _ = w.shape
   no_pad = all(p == (0, 0) for p in padding)
   if kh == kw == 1 and no_pad and "dot1x1" in parts:
@@ -277,15 +312,16 @@ def conv2d(x, w, *, strides: Sequence[int] = (1, 1),
     w: [kh, kw, Cin, Cout] filter (same dtype as ``x``).
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)) zero padding.
-    impl: "auto" | "xla" | "matmul_grad" | "gemm" (see the module docstring).
+    impl: "auto" | "xla" | "matmul_grad" | "gemm" | "kernel" (see the module
+      docstring).
   """
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(a), int(b)) for a, b in padding)
   impl = resolve_impl(impl)
   if impl == "xla":
     return _xla_conv(x, w, strides, padding)
-  if impl == "gemm":
-    return _gemm_route(x, w, strides, padding)
+  if impl in ("gemm", "kernel"):
+    return _gemm_route(x, w, strides, padding, kernels=impl == "kernel")
   if w.shape[0] == w.shape[1] == 1 and all(p == (0, 0) for p in padding):
     return _matmul_grad_conv(strides, padding)(x, w)
   oh = (x.shape[1] + sum(padding[0]) - w.shape[0]) // strides[0] + 1

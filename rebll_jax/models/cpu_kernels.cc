@@ -1,0 +1,249 @@
+// Stride-1 k x k convolutions on the CPU, called from XLA through its FFI
+// (rebll_jax/models/cpu_kernels.py builds, loads and routes to them).
+//
+//   RebllConvForward:    y[n, oy, ox, o] = sum_{ky, kx, c} x[n, oy+ky, ox+kx, c] w[ky, kx, c, o]
+//                        (x padded by the caller: a "valid" correlation)
+//   RebllConvFilterGrad: dw[ky, kx, c, o] = sum_{n, oy, ox} x[n, oy+ky-pt, ox+kx-pl, c] g[n, oy, ox, o]
+//
+// NHWC activations, HWIO filters, float32, zero padding (x outside the map is
+// 0). Output channels in multiples of 16: one 16-float vector (GCC vector
+// extension; AVX-512 gives one register, AVX2 two) per 16 channels. Each
+// kernel keeps a block of accumulators in registers and streams the operand
+// it broadcasts from: the forward a row of PB output positions x COV channel
+// vectors, the filter gradient CIB input channels x COV vectors over every
+// output position. The batch is split over `threads` std::threads; partial
+// filter gradients are summed in a fixed order (deterministic results).
+
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+struct Shape {
+  int64_t n, h, w, ci, oh, ow, co, kh, kw, pt, pl;
+};
+
+inline v16 Load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, const v16& v) { std::memcpy(p, &v, sizeof(v)); }
+
+// ---------------------------------------------------------------- forward --
+
+// y for PB consecutive output positions of one row, 16 * COV channels from
+// o0. The input is padded already: every tap is inside the map. CI: the
+// input channels when known at compile time (0: s.ci), so that the PB
+// positions' broadcast addresses are immediates, not PB index registers.
+template <int PB, int COV, int CI>
+inline void ForwardBlock(const float* xb, const float* w, float* yr,
+                         const Shape& s, int64_t oy, int64_t ox0, int64_t o0) {
+  const int64_t ci = CI ? CI : s.ci;
+  v16 acc[PB][COV];
+  for (int p = 0; p < PB; ++p)
+    for (int j = 0; j < COV; ++j) acc[p][j] = v16{};
+  for (int64_t ky = 0; ky < s.kh; ++ky) {
+    for (int64_t kx = 0; kx < s.kw; ++kx) {
+      const float* xr = xb + ((oy + ky) * s.w + ox0 + kx) * ci;
+      const float* wt = w + (ky * s.kw + kx) * ci * s.co + o0;
+      for (int64_t c = 0; c < ci; ++c) {
+        v16 wv[COV];
+        for (int j = 0; j < COV; ++j) wv[j] = Load(wt + c * s.co + 16 * j);
+        for (int p = 0; p < PB; ++p) {
+          const float xs = xr[p * ci + c];
+          for (int j = 0; j < COV; ++j) acc[p][j] += xs * wv[j];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < PB; ++p)
+    for (int j = 0; j < COV; ++j)
+      Store(yr + (ox0 + p) * s.co + o0 + 16 * j, acc[p][j]);
+}
+
+// Positions [ox, ow) of a row: blocks of PB, the rest in halving blocks.
+template <int PB, int COV, int CI>
+inline void ForwardRow(const float* xb, const float* w, float* yr,
+                       const Shape& s, int64_t oy, int64_t ox, int64_t o0) {
+  for (; ox + PB <= s.ow; ox += PB)
+    ForwardBlock<PB, COV, CI>(xb, w, yr, s, oy, ox, o0);
+  if constexpr (PB > 1) {
+    if (ox < s.ow) ForwardRow<PB / 2, COV, CI>(xb, w, yr, s, oy, ox, o0);
+  }
+}
+
+// A "valid" correlation of the padded input x [n, h, w, ci] (s.pt = s.pl = 0).
+template <int PB, int COV, int CI>
+void Forward(const float* x, const float* w, float* y, const Shape& s,
+             int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* xb = x + b * s.h * s.w * s.ci;
+    for (int64_t oy = 0; oy < s.oh; ++oy) {
+      float* yr = y + (b * s.oh + oy) * s.ow * s.co;
+      for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV)
+        ForwardRow<PB, COV, CI>(xb, w, yr, s, oy, 0, o0);
+    }
+  }
+}
+
+template <int PB, int COV>
+void ForwardAnyCi(const float* x, const float* w, float* y, const Shape& s,
+                  int64_t b0, int64_t b1) {
+  switch (s.ci) {
+    case 16: return Forward<PB, COV, 16>(x, w, y, s, b0, b1);
+    case 32: return Forward<PB, COV, 32>(x, w, y, s, b0, b1);
+    case 64: return Forward<PB, COV, 64>(x, w, y, s, b0, b1);
+    default: return Forward<PB, COV, 0>(x, w, y, s, b0, b1);
+  }
+}
+
+// ---------------------------------------------------------- filter grad --
+
+// Images per pass: the chunk's x and g stay in the L2 cache while every
+// (tap, channel block) pass reads them.
+constexpr int64_t kChunkBytes = 256 << 10;
+
+template <int CIB, int COV>
+void FilterGrad(const float* x, const float* g, float* dw, const Shape& s,
+                int64_t b0, int64_t b1) {
+  const int64_t image_bytes = 4 * (s.h * s.w * s.ci + s.oh * s.ow * s.co);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / image_bytes);
+  for (int64_t c_b0 = b0; c_b0 < b1; c_b0 += chunk) {
+    const int64_t c_b1 = std::min(b1, c_b0 + chunk);
+    for (int64_t ky = 0; ky < s.kh; ++ky) {
+      // Output rows / columns whose input row / column is inside the map.
+      const int64_t oy0 = ky < s.pt ? s.pt - ky : 0;
+      const int64_t oy1 = std::min(s.oh, s.h + s.pt - ky);
+      for (int64_t kx = 0; kx < s.kw; ++kx) {
+        const int64_t ox0 = kx < s.pl ? s.pl - kx : 0;
+        const int64_t ox1 = std::min(s.ow, s.w + s.pl - kx);
+        float* dwt = dw + (ky * s.kw + kx) * s.ci * s.co;
+        for (int64_t c0 = 0; c0 < s.ci; c0 += CIB) {
+          for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV) {
+            v16 acc[CIB][COV];
+            for (int i = 0; i < CIB; ++i)
+              for (int j = 0; j < COV; ++j)
+                acc[i][j] = Load(dwt + (c0 + i) * s.co + o0 + 16 * j);
+            for (int64_t b = c_b0; b < c_b1; ++b) {
+              const float* xb = x + b * s.h * s.w * s.ci;
+              const float* gb = g + b * s.oh * s.ow * s.co;
+              for (int64_t oy = oy0; oy < oy1; ++oy) {
+                const float* xr = xb + (oy + ky - s.pt) * s.w * s.ci + c0;
+                const float* gr = gb + oy * s.ow * s.co + o0;
+                for (int64_t ox = ox0; ox < ox1; ++ox) {
+                  v16 gv[COV];
+                  for (int j = 0; j < COV; ++j)
+                    gv[j] = Load(gr + ox * s.co + 16 * j);
+                  const float* xp = xr + (ox + kx - s.pl) * s.ci;
+                  for (int i = 0; i < CIB; ++i) {
+                    const float xs = xp[i];
+                    for (int j = 0; j < COV; ++j) acc[i][j] += xs * gv[j];
+                  }
+                }
+              }
+            }
+            for (int i = 0; i < CIB; ++i)
+              for (int j = 0; j < COV; ++j)
+                Store(dwt + (c0 + i) * s.co + o0 + 16 * j, acc[i][j]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------- driver --
+
+// Runs body(b0, b1, t) on `threads` contiguous batch ranges (t = 0 inline).
+template <typename Body>
+void OverBatch(int64_t n, int64_t threads, Body body) {
+  threads = std::max<int64_t>(1, std::min(threads, n));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t)
+    pool.emplace_back(body, n * t / threads, n * (t + 1) / threads, t);
+  body(0, n / threads, 0);
+  for (auto& th : pool) th.join();
+}
+
+ffi::Error CheckRank4(std::initializer_list<size_t> ranks) {
+  for (size_t r : ranks)
+    if (r != 4) return ffi::Error::InvalidArgument("rank-4 operands expected");
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (auto e = CheckRank4({xd.size(), wd.size(), yd.size()}); e.failure()) return e;
+  const Shape s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
+                wd[0], wd[1], 0, 0};
+  if (s.co % 16 != 0) return ffi::Error::InvalidArgument("cout % 16 != 0");
+  if (s.oh != s.h - s.kh + 1 || s.ow != s.w - s.kw + 1)
+    return ffi::Error::InvalidArgument("output is not the valid correlation");
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  float* ys = y->typed_data();
+  OverBatch(s.n, threads, [&](int64_t b0, int64_t b1, int64_t) {
+    if (s.co % 64 == 0) ForwardAnyCi<4, 4>(xs, ws, ys, s, b0, b1);
+    else if (s.co % 32 == 0) ForwardAnyCi<8, 2>(xs, ws, ys, s, b0, b1);
+    else ForwardAnyCi<16, 1>(xs, ws, ys, s, b0, b1);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t pad_top,
+                          int64_t pad_left, int64_t threads) {
+  auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
+  if (auto e = CheckRank4({xd.size(), gd.size(), wd.size()}); e.failure()) return e;
+  const Shape s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3],
+                wd[0], wd[1], pad_top, pad_left};
+  if (s.co % 16 != 0) return ffi::Error::InvalidArgument("cout % 16 != 0");
+  const int64_t size = s.kh * s.kw * s.ci * s.co;
+  threads = std::max<int64_t>(1, std::min(threads, s.n));
+  // Thread t accumulates into its own buffer (t = 0: the output).
+  std::vector<float> partial((threads - 1) * size, 0.0f);
+  float* out = dw->typed_data();
+  std::memset(out, 0, sizeof(float) * size);
+  const float* xs = x.typed_data();
+  const float* gs = g.typed_data();
+  OverBatch(s.n, threads, [&](int64_t b0, int64_t b1, int64_t t) {
+    float* acc = t == 0 ? out : partial.data() + (t - 1) * size;
+    if (s.co % 64 == 0 && s.ci % 4 == 0) FilterGrad<4, 4>(xs, gs, acc, s, b0, b1);
+    else if (s.co % 32 == 0 && s.ci % 8 == 0) FilterGrad<8, 2>(xs, gs, acc, s, b0, b1);
+    else if (s.ci % 16 == 0) FilterGrad<16, 1>(xs, gs, acc, s, b0, b1);
+    else if (s.ci % 4 == 0) FilterGrad<4, 1>(xs, gs, acc, s, b0, b1);
+    else FilterGrad<1, 1>(xs, gs, acc, s, b0, b1);
+  });
+  for (int64_t t = 1; t < threads; ++t)
+    for (int64_t i = 0; i < size; ++i) out[i] += partial[(t - 1) * size + i];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RebllConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RebllConvFilterGrad, FilterGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("threads"));

@@ -1,0 +1,245 @@
+"""rebll_jax.models.cpu_kernels: our C++ convolution kernels behind XLA's FFI.
+
+The forward and filter-gradient kernels against ``lax.conv_general_dilated``
+and its VJP for every register-block path (16 / 32 / 64-multiple output
+channels, input channels that are and are not multiples of the block, rows
+narrower than a block, k = 1, 3, 5, asymmetric padding), with 1 and several
+threads (uneven batch splits); ``conv_impl=kernel`` inside a whole model's
+gradient; the batch-sharded partitioning on two CPU devices (sharded
+forward, summed filter gradient, no all-gather); the build cache; and what
+a machine without a compiler gets (``auto`` keeps XLA's convolutions, an
+explicit ``kernel`` is a one-line config error).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rebll_jax import config_base, validate
+from rebll_jax.errors import UserError
+from rebll_jax.models import build_model, conv, cpu_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The machine's own build (the fallback without a compiler is tested below).
+needs_kernels = pytest.mark.skipif(
+    not cpu_kernels.available(),
+    reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+
+
+def _xla(x, w, padding):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), padding,
+                                      dimension_numbers=("NHWC", "HWIO",
+                                                         "NHWC"))
+
+
+CASES = [  # (n, h, w, cin, cout, k, padding)
+    (2, 9, 10, 16, 16, 3, ((1, 1), (1, 1))),  # PB 16 path, tail blocks
+    (3, 7, 5, 48, 32, 3, ((1, 1), (1, 1))),  # COV 2, runtime cin
+    (2, 6, 6, 64, 64, 3, ((1, 1), (1, 1))),  # COV 4, cin 64 template
+    (2, 5, 3, 3, 48, 3, ((1, 1), (1, 1))),  # RGB-like cin 3, co 48
+    (1, 8, 9, 8, 16, 5, ((2, 1), (0, 2))),  # k 5, asymmetric padding
+    (2, 4, 4, 20, 16, 1, ((0, 0), (0, 0))),  # 1x1
+    (5, 6, 6, 32, 16, 3, ((1, 1), (1, 1))),  # 5 images over 3 threads
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("n,h,w,cin,cout,k,padding", CASES)
+def test_kernels_equal_xla(n, h, w, cin, cout, k, padding, threads):
+  rng = np.random.default_rng(n * 100 + cin)
+  x = rng.standard_normal((n, h, w, cin), np.float32)
+  wt = rng.standard_normal((k, k, cin, cout), np.float32)
+  y_ref, vjp = jax.vjp(lambda w_: _xla(x, w_, padding), wt)
+  g = rng.standard_normal(y_ref.shape, np.float32)
+  (dw_ref,) = vjp(g)
+
+  @jax.jit
+  def ours(x, wt, g):
+    return (cpu_kernels.conv_forward(x, wt, padding, threads),
+            cpu_kernels.filter_grad(x, g, (k, k), padding, threads))
+
+  y, dw = ours(x, wt, g)
+  assert y.shape == y_ref.shape and dw.shape == wt.shape
+  assert _rel(y, y_ref) < 1e-5
+  assert _rel(dw, dw_ref) < 1e-5
+
+
+@needs_kernels
+def test_kernel_impl_values_and_grads_and_routing():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 16), np.float32)
+  padding = ((1, 1), (1, 1))
+  for strides, cout in (((1, 1), 32), ((2, 2), 32), ((1, 1), 24)):
+    w = rng.standard_normal((3, 3, 16, cout), np.float32)
+
+    def run(impl):
+      f = lambda x, w: conv.conv2d(x, w, strides=strides, padding=padding,
+                                   impl=impl)
+      return jax.jit(lambda x, w: jax.value_and_grad(
+          lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w))(x, w)
+
+    (v0, (dx0, dw0)), (v1, (dx1, dw1)) = run("xla"), run("kernel")
+    assert _rel(v1, v0) < 1e-5
+    assert _rel(dx1, dx0) < 1e-5 and _rel(dw1, dw0) < 1e-5
+  # Which passes qualify: stride 1, float32, channels as the kernels need.
+  s = cpu_kernels.supports
+  assert s((2, 8, 8, 16), (3, 3, 16, 32), (1, 1), jnp.float32) == {
+      "forward": True, "filter_grad": True, "input_grad": True}
+  assert not any(s((2, 8, 8, 16), (3, 3, 16, 32), (2, 2),
+                   jnp.float32).values())
+  assert not any(s((2, 8, 8, 16), (3, 3, 16, 32), (1, 1),
+                   jnp.bfloat16).values())
+  assert s((2, 8, 8, 3), (3, 3, 3, 16), (1, 1), jnp.float32)[
+      "input_grad"] is False  # dx has 3 output channels
+  assert not any(s((2, 8, 8, 128), (3, 3, 128, 128), (1, 1),
+                   jnp.float32).values())  # wide: XLA's GEMMs win
+
+
+@needs_kernels
+def test_model_gradient_kernel_equals_xla():
+  cfg = config_base.base_config().model
+  cfg.width, cfg.stage_sizes = 16, (1, 1)
+  x = np.random.default_rng(0).uniform(size=(4, 12, 12, 3)).astype(
+      np.float32)
+  grads = {}
+  for impl in ("xla", "kernel"):
+    cfg.conv_impl = impl
+    model = build_model(cfg, 5)
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+
+    def loss(params, model=model, variables=variables):
+      out, _ = model.apply({**variables, "params": params}, x, train=True,
+                           mutable=["batch_stats"])
+      return jnp.sum(out["logits"] ** 2) + jnp.sum(out["features"])
+    grads[impl] = jax.jit(jax.grad(loss))(variables["params"])
+  for a, b in zip(jax.tree.leaves(grads["kernel"]),
+                  jax.tree.leaves(grads["xla"])):
+    assert _rel(a, b) < 1e-4
+  assert conv.resolve_impl("auto") == "kernel"
+
+
+_SHARDED = r"""
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from rebll_jax.models import cpu_kernels
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rng = np.random.default_rng(0)
+x = rng.standard_normal((4, 6, 6, 16), np.float32)
+w = rng.standard_normal((3, 3, 16, 32), np.float32)
+g = rng.standard_normal((4, 6, 6, 32), np.float32)
+pad = ((1, 1), (1, 1))
+conv = lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+y_ref = conv(x, w)
+dw_ref = jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+shard = NamedSharding(mesh, P("data"))
+f = jax.jit(lambda x, w, g: (cpu_kernels.conv_forward(x, w, pad),
+                             cpu_kernels.filter_grad(x, g, (3, 3), pad)))
+args = (jax.device_put(x, shard), w, jax.device_put(g, shard))
+y, dw = f(*args)
+hlo = f.lower(*args).compile().as_text()
+rel = lambda a, b: float(abs(np.asarray(a) - b).max() / abs(b).max())
+print(json.dumps({"y": rel(y, y_ref), "dw": rel(dw, dw_ref),
+                  "y_spec": str(y.sharding.spec), "dw_spec": str(dw.sharding.spec),
+                  "all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo}))
+"""
+
+
+@needs_kernels
+def test_batch_sharded_on_two_devices():
+  out = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["y"] < 1e-5 and r["dw"] < 1e-5
+  assert "data" in r["y_spec"] and "data" not in r["dw_spec"]
+  assert r["all_reduce"] and not r["all_gather"]
+
+
+@needs_kernels
+def test_build_is_cached():
+  path = cpu_kernels.build()
+  mtime = os.stat(path).st_mtime_ns
+  assert cpu_kernels.build() == path
+  assert os.stat(path).st_mtime_ns == mtime
+
+
+_NO_COMPILER = r"""
+import json
+from rebll_jax import config_base, validate
+from rebll_jax.errors import UserError
+from rebll_jax.models import conv, cpu_kernels
+c = config_base.base_config()
+c.model.conv_impl = "kernel"
+try:
+  validate.check_conv_kernels(c)
+  error = ""
+except UserError as e:
+  error = str(e)
+print(json.dumps({"available": cpu_kernels.available(),
+                  "reason": cpu_kernels.unavailable_reason(),
+                  "auto": conv.resolve_impl("auto"), "error": error}))
+"""
+
+
+def test_without_a_compiler_auto_keeps_xla_and_kernel_is_refused(tmp_path):
+  env = {**os.environ, "CXX": "no-such-compiler-rebll",
+         "XDG_CACHE_HOME": str(tmp_path)}
+  out = subprocess.run([sys.executable, "-c", _NO_COMPILER], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["available"] is False
+  assert "no-such-compiler-rebll" in r["reason"]
+  assert r["auto"] == "gemm"
+  assert r["error"].startswith("model.conv_impl=kernel: the CPU kernels "
+                               "cannot be built")
+  assert "unavailable" in out.stderr  # the one warning line
+
+
+def test_unknown_impl_still_rejected():
+  with pytest.raises(UserError, match="unknown model.conv_impl 'fast'"):
+    c = config_base.base_config()
+    c.model.conv_impl = "fast"
+    validate.check_config(c)
+
+
+@needs_kernels
+def test_macs_counted_through_the_kernels():
+  """experiments/model_stats.count_macs (the benchmark's FLOPs) sees our
+  kernels' convolutions: a model's forward counts the same as with XLA's,
+  and a filter gradient counts dw's size x the positions it sums over."""
+  sys.path.insert(0, ROOT)
+  from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top
+  cfg = config_base.base_config().model
+  cfg.width, cfg.stage_sizes = 16, (1, 1)
+  x = jnp.zeros((2, 12, 12, 3))
+  counts = {}
+  for impl in ("xla", "kernel"):
+    cfg.conv_impl = impl
+    model = build_model(cfg, 5)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    counts[impl] = count_macs(
+        jax.make_jaxpr(lambda v, m=model: m.apply(v, x))(variables).jaxpr)
+  assert counts["kernel"] == counts["xla"] > 0
+  xg = jnp.zeros((2, 6, 7, 16))
+  jaxpr = jax.make_jaxpr(lambda x, g: cpu_kernels.filter_grad(
+      x, g, (3, 3), ((1, 1), (1, 1))))(xg, jnp.zeros((2, 6, 7, 32))).jaxpr
+  assert count_macs(jaxpr) == (3 * 3 * 16 * 32) * (2 * 6 * 7)
