@@ -3,7 +3,9 @@
 The forward and filter-gradient kernels against ``lax.conv_general_dilated``
 and its VJP for every register-block path (16 / 32 / 64-multiple output
 channels, input channels that are and are not multiples of the block, rows
-narrower than a block, k = 1, 3, 5, asymmetric padding), with 1 and several
+narrower than a block, k = 1, 3, 5, asymmetric padding, stride 1 and 2),
+``conv_impl=kernel`` values and both gradients (strided input gradients as
+kernel phases, stride 3 left to XLA), with 1 and several
 threads (uneven batch splits); ``conv_impl=kernel`` inside a whole model's
 gradient; the batch-sharded partitioning on two CPU devices (sharded
 forward, summed filter gradient, no all-gather); the build cache; and what
@@ -38,8 +40,8 @@ def _rel(a, b):
   return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
 
 
-def _xla(x, w, padding):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), padding,
+def _xla(x, w, padding, stride=1):
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
                                       dimension_numbers=("NHWC", "HWIO",
                                                          "NHWC"))
 
@@ -82,7 +84,9 @@ def test_kernel_impl_values_and_grads_and_routing():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 8, 8, 16), np.float32)
   padding = ((1, 1), (1, 1))
-  for strides, cout in (((1, 1), 32), ((2, 2), 32), ((1, 1), 24)):
+  x = rng.standard_normal((2, 9, 9, 16), np.float32)
+  for strides, cout in (((1, 1), 32), ((2, 2), 32), ((2, 2), 16),
+                        ((3, 3), 32), ((1, 1), 24)):
     w = rng.standard_normal((3, 3, 16, cout), np.float32)
 
     def run(impl):
@@ -98,7 +102,9 @@ def test_kernel_impl_values_and_grads_and_routing():
   s = cpu_kernels.supports
   assert s((2, 8, 8, 16), (3, 3, 16, 32), (1, 1), jnp.float32) == {
       "forward": True, "filter_grad": True, "input_grad": True}
-  assert not any(s((2, 8, 8, 16), (3, 3, 16, 32), (2, 2),
+  assert all(s((2, 8, 8, 16), (3, 3, 16, 32), (2, 2),
+               jnp.float32).values())  # dx as stride-1 phases
+  assert not any(s((2, 8, 8, 16), (3, 3, 16, 32), (3, 3),
                    jnp.float32).values())
   assert not any(s((2, 8, 8, 16), (3, 3, 16, 32), (1, 1),
                    jnp.bfloat16).values())

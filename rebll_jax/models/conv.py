@@ -37,7 +37,7 @@ the gradient of the filter is computed, chosen by ``impl``:
   transposed (cache-hostile) order, which was 30% of the small ResNet's
   backward pass. Small output maps keep the tap GEMMs.
 - ``"kernel"``: ``gemm``, with the forward, input gradient and filter
-  gradient of stride-1 k x k convolutions of at most 64 channels on our own
+  gradient of k x k convolutions (stride 1 or 2) of at most 64 channels on our own
   C++ kernels (``rebll_jax.models.cpu_kernels``, XLA's FFI) where their
   shapes allow (``cpu_kernels.supports``). On the default experiment's
   step, two CPU devices, XLA's Eigen convolutions there ran at well under
@@ -153,7 +153,7 @@ def _matmul_grad_conv(strides: tuple, padding: tuple) -> Callable:
 
 # Parts of the "gemm" impl (a set so experiments can switch one off).
 GEMM_PARTS = frozenset({"dot1x1", "phase_dx", "barrier", "im2col"})
-# The passes of stride-1 k x k convolutions "kernel" gives to our own CPU
+# The passes of k x k convolutions "kernel" gives to our own CPU
 # kernels (rebll_jax.models.cpu_kernels), where their shapes allow.
 KERNEL_PASSES = frozenset({"filter_grad", "forward", "input_grad"})
 # k x k convolutions with at most this many input channels (the RGB stems)
@@ -184,7 +184,11 @@ def _im2col_conv(x, w, strides, padding):
   return jnp.dot(cols, w.reshape(kh * kw * cin, cout))
 
 
-def _input_grad_phases(g, w, x_shape, strides, padding):
+def _xla_stride1(g, kernel, padding):
+  return _xla_conv(g, kernel, (1, 1), padding)
+
+
+def _input_grad_phases(g, w, x_shape, strides, padding, conv=_xla_stride1):
   """dL/dx of a strided conv as s*s stride-1 convs, one per output phase.
 
   XLA writes it as one convolution over g dilated with s-1 zeros between
@@ -192,7 +196,7 @@ def _input_grad_phases(g, w, x_shape, strides, padding):
   of the padded input only meets the taps a = r + s*a', through
   g[u - a']: a stride-1 "full" correlation of g with the flipped sub-kernel
   w[r::s, c::s]. The s*s phase maps are interleaved back and the padding
-  cropped.
+  cropped. ``conv(g, kernel, padding)``: the stride-1 convolution to use.
   """
   sh, sw = strides
   _, h, wd, cin = x_shape
@@ -209,9 +213,10 @@ def _input_grad_phases(g, w, x_shape, strides, padding):
         phases.append(jnp.zeros((n, rows, cols, cin), g.dtype))
         continue
       kernel = jnp.flip(sub, (0, 1)).swapaxes(2, 3)  # HWIO with I=cout
-      phases.append(jax.lax.conv_general_dilated(
-          g, kernel, (1, 1), ((ka - 1, rows - oh), (kb - 1, cols - ow)),
-          dimension_numbers=_DIMS))
+      pads = ((ka - 1, rows - oh), (kb - 1, cols - ow))
+      # (a negative pad, a crop, only XLA's convolution takes)
+      phase_conv = conv if min(rows - oh, cols - ow) >= 0 else _xla_stride1
+      phases.append(phase_conv(g, kernel, pads))
   stacked = jnp.stack(phases, 0).reshape(sh, sw, n, rows, cols, cin)
   dxp = stacked.transpose(2, 3, 0, 4, 1, 5).reshape(n, rows * sh,
                                                     cols * sw, cin)
@@ -246,7 +251,7 @@ def _gemm_conv(strides: tuple, padding: tuple, parts: frozenset) -> Callable:
 
   def forward(x, w):
     if kernel_can(x, w, "forward"):
-      return cpu_kernels.conv_forward(x, w, padding)
+      return cpu_kernels.conv_forward(x, w, padding, stride=strides[0])
     return _xla_conv(x, w, strides, padding)
 
   @jax.custom_vjp
@@ -259,14 +264,17 @@ def _gemm_conv(strides: tuple, padding: tuple, parts: frozenset) -> Callable:
   def bwd(residuals, g):
     x, w = residuals
     kh, kw = w.shape[:2]
-    if kernel_can(x, w, "input_grad"):
+    kernel_dx = kernel_can(x, w, "input_grad")
+    if strides != (1, 1) and "phase_dx" in parts:
+      dx = _input_grad_phases(
+          g, w, x.shape, strides, padding,
+          cpu_kernels.conv_forward if kernel_dx else _xla_stride1)
+    elif kernel_dx and strides == (1, 1):
       # The transposed convolution: the flipped filter, cin <-> cout.
       w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)
       pad_t = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
       dx = cpu_kernels.conv_forward(g, w_t, pad_t)
-    elif strides != (1, 1) and "phase_dx" in parts:
-      dx = _input_grad_phases(g, w, x.shape, strides, padding)
     else:
       _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
       (dx,) = input_vjp(g)
@@ -274,7 +282,8 @@ def _gemm_conv(strides: tuple, padding: tuple, parts: frozenset) -> Callable:
     if "barrier" in parts:
       xb, gb = _fusion_barrier((x, g), g.reshape(-1)[0])
     if kernel_can(x, w, "filter_grad"):
-      dw = cpu_kernels.filter_grad(xb, gb, (kh, kw), padding)
+      dw = cpu_kernels.filter_grad(xb, gb, (kh, kw), padding,
+                                   stride=strides[0])
     else:
       _, filter_vjp = jax.vjp(lambda w_: _xla_conv(xb, w_, strides, padding),
                               w)

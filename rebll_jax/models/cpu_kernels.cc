@@ -1,9 +1,9 @@
-// Stride-1 k x k convolutions on the CPU, called from XLA through its FFI
+// k x k convolutions (stride 1 or 2) on the CPU, called from XLA through its FFI
 // (rebll_jax/models/cpu_kernels.py builds, loads and routes to them).
 //
-//   RebllConvForward:    y[n, oy, ox, o] = sum_{ky, kx, c} x[n, oy+ky, ox+kx, c] w[ky, kx, c, o]
+//   RebllConvForward:    y[n, oy, ox, o] = sum_{ky, kx, c} x[n, s*oy+ky, s*ox+kx, c] w[ky, kx, c, o]
 //                        (x padded by the caller: a "valid" correlation)
-//   RebllConvFilterGrad: dw[ky, kx, c, o] = sum_{n, oy, ox} x[n, oy+ky-pt, ox+kx-pl, c] g[n, oy, ox, o]
+//   RebllConvFilterGrad: dw[ky, kx, c, o] = sum_{n, oy, ox} x[n, s*oy+ky-pt, s*ox+kx-pl, c] g[n, oy, ox, o]
 //
 // NHWC activations, HWIO filters, float32, zero padding (x outside the map is
 // 0). Output channels in multiples of 16: one 16-float vector (GCC vector
@@ -28,7 +28,7 @@ namespace {
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
 struct Shape {
-  int64_t n, h, w, ci, oh, ow, co, kh, kw, pt, pl;
+  int64_t n, h, w, ci, oh, ow, co, kh, kw, pt, pl, sh, sw;
 };
 
 inline v16 Load(const float* p) {
@@ -43,9 +43,10 @@ inline void Store(float* p, const v16& v) { std::memcpy(p, &v, sizeof(v)); }
 
 // y for PB consecutive output positions of one row, 16 * COV channels from
 // o0. The input is padded already: every tap is inside the map. CI: the
-// input channels when known at compile time (0: s.ci), so that the PB
-// positions' broadcast addresses are immediates, not PB index registers.
-template <int PB, int COV, int CI>
+// input channels when known at compile time (0: s.ci), and S the stride
+// (both dimensions), so that the PB positions' broadcast addresses are
+// immediates, not PB index registers.
+template <int PB, int COV, int CI, int S>
 inline void ForwardBlock(const float* xb, const float* w, float* yr,
                          const Shape& s, int64_t oy, int64_t ox0, int64_t o0) {
   const int64_t ci = CI ? CI : s.ci;
@@ -54,13 +55,13 @@ inline void ForwardBlock(const float* xb, const float* w, float* yr,
     for (int j = 0; j < COV; ++j) acc[p][j] = v16{};
   for (int64_t ky = 0; ky < s.kh; ++ky) {
     for (int64_t kx = 0; kx < s.kw; ++kx) {
-      const float* xr = xb + ((oy + ky) * s.w + ox0 + kx) * ci;
+      const float* xr = xb + ((oy * S + ky) * s.w + ox0 * S + kx) * ci;
       const float* wt = w + (ky * s.kw + kx) * ci * s.co + o0;
       for (int64_t c = 0; c < ci; ++c) {
         v16 wv[COV];
         for (int j = 0; j < COV; ++j) wv[j] = Load(wt + c * s.co + 16 * j);
         for (int p = 0; p < PB; ++p) {
-          const float xs = xr[p * ci + c];
+          const float xs = xr[p * S * ci + c];
           for (int j = 0; j < COV; ++j) acc[p][j] += xs * wv[j];
         }
       }
@@ -72,18 +73,19 @@ inline void ForwardBlock(const float* xb, const float* w, float* yr,
 }
 
 // Positions [ox, ow) of a row: blocks of PB, the rest in halving blocks.
-template <int PB, int COV, int CI>
+template <int PB, int COV, int CI, int S>
 inline void ForwardRow(const float* xb, const float* w, float* yr,
                        const Shape& s, int64_t oy, int64_t ox, int64_t o0) {
   for (; ox + PB <= s.ow; ox += PB)
-    ForwardBlock<PB, COV, CI>(xb, w, yr, s, oy, ox, o0);
+    ForwardBlock<PB, COV, CI, S>(xb, w, yr, s, oy, ox, o0);
   if constexpr (PB > 1) {
-    if (ox < s.ow) ForwardRow<PB / 2, COV, CI>(xb, w, yr, s, oy, ox, o0);
+    if (ox < s.ow) ForwardRow<PB / 2, COV, CI, S>(xb, w, yr, s, oy, ox, o0);
   }
 }
 
-// A "valid" correlation of the padded input x [n, h, w, ci] (s.pt = s.pl = 0).
-template <int PB, int COV, int CI>
+// A "valid" correlation of the padded input x [n, h, w, ci] at stride S
+// (s.pt = s.pl = 0).
+template <int PB, int COV, int CI, int S>
 void Forward(const float* x, const float* w, float* y, const Shape& s,
              int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -91,23 +93,37 @@ void Forward(const float* x, const float* w, float* y, const Shape& s,
     for (int64_t oy = 0; oy < s.oh; ++oy) {
       float* yr = y + (b * s.oh + oy) * s.ow * s.co;
       for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV)
-        ForwardRow<PB, COV, CI>(xb, w, yr, s, oy, 0, o0);
+        ForwardRow<PB, COV, CI, S>(xb, w, yr, s, oy, 0, o0);
     }
   }
 }
 
-template <int PB, int COV>
+template <int PB, int COV, int S>
 void ForwardAnyCi(const float* x, const float* w, float* y, const Shape& s,
                   int64_t b0, int64_t b1) {
   switch (s.ci) {
-    case 16: return Forward<PB, COV, 16>(x, w, y, s, b0, b1);
-    case 32: return Forward<PB, COV, 32>(x, w, y, s, b0, b1);
-    case 64: return Forward<PB, COV, 64>(x, w, y, s, b0, b1);
-    default: return Forward<PB, COV, 0>(x, w, y, s, b0, b1);
+    case 16: return Forward<PB, COV, 16, S>(x, w, y, s, b0, b1);
+    case 32: return Forward<PB, COV, 32, S>(x, w, y, s, b0, b1);
+    case 64: return Forward<PB, COV, 64, S>(x, w, y, s, b0, b1);
+    default: return Forward<PB, COV, 0, S>(x, w, y, s, b0, b1);
   }
 }
 
+template <int S>
+void ForwardAnyCo(const float* x, const float* w, float* y, const Shape& s,
+                  int64_t b0, int64_t b1) {
+  if (s.co % 64 == 0) ForwardAnyCi<4, 4, S>(x, w, y, s, b0, b1);
+  else if (s.co % 32 == 0) ForwardAnyCi<8, 2, S>(x, w, y, s, b0, b1);
+  else ForwardAnyCi<16, 1, S>(x, w, y, s, b0, b1);
+}
+
 // ---------------------------------------------------------- filter grad --
+
+// The first output index o >= 0 with o * stride >= offset (offset may be
+// negative or zero: 0).
+inline int64_t FirstInside(int64_t offset, int64_t stride) {
+  return offset <= 0 ? 0 : (offset + stride - 1) / stride;
+}
 
 // Images per pass: the chunk's x and g stay in the L2 cache while every
 // (tap, channel block) pass reads them.
@@ -122,11 +138,11 @@ void FilterGrad(const float* x, const float* g, float* dw, const Shape& s,
     const int64_t c_b1 = std::min(b1, c_b0 + chunk);
     for (int64_t ky = 0; ky < s.kh; ++ky) {
       // Output rows / columns whose input row / column is inside the map.
-      const int64_t oy0 = ky < s.pt ? s.pt - ky : 0;
-      const int64_t oy1 = std::min(s.oh, s.h + s.pt - ky);
+      const int64_t oy0 = FirstInside(s.pt - ky, s.sh);
+      const int64_t oy1 = std::min(s.oh, FirstInside(s.h + s.pt - ky, s.sh));
       for (int64_t kx = 0; kx < s.kw; ++kx) {
-        const int64_t ox0 = kx < s.pl ? s.pl - kx : 0;
-        const int64_t ox1 = std::min(s.ow, s.w + s.pl - kx);
+        const int64_t ox0 = FirstInside(s.pl - kx, s.sw);
+        const int64_t ox1 = std::min(s.ow, FirstInside(s.w + s.pl - kx, s.sw));
         float* dwt = dw + (ky * s.kw + kx) * s.ci * s.co;
         for (int64_t c0 = 0; c0 < s.ci; c0 += CIB) {
           for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV) {
@@ -138,13 +154,14 @@ void FilterGrad(const float* x, const float* g, float* dw, const Shape& s,
               const float* xb = x + b * s.h * s.w * s.ci;
               const float* gb = g + b * s.oh * s.ow * s.co;
               for (int64_t oy = oy0; oy < oy1; ++oy) {
-                const float* xr = xb + (oy + ky - s.pt) * s.w * s.ci + c0;
+                const float* xr =
+                    xb + (oy * s.sh + ky - s.pt) * s.w * s.ci + c0;
                 const float* gr = gb + oy * s.ow * s.co + o0;
                 for (int64_t ox = ox0; ox < ox1; ++ox) {
                   v16 gv[COV];
                   for (int j = 0; j < COV; ++j)
                     gv[j] = Load(gr + ox * s.co + 16 * j);
-                  const float* xp = xr + (ox + kx - s.pl) * s.ci;
+                  const float* xp = xr + (ox * s.sw + kx - s.pl) * s.ci;
                   for (int i = 0; i < CIB; ++i) {
                     const float xs = xp[i];
                     for (int j = 0; j < COV; ++j) acc[i][j] += xs * gv[j];
@@ -182,32 +199,35 @@ ffi::Error CheckRank4(std::initializer_list<size_t> ranks) {
 }
 
 ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
+                           ffi::ResultBuffer<ffi::F32> y, int64_t stride,
+                           int64_t threads) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (auto e = CheckRank4({xd.size(), wd.size(), yd.size()}); e.failure()) return e;
   const Shape s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
-                wd[0], wd[1], 0, 0};
+                wd[0], wd[1], 0, 0, stride, stride};
   if (s.co % 16 != 0) return ffi::Error::InvalidArgument("cout % 16 != 0");
-  if (s.oh != s.h - s.kh + 1 || s.ow != s.w - s.kw + 1)
+  if (stride != 1 && stride != 2)
+    return ffi::Error::InvalidArgument("stride must be 1 or 2");
+  if (s.oh != (s.h - s.kh) / stride + 1 || s.ow != (s.w - s.kw) / stride + 1)
     return ffi::Error::InvalidArgument("output is not the valid correlation");
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
   float* ys = y->typed_data();
   OverBatch(s.n, threads, [&](int64_t b0, int64_t b1, int64_t) {
-    if (s.co % 64 == 0) ForwardAnyCi<4, 4>(xs, ws, ys, s, b0, b1);
-    else if (s.co % 32 == 0) ForwardAnyCi<8, 2>(xs, ws, ys, s, b0, b1);
-    else ForwardAnyCi<16, 1>(xs, ws, ys, s, b0, b1);
+    if (stride == 1) ForwardAnyCo<1>(xs, ws, ys, s, b0, b1);
+    else ForwardAnyCo<2>(xs, ws, ys, s, b0, b1);
   });
   return ffi::Error::Success();
 }
 
 ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t pad_top,
-                          int64_t pad_left, int64_t threads) {
+                          int64_t pad_left, int64_t stride, int64_t threads) {
   auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
   if (auto e = CheckRank4({xd.size(), gd.size(), wd.size()}); e.failure()) return e;
   const Shape s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3],
-                wd[0], wd[1], pad_top, pad_left};
+                wd[0], wd[1], pad_top, pad_left, stride, stride};
+  if (stride < 1) return ffi::Error::InvalidArgument("stride must be >= 1");
   if (s.co % 16 != 0) return ffi::Error::InvalidArgument("cout % 16 != 0");
   const int64_t size = s.kh * s.kw * s.ci * s.co;
   threads = std::max<int64_t>(1, std::min(threads, s.n));
@@ -237,6 +257,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RebllConvForward, ConvForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RebllConvFilterGrad, FilterGradImpl,
@@ -246,4 +267,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RebllConvFilterGrad, FilterGradImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("stride")
                                   .Attr<int64_t>("threads"));

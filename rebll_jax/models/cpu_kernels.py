@@ -1,11 +1,12 @@
-"""Our own CPU kernels for stride-1 k x k convolutions, called through XLA's FFI.
+"""Our own CPU kernels for k x k convolutions, called through XLA's FFI.
 
 XLA:CPU's convolutions (Eigen) are the wall of the default experiment's step:
 its 3x3 filter gradients ran at a third of oneDNN's speed, and no rewrite
 into XLA's own ops (im2col, tap GEMMs, Winograd) beat them (README,
 "Benchmark"). ``cpu_kernels.cc`` holds two direct kernels, register-blocked
-over 16-float vectors: the forward convolution (the input gradient is the
-forward of the cotangent with the flipped filter) and the filter gradient.
+over 16-float vectors: the forward convolution at stride 1 or 2 (the input gradient is the forward of
+the cotangent with the flipped filter; for a strided convolution, of its
+stride-1 phases) and the filter gradient.
 
 The source is compiled on first use with the host's C++ compiler (``$CXX``,
 default ``g++``; ``-O3 -march=native``) into a cache keyed by the source,
@@ -166,11 +167,15 @@ def threads_per_device() -> int:
   return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
 
 
+STRIDES = ((1, 1), (2, 2))
+
+
 def supports(x_shape, w_shape, strides, dtype) -> dict:
   """{"forward": bool, "filter_grad": bool, "input_grad": bool}: which
-  passes of this convolution the kernels can run."""
+  passes of this convolution the kernels can run (the input gradient of a
+  strided one as stride-1 phase convolutions, ``conv._input_grad_phases``)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  ok = (available() and tuple(strides) == (1, 1) and dtype == jnp.float32
+  ok = (available() and tuple(strides) in STRIDES and dtype == jnp.float32
         and len(x_shape) == 4 and max(w_shape[2], w_shape[3]) <= MAX_CHANNELS)
   cin, cout = w_shape[2], w_shape[3]
   return {"forward": ok and cout % CHANNEL_MULTIPLE == 0,
@@ -240,13 +245,13 @@ def _partitioned(local_fn, reduce_batch: bool, rule: str, **factors):
 def _forward_call():
   def local(x, w, static):
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    padding, threads = static
+    padding, stride, threads = static
     # Padded here (one XLA fusion) so the kernel has no edge cases.
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     n, h, wd, _ = xp.shape
     kh, kw, _, cout = w.shape
-    return _ffi("forward", (n, h - kh + 1, wd - kw + 1, cout), xp, w,
-                threads)
+    out = (n, (h - kh) // stride + 1, (wd - kw) // stride + 1, cout)
+    return _ffi("forward", out, xp, w, threads, stride=stride)
   return _partitioned(local, False, "n h w c, k l c o -> n y x o",
                       need_replication_factors=("h", "w", "c", "k", "l",
                                                 "o", "y", "x"))
@@ -255,9 +260,9 @@ def _forward_call():
 @functools.lru_cache(maxsize=None)
 def _filter_grad_call():
   def local(x, g, static):
-    (kh, kw), ((pt, _), (pl, _)), threads = static
+    (kh, kw), ((pt, _), (pl, _)), stride, threads = static
     return _ffi("filter_grad", (kh, kw, x.shape[-1], g.shape[-1]), x, g,
-                threads, pad_top=pt, pad_left=pl)
+                threads, pad_top=pt, pad_left=pl, stride=stride)
   return _partitioned(local, True, "n h w c, n y x o -> k l c o",
                       reduction_factors=("n",),
                       need_replication_factors=("h", "w", "c", "y", "x", "o"))
@@ -267,17 +272,26 @@ def _pads(padding) -> tuple:
   return tuple((int(a), int(b)) for a, b in padding)
 
 
-def conv_forward(x, w, padding, threads: int | None = None):
-  """Stride-1 NHWC x HWIO convolution; ``padding`` ((top, bottom),
-  (left, right)). float32; cout a multiple of 16 (``supports``).
-  ``threads``: per call (default ``threads_per_device()``)."""
+def _stride(stride) -> int:
+  stride = int(stride)
+  if (stride, stride) not in STRIDES:
+    raise ValueError(f"stride {stride}: the kernels take {STRIDES}")
+  return stride
+
+
+def conv_forward(x, w, padding, threads: int | None = None, stride: int = 1):
+  """NHWC x HWIO convolution at ``stride`` (1 or 2, both dimensions);
+  ``padding`` ((top, bottom), (left, right)). float32; cout a multiple of 16
+  (``supports``). ``threads``: per call (default ``threads_per_device()``)."""
   threads = int(threads or threads_per_device())
-  return _forward_call()(x, w, (_pads(padding), threads))
+  return _forward_call()(x, w, (_pads(padding), _stride(stride), threads))
 
 
-def filter_grad(x, g, kernel_size, padding, threads: int | None = None):
-  """dL/dW [kh, kw, cin, cout] of the stride-1 convolution of ``x`` whose
-  output cotangent is ``g``."""
+def filter_grad(x, g, kernel_size, padding, threads: int | None = None,
+                stride: int = 1):
+  """dL/dW [kh, kw, cin, cout] of the convolution of ``x`` (at ``stride``)
+  whose output cotangent is ``g``."""
   threads = int(threads or threads_per_device())
   return _filter_grad_call()(
-      x, g, (tuple(int(k) for k in kernel_size), _pads(padding), threads))
+      x, g, (tuple(int(k) for k in kernel_size), _pads(padding),
+             _stride(stride), threads))
