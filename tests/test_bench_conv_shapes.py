@@ -13,6 +13,17 @@ from experiments import bench_conv_shapes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _run_lines(*flags, model="tiny_resnet"):
+  """The script's JSON lines for a 16-px, batch-2 run with ``flags``."""
+  result = subprocess.run(
+      [sys.executable, "experiments/bench_conv_shapes.py", "--model", model,
+       "--size", "16", "--batch", "2", "--reps", "2", *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  return [json.loads(l) for l in result.stdout.splitlines()]
+
+
 def test_shapes_of_the_tiny_model():
   shapes = bench_conv_shapes.conv_shapes("tiny_resnet", 2, 16)
   # Stem (3 -> 4, stride 2), then one block's two 3x3 convs (4 -> 4).
@@ -23,13 +34,7 @@ def test_shapes_of_the_tiny_model():
 
 def test_cli_prints_a_line_per_shape_and_weighted_totals():
   pytest.importorskip("torch")
-  result = subprocess.run(
-      [sys.executable, "experiments/bench_conv_shapes.py", "--model",
-       "tiny_resnet", "--size", "16", "--batch", "2", "--reps", "2"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert result.returncode == 0, result.stderr[-2000:]
-  *rows, total = [json.loads(l) for l in result.stdout.splitlines()]
+  *rows, total = _run_lines()
   assert len(rows) == 2 and total["convs"] == 3 and total["distinct"] == 2
   for lib in ("xla", "torch"):
     for step in ("fwd", "dx", "dw"):
@@ -64,14 +69,7 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
 
 
 def test_dw_forms_are_timed_for_stride_one_convs_only():
-  result = subprocess.run(
-      [sys.executable, "experiments/bench_conv_shapes.py", "--model",
-       "tiny_resnet", "--size", "16", "--batch", "2", "--reps", "2",
-       "--no_torch", "--dw_forms"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert result.returncode == 0, result.stderr[-2000:]
-  stem, block, _ = [json.loads(l) for l in result.stdout.splitlines()]
+  stem, block, _ = _run_lines("--no_torch", "--dw_forms")
   assert stem["xla_dw_forms_ms"] == {}  # stride 2: not a form's shape
   assert set(block["xla_dw_forms_ms"]) == {"im2col", "taps"}
   assert all(ms > 0 for ms in block["xla_dw_forms_ms"].values())
@@ -96,14 +94,8 @@ def test_kernel_column_is_timed_and_totalled():
   from rebll_jax.models import cpu_kernels
   if not cpu_kernels.available():
     pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-  result = subprocess.run(
-      [sys.executable, "experiments/bench_conv_shapes.py", "--model",
-       "small_resnet", "--size", "16", "--batch", "2", "--reps", "2",
-       "--no_torch", "--kernel"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert result.returncode == 0, result.stderr[-2000:]
-  *rows, total = [json.loads(l) for l in result.stdout.splitlines()]
+  # small_resnet: 16-channel convolutions, which the kernels take.
+  *rows, total = _run_lines("--no_torch", "--kernel", model="small_resnet")
   for step in ("fwd", "dx", "dw"):
     assert all(r["kernel_ms"][step] > 0 for r in rows)
     want = sum(r["uses"] * r["kernel_ms"][step] for r in rows)

@@ -82,11 +82,12 @@ def test_kernels_equal_xla(n, h, w, cin, cout, k, padding, threads):
 @needs_kernels
 def test_kernel_impl_values_and_grads_and_routing():
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, 8, 8, 16), np.float32)
-  padding = ((1, 1), (1, 1))
   x = rng.standard_normal((2, 9, 9, 16), np.float32)
-  for strides, cout in (((1, 1), 32), ((2, 2), 32), ((2, 2), 16),
-                        ((3, 3), 32), ((1, 1), 24)):
+  same = ((1, 1), (1, 1))
+  for strides, cout, padding in (
+      ((1, 1), 32, same), ((2, 2), 32, same), ((2, 2), 16, same),
+      ((3, 3), 32, same), ((1, 1), 24, same),
+      ((1, 1), 16, ((3, 3), (0, 3)))):  # dx would need a crop: XLA's
     w = rng.standard_normal((3, 3, 16, cout), np.float32)
 
     def run(impl):
@@ -98,7 +99,8 @@ def test_kernel_impl_values_and_grads_and_routing():
     (v0, (dx0, dw0)), (v1, (dx1, dw1)) = run("xla"), run("kernel")
     assert _rel(v1, v0) < 1e-5
     assert _rel(dx1, dx0) < 1e-5 and _rel(dw1, dw0) < 1e-5
-  # Which passes qualify: stride 1, float32, channels as the kernels need.
+  # Which passes qualify: stride 1 or 2, float32, channels as the kernels
+  # need.
   s = cpu_kernels.supports
   assert s((2, 8, 8, 16), (3, 3, 16, 32), (1, 1), jnp.float32) == {
       "forward": True, "filter_grad": True, "input_grad": True}

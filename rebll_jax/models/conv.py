@@ -265,23 +265,26 @@ def _gemm_conv(strides: tuple, padding: tuple, parts: frozenset) -> Callable:
     x, w = residuals
     kh, kw = w.shape[:2]
     kernel_dx = kernel_can(x, w, "input_grad")
+    # The transposed convolution's padding (stride 1): a negative one, a
+    # crop, only XLA's convolution takes.
+    pad_t = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+             (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
     if strides != (1, 1) and "phase_dx" in parts:
       dx = _input_grad_phases(
           g, w, x.shape, strides, padding,
           cpu_kernels.conv_forward if kernel_dx else _xla_stride1)
-    elif kernel_dx and strides == (1, 1):
-      # The transposed convolution: the flipped filter, cin <-> cout.
+    elif kernel_dx and strides == (1, 1) and min(map(min, pad_t)) >= 0:
+      # The flipped filter, cin <-> cout, over the padded cotangent.
       w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)
-      pad_t = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
-               (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
       dx = cpu_kernels.conv_forward(g, w_t, pad_t)
     else:
       _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
       (dx,) = input_vjp(g)
+    kernel_dw = kernel_can(x, w, "filter_grad")
     xb, gb = x, g
-    if "barrier" in parts:
+    if "barrier" in parts and not kernel_dw:  # XLA's convolution needs it
       xb, gb = _fusion_barrier((x, g), g.reshape(-1)[0])
-    if kernel_can(x, w, "filter_grad"):
+    if kernel_dw:
       dw = cpu_kernels.filter_grad(xb, gb, (kh, kw), padding,
                                    stride=strides[0])
     else:
