@@ -188,6 +188,28 @@ def test_build_is_cached():
   assert os.stat(path).st_mtime_ns == mtime
 
 
+_DAMAGED = r"""
+import json
+from rebll_jax.models import cpu_kernels
+path = cpu_kernels.build()
+with open(path, "wb") as f:
+  f.write(b"not a shared library")
+print(json.dumps({"available": cpu_kernels.available(),
+                  "reason": cpu_kernels.unavailable_reason()}))
+"""
+
+
+@needs_kernels
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path):
+  env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+  out = subprocess.run([sys.executable, "-c", _DAMAGED], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+      "available": True, "reason": ""}
+
+
 _NO_COMPILER = r"""
 import json
 from rebll_jax import config_base, validate

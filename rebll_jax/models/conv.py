@@ -74,7 +74,10 @@ def resolve_impl(impl: str) -> str:
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "xla"
-    return "kernel" if cpu_kernels.available() else "gemm"
+    if cpu_kernels.available():
+      return "kernel"
+    cpu_kernels.warn_unavailable()
+    return "gemm"
   return impl
 
 

@@ -124,16 +124,27 @@ def _load() -> str:
   import ctypes  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   try:
-    library = ctypes.cdll.LoadLibrary(build())
+    path = build()
+    try:
+      library = ctypes.cdll.LoadLibrary(path)
+    except OSError:  # a damaged cache entry: build it again, once
+      os.unlink(path)
+      library = ctypes.cdll.LoadLibrary(build())
     for name, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(f"rebll_conv_{name}",
                                   jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform="cpu")
   except (RuntimeError, OSError, AttributeError) as e:
-    log.warning("CPU convolution kernels unavailable (%s): XLA's "
-                "convolutions run instead (model.conv_impl=gemm)", e)
     return str(e)
   return ""
+
+
+@functools.lru_cache(maxsize=None)
+def warn_unavailable():
+  """Logs once why the kernels are unavailable (``conv_impl=auto``'s
+  fallback; an explicit ``kernel`` is a config error instead)."""
+  log.warning("CPU convolution kernels unavailable (%s): XLA's convolutions "
+              "run instead (model.conv_impl=gemm)", unavailable_reason())
 
 
 def available() -> bool:
