@@ -104,7 +104,9 @@ def build() -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
   os.close(fd)
   cmd = [cxx, *CXX_FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
-  log.info("compiling the CPU convolution kernels: %s", " ".join(cmd))
+  # Once per machine and source; said so that the pause is explained.
+  log.warning("compiling the CPU convolution kernels once (a few seconds; "
+              "cached in %s)", cache)
   try:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   except (OSError, subprocess.SubprocessError) as e:
