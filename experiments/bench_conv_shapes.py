@@ -128,6 +128,11 @@ def conv_shapes(model_name: str, batch: int, size: int) -> list:
   return [(json.loads(k), n) for k, n in uses.items()]
 
 
+def _rel_diff(out, ref) -> float:
+  """max |out - ref| / max |ref| (numpy arrays; 1 where ref is all zero)."""
+  return float(abs(out - ref).max()) / (float(abs(ref).max()) or 1.0)
+
+
 def _median_ms(fn, reps: int) -> float:
   fn()  # compile / warm up
   times = []
@@ -233,8 +238,7 @@ def time_dw_forms(shape: dict, reps: int,
   want = np.asarray(xla_dw(w, g))
   times = {}
   for name, form in _dw_gemm_forms(shape, options).items():
-    diff = float(abs(np.asarray(form(x, g)) - want).max()) / float(
-        abs(want).max())
+    diff = _rel_diff(np.asarray(form(x, g)), want)
     if diff > 1e-4:
       raise SystemExit(f"error: filter gradient as {name} differs from "
                        f"XLA's (relative {diff:.2e}) for {shape}")
@@ -303,8 +307,7 @@ def main(argv=None):
     if args.kernel and shape["groups"] == 1:
       line["kernel_ms"], kernel_out = time_xla(shape, args.reps, options,
                                                "kernel")
-      diff = float(abs(kernel_out - xla_out).max()) / (
-          float(abs(xla_out).max()) or 1.0)
+      diff = _rel_diff(kernel_out, xla_out)
       if diff > 1e-4:
         raise SystemExit(f"error: conv {i}: conv_impl=kernel and XLA "
                          f"forward outputs differ (relative {diff:.2e})")
@@ -314,8 +317,7 @@ def main(argv=None):
       line["torch_ms"], torch_out = time_torch(shape, args.reps)
       if torch_out is not None:
         # The two libraries computed the same convolution (else: exit 1).
-        scale = float(abs(xla_out).max()) or 1.0
-        diff = float(abs(xla_out - torch_out).max()) / scale
+        diff = _rel_diff(torch_out, xla_out)
         line["fwd_rel_diff"] = diff
         if diff > 1e-3:
           print(json.dumps(line))

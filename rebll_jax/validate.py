@@ -154,6 +154,7 @@ def check_all(config, *, num_classes: int, num_devices: int,
   check_config(config, setting)
   check_protocol(config, num_classes)
   check_devices(config, num_devices, num_processes)
+  check_conv_kernels(config)
 
 
 def build_source(cfg):
@@ -209,10 +210,10 @@ def check_conv_kernels(config):
   """``model.conv_impl=kernel`` needs the CPU and our compiled kernels;
   ``$REBLL_CPU_KERNEL_THREADS``, where set, is a thread count."""
   from rebll_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
-  forced = os.environ.get(cpu_kernels.THREADS_ENV, "")
-  _check(not forced or (forced.isdigit() and int(forced) >= 1),
-         f"${cpu_kernels.THREADS_ENV} must be a positive integer (threads "
-         f"per kernel call), got {forced!r}; unset it for the default")
+  try:
+    cpu_kernels.forced_threads()
+  except ValueError as e:
+    raise UserError(f"{e}; unset it for the default") from None
   if config.model.get("conv_impl") != "kernel":
     return
   import jax  # pylint: disable=g-import-not-at-top
@@ -226,7 +227,6 @@ def check_conv_kernels(config):
 
 
 def check_devices(config, num_devices: int, num_processes: int):
-  check_conv_kernels(config)
   batch = config.train.global_batch
   # A CPU split by cpu_devices: say where the device count comes from.
   split = (f" (the CPU split by cpu_devices={config.cpu_devices}; "

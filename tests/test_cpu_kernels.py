@@ -280,3 +280,11 @@ def test_macs_counted_through_the_kernels():
   jaxpr = jax.make_jaxpr(lambda x, g: cpu_kernels.filter_grad(
       x, g, (3, 3), ((1, 1), (1, 1))))(xg, jnp.zeros((2, 6, 7, 32))).jaxpr
   assert count_macs(jaxpr) == (3 * 3 * 16 * 32) * (2 * 6 * 7)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_a_bad_thread_count_is_a_user_error(value, monkeypatch):
+  monkeypatch.setenv(cpu_kernels.THREADS_ENV, value)
+  with pytest.raises(UserError, match=r"REBLL_CPU_KERNEL_THREADS must be a "
+                     r"positive integer .*; unset it for the default"):
+    validate.check_conv_kernels(config_base.base_config())

@@ -162,17 +162,26 @@ def unavailable_reason() -> str:
 THREADS_ENV = "REBLL_CPU_KERNEL_THREADS"
 
 
+def forced_threads() -> int | None:
+  """$REBLL_CPU_KERNEL_THREADS as a thread count (None where unset);
+  ValueError where it is not a positive integer."""
+  forced = os.environ.get(THREADS_ENV, "")
+  if not forced:
+    return None
+  if not forced.isdigit() or int(forced) < 1:
+    raise ValueError(f"${THREADS_ENV} must be a positive integer (threads "
+                     f"per kernel call), got {forced!r}")
+  return int(forced)
+
+
 @functools.lru_cache(maxsize=None)
 def threads_per_device() -> int:
   """Each call's thread count: $REBLL_CPU_KERNEL_THREADS if set, else the
   host cores per local CPU device."""
   import jax  # pylint: disable=g-import-not-at-top
-  forced = os.environ.get(THREADS_ENV, "")
+  forced = forced_threads()
   if forced:
-    if not forced.isdigit() or int(forced) < 1:
-      raise ValueError(f"${THREADS_ENV} must be a positive integer, got "
-                       f"{forced!r}")
-    return int(forced)
+    return forced
   try:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:  # not Linux
