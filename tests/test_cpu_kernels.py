@@ -80,6 +80,39 @@ def test_kernels_equal_xla(n, h, w, cin, cout, k, padding, threads):
   assert _rel(dw, dw_ref) < 1e-5
 
 
+STRIDED_CASES = [  # (n, h, w, cin, cout, k, padding, stride)
+    (2, 30, 30, 3, 64, 7, ((3, 3), (3, 3)), 2),  # a 7x7 RGB stem: taps 21
+    (2, 11, 10, 2, 32, 5, ((2, 2), (2, 2)), 1),  # taps 10: blocks of 2
+    (3, 9, 9, 1, 16, 3, ((1, 0), (0, 1)), 2),  # one channel, asymmetric
+    # 40 x 40 x (64 + 64) floats are 800 KB, over the 256 KB pass chunk:
+    # chunks of output rows that straddle images.
+    (3, 40, 40, 64, 64, 3, ((1, 1), (1, 1)), 1),
+    (3, 41, 40, 64, 32, 3, ((1, 1), (1, 1)), 2),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,h,w,cin,cout,k,padding,stride", STRIDED_CASES)
+def test_small_cin_and_row_chunks_equal_xla(n, h, w, cin, cout, k, padding,
+                                            stride, threads):
+  rng = np.random.default_rng(h * 10 + cin)
+  x = rng.standard_normal((n, h, w, cin), np.float32)
+  wt = rng.standard_normal((k, k, cin, cout), np.float32)
+  y_ref, vjp = jax.vjp(lambda w_: _xla(x, w_, padding, stride), wt)
+  g = rng.standard_normal(y_ref.shape, np.float32)
+  (dw_ref,) = vjp(g)
+
+  @jax.jit
+  def ours(x, wt, g):
+    return (cpu_kernels.conv_forward(x, wt, padding, threads, stride),
+            cpu_kernels.filter_grad(x, g, (k, k), padding, threads, stride))
+
+  y, dw = ours(x, wt, g)
+  assert _rel(y, y_ref) < 1e-5
+  assert _rel(dw, dw_ref) < 1e-5
+
+
 @needs_kernels
 def test_kernel_impl_values_and_grads_and_routing():
   rng = np.random.default_rng(0)
@@ -100,6 +133,37 @@ def test_kernel_impl_values_and_grads_and_routing():
     (v0, (dx0, dw0)), (v1, (dx1, dw1)) = run("xla"), run("kernel")
     assert _rel(v1, v0) < 1e-5
     assert _rel(dx1, dx0) < 1e-5 and _rel(dw1, dw0) < 1e-5
+  # An RGB stem: on the kernels (not im2col) for its forward and filter
+  # gradient; its input gradient (phases on XLA) still right.
+  x3 = rng.standard_normal((2, 16, 16, 3), np.float32)
+  w3 = rng.standard_normal((7, 7, 3, 64), np.float32)
+  stem = lambda impl: jax.jit(jax.value_and_grad(
+      lambda x, w: jnp.sum(conv.conv2d(x, w, strides=(2, 2),
+                                       padding=((3, 3), (3, 3)),
+                                       impl=impl) ** 2), (0, 1)))
+  (v0, (dx0, dw0)), (v1, (dx1, dw1)) = stem("xla")(x3, w3), stem("kernel")(
+      x3, w3)
+  assert _rel(v1, v0) < 1e-5
+  assert _rel(dx1, dx0) < 1e-5 and _rel(dw1, dw0) < 1e-5
+  hlo = stem("kernel").lower(x3, w3).as_text()
+  assert hlo.count("rebll_conv_forward") >= 1
+  assert hlo.count("rebll_conv_filter_grad") == 1  # im2col has neither
+  # 1x1 convolutions: their filter gradient on the kernel on large maps
+  # with few output channels (conv.KERNEL_1X1_DW_*), else a GEMM.
+  for shape, cout, stride, on_kernel in (
+      ((2, 14, 15, 48), 32, 1, True), ((2, 28, 28, 16), 64, 2, True),
+      ((2, 7, 7, 48), 32, 1, False), ((2, 14, 14, 16), 512, 1, False)):
+    x1 = rng.standard_normal(shape, np.float32)
+    w1 = rng.standard_normal((1, 1, shape[3], cout), np.float32)
+    f1 = lambda impl: jax.jit(jax.value_and_grad(
+        lambda x, w: jnp.sum(conv.conv2d(x, w, strides=(stride, stride),
+                                         impl=impl) ** 2), (0, 1)))
+    (v0, (dx0, dw0)), (v1, (dx1, dw1)) = f1("xla")(x1, w1), f1("kernel")(
+        x1, w1)
+    assert _rel(v1, v0) < 1e-5
+    assert _rel(dx1, dx0) < 1e-5 and _rel(dw1, dw0) < 1e-5
+    hlo = f1("kernel").lower(x1, w1).as_text()
+    assert ("rebll_conv_filter_grad" in hlo) == on_kernel, shape
   # Which passes qualify: stride 1 or 2, float32, channels as the kernels
   # need.
   s = cpu_kernels.supports

@@ -125,17 +125,25 @@ inline int64_t FirstInside(int64_t offset, int64_t stride) {
   return offset <= 0 ? 0 : (offset + stride - 1) / stride;
 }
 
-// Images per pass: the chunk's x and g stay in the L2 cache while every
-// (tap, channel block) pass reads them.
+// Output rows per pass, counted over the batch (row r = b * oh + oy): the
+// chunk's x and g rows stay in the L2 cache while every (tap, channel
+// block) pass reads them. Whole images when one fits, else a part of one
+// (a 56 x 56 map of 64 + 64 channels is 1.6 MB).
 constexpr int64_t kChunkBytes = 256 << 10;
+
+inline int64_t ChunkRows(const Shape& s) {
+  const int64_t image_bytes = 4 * (s.h * s.w * s.ci + s.oh * s.ow * s.co);
+  if (image_bytes <= kChunkBytes) return kChunkBytes / image_bytes * s.oh;
+  const int64_t row_bytes = 4 * (s.sh * s.w * s.ci + s.ow * s.co);
+  return std::max<int64_t>(1, kChunkBytes / row_bytes);
+}
 
 template <int CIB, int COV>
 void FilterGrad(const float* x, const float* g, float* dw, const Shape& s,
                 int64_t b0, int64_t b1) {
-  const int64_t image_bytes = 4 * (s.h * s.w * s.ci + s.oh * s.ow * s.co);
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / image_bytes);
-  for (int64_t c_b0 = b0; c_b0 < b1; c_b0 += chunk) {
-    const int64_t c_b1 = std::min(b1, c_b0 + chunk);
+  const int64_t chunk = ChunkRows(s);
+  for (int64_t r0 = b0 * s.oh; r0 < b1 * s.oh; r0 += chunk) {
+    const int64_t r1 = std::min(b1 * s.oh, r0 + chunk);
     for (int64_t ky = 0; ky < s.kh; ++ky) {
       // Output rows / columns whose input row / column is inside the map.
       const int64_t oy0 = FirstInside(s.pt - ky, s.sh);
@@ -150,22 +158,20 @@ void FilterGrad(const float* x, const float* g, float* dw, const Shape& s,
             for (int i = 0; i < CIB; ++i)
               for (int j = 0; j < COV; ++j)
                 acc[i][j] = Load(dwt + (c0 + i) * s.co + o0 + 16 * j);
-            for (int64_t b = c_b0; b < c_b1; ++b) {
-              const float* xb = x + b * s.h * s.w * s.ci;
-              const float* gb = g + b * s.oh * s.ow * s.co;
-              for (int64_t oy = oy0; oy < oy1; ++oy) {
-                const float* xr =
-                    xb + (oy * s.sh + ky - s.pt) * s.w * s.ci + c0;
-                const float* gr = gb + oy * s.ow * s.co + o0;
-                for (int64_t ox = ox0; ox < ox1; ++ox) {
-                  v16 gv[COV];
-                  for (int j = 0; j < COV; ++j)
-                    gv[j] = Load(gr + ox * s.co + 16 * j);
-                  const float* xp = xr + (ox * s.sw + kx - s.pl) * s.ci;
-                  for (int i = 0; i < CIB; ++i) {
-                    const float xs = xp[i];
-                    for (int j = 0; j < COV; ++j) acc[i][j] += xs * gv[j];
-                  }
+            for (int64_t r = r0; r < r1; ++r) {
+              const int64_t b = r / s.oh, oy = r - b * s.oh;
+              if (oy < oy0 || oy >= oy1) continue;
+              const float* xr =
+                  x + ((b * s.h + oy * s.sh + ky - s.pt) * s.w) * s.ci + c0;
+              const float* gr = g + r * s.ow * s.co + o0;
+              for (int64_t ox = ox0; ox < ox1; ++ox) {
+                v16 gv[COV];
+                for (int j = 0; j < COV; ++j)
+                  gv[j] = Load(gr + ox * s.co + 16 * j);
+                const float* xp = xr + (ox * s.sw + kx - s.pl) * s.ci;
+                for (int i = 0; i < CIB; ++i) {
+                  const float xs = xp[i];
+                  for (int j = 0; j < COV; ++j) acc[i][j] += xs * gv[j];
                 }
               }
             }
@@ -177,6 +183,64 @@ void FilterGrad(const float* x, const float* g, float* dw, const Shape& s,
       }
     }
   }
+}
+
+// The filter gradient when the input is padded already (every tap inside
+// the map) and has few channels (an RGB stem, where FilterGrad's channel
+// blocks would be one channel wide). For a fixed ky the taps (kx, c) of an
+// output position are kw * ci consecutive floats of the input row, and the
+// filter's (kx, c) rows are consecutive too: blocks of JB taps share each
+// loaded cotangent vector. JB divides kw * ci (the caller's choice).
+template <int JB, int COV>
+void FilterGradRowTaps(const float* x, const float* g, float* dw,
+                       const Shape& s, int64_t b0, int64_t b1) {
+  const int64_t taps = s.kw * s.ci;
+  const int64_t chunk = ChunkRows(s);
+  for (int64_t r0 = b0 * s.oh; r0 < b1 * s.oh; r0 += chunk) {
+    const int64_t r1 = std::min(b1 * s.oh, r0 + chunk);
+    for (int64_t ky = 0; ky < s.kh; ++ky) {
+      float* dwr = dw + ky * taps * s.co;
+      for (int64_t j0 = 0; j0 < taps; j0 += JB) {
+        for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV) {
+          v16 acc[JB][COV];
+          for (int i = 0; i < JB; ++i)
+            for (int j = 0; j < COV; ++j)
+              acc[i][j] = Load(dwr + (j0 + i) * s.co + o0 + 16 * j);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / s.oh, oy = r - b * s.oh;
+            const float* xr =
+                x + ((b * s.h + oy * s.sh + ky) * s.w) * s.ci + j0;
+            const float* gr = g + r * s.ow * s.co + o0;
+            for (int64_t ox = 0; ox < s.ow; ++ox) {
+              v16 gv[COV];
+              for (int j = 0; j < COV; ++j)
+                gv[j] = Load(gr + ox * s.co + 16 * j);
+              const float* xp = xr + ox * s.sw * s.ci;
+              for (int i = 0; i < JB; ++i) {
+                const float xs = xp[i];
+                for (int j = 0; j < COV; ++j) acc[i][j] += xs * gv[j];
+              }
+            }
+          }
+          for (int i = 0; i < JB; ++i)
+            for (int j = 0; j < COV; ++j)
+              Store(dwr + (j0 + i) * s.co + o0 + 16 * j, acc[i][j]);
+        }
+      }
+    }
+  }
+}
+
+template <int COV>
+void FilterGradRowTapsAnyJ(const float* x, const float* g, float* dw,
+                           const Shape& s, int64_t b0, int64_t b1) {
+  const int64_t taps = s.kw * s.ci;
+  if (taps % 7 == 0) return FilterGradRowTaps<7, COV>(x, g, dw, s, b0, b1);
+  if (taps % 6 == 0) return FilterGradRowTaps<6, COV>(x, g, dw, s, b0, b1);
+  if (taps % 4 == 0) return FilterGradRowTaps<4, COV>(x, g, dw, s, b0, b1);
+  if (taps % 3 == 0) return FilterGradRowTaps<3, COV>(x, g, dw, s, b0, b1);
+  if (taps % 2 == 0) return FilterGradRowTaps<2, COV>(x, g, dw, s, b0, b1);
+  return FilterGradRowTaps<1, COV>(x, g, dw, s, b0, b1);
 }
 
 // --------------------------------------------------------------- driver --
@@ -230,6 +294,10 @@ ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   if (stride < 1) return ffi::Error::InvalidArgument("stride must be >= 1");
   if (s.co % 16 != 0) return ffi::Error::InvalidArgument("cout % 16 != 0");
   const int64_t size = s.kh * s.kw * s.ci * s.co;
+  // Few channels and a padded input (every tap inside): whole-row tap blocks.
+  const bool row_taps = s.ci % 4 != 0 && pad_top == 0 && pad_left == 0 &&
+                        (s.oh - 1) * stride + s.kh <= s.h &&
+                        (s.ow - 1) * stride + s.kw <= s.w;
   threads = std::max<int64_t>(1, std::min(threads, s.n));
   // Thread t accumulates into its own buffer (t = 0: the output).
   std::vector<float> partial((threads - 1) * size, 0.0f);
@@ -239,7 +307,11 @@ ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   const float* gs = g.typed_data();
   OverBatch(s.n, threads, [&](int64_t b0, int64_t b1, int64_t t) {
     float* acc = t == 0 ? out : partial.data() + (t - 1) * size;
-    if (s.co % 64 == 0 && s.ci % 4 == 0) FilterGrad<4, 4>(xs, gs, acc, s, b0, b1);
+    if (row_taps) {
+      if (s.co % 64 == 0) FilterGradRowTapsAnyJ<4>(xs, gs, acc, s, b0, b1);
+      else if (s.co % 32 == 0) FilterGradRowTapsAnyJ<2>(xs, gs, acc, s, b0, b1);
+      else FilterGradRowTapsAnyJ<1>(xs, gs, acc, s, b0, b1);
+    } else if (s.co % 64 == 0 && s.ci % 4 == 0) FilterGrad<4, 4>(xs, gs, acc, s, b0, b1);
     else if (s.co % 32 == 0 && s.ci % 8 == 0) FilterGrad<8, 2>(xs, gs, acc, s, b0, b1);
     else if (s.ci % 16 == 0) FilterGrad<16, 1>(xs, gs, acc, s, b0, b1);
     else if (s.ci % 4 == 0) FilterGrad<4, 1>(xs, gs, acc, s, b0, b1);

@@ -47,6 +47,9 @@ _TARGETS = {"forward": "RebllConvForward", "filter_grad": "RebllConvFilterGrad"}
 CHANNEL_MULTIPLE = 16
 # Wider convolutions stay on XLA: there Eigen's blocked GEMMs win.
 MAX_CHANNELS = 64
+# Input channel counts that are not a multiple of this (RGB stems) take the
+# filter gradient's whole-row tap blocks (the input is padded first).
+SMALL_CIN_MULTIPLE = 4
 
 
 def _cache_dir() -> str:
@@ -192,13 +195,16 @@ def threads_per_device() -> int:
 STRIDES = ((1, 1), (2, 2))
 
 
-def supports(x_shape, w_shape, strides, dtype) -> dict:
+def supports(x_shape, w_shape, strides, dtype,
+             max_channels: int | None = MAX_CHANNELS) -> dict:
   """{"forward": bool, "filter_grad": bool, "input_grad": bool}: which
   passes of this convolution the kernels can run (the input gradient of a
-  strided one as stride-1 phase convolutions, ``conv._input_grad_phases``)."""
+  strided one as stride-1 phase convolutions, ``conv._input_grad_phases``).
+  ``max_channels``: where the kernels stop winning (None: no cap)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   ok = (available() and tuple(strides) in STRIDES and dtype == jnp.float32
-        and len(x_shape) == 4 and max(w_shape[2], w_shape[3]) <= MAX_CHANNELS)
+        and len(x_shape) == 4 and (max_channels is None or max(
+            w_shape[2], w_shape[3]) <= max_channels))
   cin, cout = w_shape[2], w_shape[3]
   return {"forward": ok and cout % CHANNEL_MULTIPLE == 0,
           "filter_grad": ok and cout % CHANNEL_MULTIPLE == 0,
@@ -282,7 +288,14 @@ def _forward_call():
 @functools.lru_cache(maxsize=None)
 def _filter_grad_call():
   def local(x, g, static):
-    (kh, kw), ((pt, _), (pl, _)), stride, threads = static
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    (kh, kw), padding, stride, threads = static
+    (pt, _), (pl, _) = padding
+    if x.shape[-1] % SMALL_CIN_MULTIPLE:
+      # Few input channels (an RGB stem): padded here, the kernel then
+      # takes whole rows of taps at once (FilterGradRowTaps).
+      x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+      pt = pl = 0
     return _ffi("filter_grad", (kh, kw, x.shape[-1], g.shape[-1]), x, g,
                 threads, pad_top=pt, pad_left=pl, stride=stride)
   return _partitioned(local, True, "n h w c, n y x o -> k l c o",

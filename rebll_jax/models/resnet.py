@@ -14,8 +14,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rebll_jax.models.conv import Conv
+from rebll_jax.models.conv import Conv, resolve_impl
 from rebll_jax.models.norm import norm_act
+from rebll_jax.models.pool import max_pool
 
 # name -> (block kind, blocks per stage)
 SPECS = {
@@ -121,8 +122,10 @@ class ResNet(nn.Module):
     L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl)
     x = images.astype(self.dtype)
     x = L.norm("bn1", relu=True)(L.conv(64, 7, 2, "conv1")(x))
-    # After a ReLU every value is >= 0, so zero padding == -inf padding.
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    # XLA's own gradient with XLA's convolutions; the CPU formulations take
+    # the pool's gradient as tap slices too (rebll_jax.models.pool).
+    pool_impl = "xla" if resolve_impl(self.conv_impl) == "xla" else "slices"
+    x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), pool_impl)
     block = BasicBlock if self.block == "basic" else Bottleneck
     for stage, num_blocks in enumerate(self.stage_sizes):
       for i in range(num_blocks):
