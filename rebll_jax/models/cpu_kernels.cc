@@ -11,7 +11,9 @@
 // kernel keeps a block of accumulators in registers and streams the operand
 // it broadcasts from: the forward a row of PB output positions x COV channel
 // vectors, the filter gradient CIB input channels x COV vectors over every
-// output position. The batch is split over `threads` std::threads; partial
+// output position (with few input channels, an RGB stem: JB consecutive
+// (kx, c) taps of a padded input row instead). The batch is split over
+// `threads` std::threads; partial
 // filter gradients are summed in a fixed order (deterministic results).
 
 #include <cstdint>
