@@ -113,6 +113,21 @@ def test_small_cin_and_row_chunks_equal_xla(n, h, w, cin, cout, k, padding,
   assert _rel(dw, dw_ref) < 1e-5
 
 
+def _kernel_equals_xla(x, w, strides, padding=((0, 0), (0, 0))):
+  """conv2d's value and both gradients under "kernel" equal "xla"'s; the
+  text of the "kernel" program (which FFI calls it makes)."""
+  def program(impl):
+    return jax.jit(jax.value_and_grad(
+        lambda x, w: jnp.sum(conv.conv2d(x, w, strides=strides,
+                                         padding=padding, impl=impl) ** 2),
+        (0, 1)))
+  (v0, (dx0, dw0)), (v1, (dx1, dw1)) = program("xla")(x, w), program(
+      "kernel")(x, w)
+  assert _rel(v1, v0) < 1e-5
+  assert _rel(dx1, dx0) < 1e-5 and _rel(dw1, dw0) < 1e-5
+  return program("kernel").lower(x, w).as_text()
+
+
 @needs_kernels
 def test_kernel_impl_values_and_grads_and_routing():
   rng = np.random.default_rng(0)
@@ -123,29 +138,12 @@ def test_kernel_impl_values_and_grads_and_routing():
       ((3, 3), 32, same), ((1, 1), 24, same),
       ((1, 1), 16, ((3, 3), (0, 3)))):  # dx would need a crop: XLA's
     w = rng.standard_normal((3, 3, 16, cout), np.float32)
-
-    def run(impl):
-      f = lambda x, w: conv.conv2d(x, w, strides=strides, padding=padding,
-                                   impl=impl)
-      return jax.jit(lambda x, w: jax.value_and_grad(
-          lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w))(x, w)
-
-    (v0, (dx0, dw0)), (v1, (dx1, dw1)) = run("xla"), run("kernel")
-    assert _rel(v1, v0) < 1e-5
-    assert _rel(dx1, dx0) < 1e-5 and _rel(dw1, dw0) < 1e-5
+    _kernel_equals_xla(x, w, strides, padding)
   # An RGB stem: on the kernels (not im2col) for its forward and filter
   # gradient; its input gradient (phases on XLA) still right.
-  x3 = rng.standard_normal((2, 16, 16, 3), np.float32)
-  w3 = rng.standard_normal((7, 7, 3, 64), np.float32)
-  stem = lambda impl: jax.jit(jax.value_and_grad(
-      lambda x, w: jnp.sum(conv.conv2d(x, w, strides=(2, 2),
-                                       padding=((3, 3), (3, 3)),
-                                       impl=impl) ** 2), (0, 1)))
-  (v0, (dx0, dw0)), (v1, (dx1, dw1)) = stem("xla")(x3, w3), stem("kernel")(
-      x3, w3)
-  assert _rel(v1, v0) < 1e-5
-  assert _rel(dx1, dx0) < 1e-5 and _rel(dw1, dw0) < 1e-5
-  hlo = stem("kernel").lower(x3, w3).as_text()
+  hlo = _kernel_equals_xla(rng.standard_normal((2, 16, 16, 3), np.float32),
+                           rng.standard_normal((7, 7, 3, 64), np.float32),
+                           (2, 2), ((3, 3), (3, 3)))
   assert hlo.count("rebll_conv_forward") >= 1
   assert hlo.count("rebll_conv_filter_grad") == 1  # im2col has neither
   # 1x1 convolutions: their filter gradient on the kernel on large maps
@@ -153,16 +151,10 @@ def test_kernel_impl_values_and_grads_and_routing():
   for shape, cout, stride, on_kernel in (
       ((2, 14, 15, 48), 32, 1, True), ((2, 28, 28, 16), 64, 2, True),
       ((2, 7, 7, 48), 32, 1, False), ((2, 14, 14, 16), 512, 1, False)):
-    x1 = rng.standard_normal(shape, np.float32)
-    w1 = rng.standard_normal((1, 1, shape[3], cout), np.float32)
-    f1 = lambda impl: jax.jit(jax.value_and_grad(
-        lambda x, w: jnp.sum(conv.conv2d(x, w, strides=(stride, stride),
-                                         impl=impl) ** 2), (0, 1)))
-    (v0, (dx0, dw0)), (v1, (dx1, dw1)) = f1("xla")(x1, w1), f1("kernel")(
-        x1, w1)
-    assert _rel(v1, v0) < 1e-5
-    assert _rel(dx1, dx0) < 1e-5 and _rel(dw1, dw0) < 1e-5
-    hlo = f1("kernel").lower(x1, w1).as_text()
+    hlo = _kernel_equals_xla(
+        rng.standard_normal(shape, np.float32),
+        rng.standard_normal((1, 1, shape[3], cout), np.float32),
+        (stride, stride))
     assert ("rebll_conv_filter_grad" in hlo) == on_kernel, shape
   # Which passes qualify: stride 1 or 2, float32, channels as the kernels
   # need.

@@ -140,6 +140,36 @@ inline int64_t ChunkRows(const Shape& s) {
   return std::max<int64_t>(1, kChunkBytes / row_bytes);
 }
 
+// A block of NB x COV accumulator vectors: rows `row` floats apart.
+template <int NB, int COV>
+inline void LoadBlock(v16 (&acc)[NB][COV], const float* p, int64_t row) {
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < COV; ++j) acc[i][j] = Load(p + i * row + 16 * j);
+}
+
+template <int NB, int COV>
+inline void StoreBlock(const v16 (&acc)[NB][COV], float* p, int64_t row) {
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < COV; ++j) Store(p + i * row + 16 * j, acc[i][j]);
+}
+
+// The filter gradient's inner loop over `count` output positions:
+// acc[i][j] += xp[i] * (16 cotangent channels j of gp), xp and gp advancing
+// by x_step and g_step floats per position.
+template <int NB, int COV>
+inline void AccumulatePositions(v16 (&acc)[NB][COV], const float* xp,
+                                int64_t x_step, const float* gp,
+                                int64_t g_step, int64_t count) {
+  for (int64_t p = 0; p < count; ++p, xp += x_step, gp += g_step) {
+    v16 gv[COV];
+    for (int j = 0; j < COV; ++j) gv[j] = Load(gp + 16 * j);
+    for (int i = 0; i < NB; ++i) {
+      const float xs = xp[i];
+      for (int j = 0; j < COV; ++j) acc[i][j] += xs * gv[j];
+    }
+  }
+}
+
 template <int CIB, int COV>
 void FilterGrad(const float* x, const float* g, float* dw, const Shape& s,
                 int64_t b0, int64_t b1) {
@@ -157,29 +187,17 @@ void FilterGrad(const float* x, const float* g, float* dw, const Shape& s,
         for (int64_t c0 = 0; c0 < s.ci; c0 += CIB) {
           for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV) {
             v16 acc[CIB][COV];
-            for (int i = 0; i < CIB; ++i)
-              for (int j = 0; j < COV; ++j)
-                acc[i][j] = Load(dwt + (c0 + i) * s.co + o0 + 16 * j);
+            LoadBlock(acc, dwt + c0 * s.co + o0, s.co);
             for (int64_t r = r0; r < r1; ++r) {
               const int64_t b = r / s.oh, oy = r - b * s.oh;
               if (oy < oy0 || oy >= oy1) continue;
               const float* xr =
                   x + ((b * s.h + oy * s.sh + ky - s.pt) * s.w) * s.ci + c0;
-              const float* gr = g + r * s.ow * s.co + o0;
-              for (int64_t ox = ox0; ox < ox1; ++ox) {
-                v16 gv[COV];
-                for (int j = 0; j < COV; ++j)
-                  gv[j] = Load(gr + ox * s.co + 16 * j);
-                const float* xp = xr + (ox * s.sw + kx - s.pl) * s.ci;
-                for (int i = 0; i < CIB; ++i) {
-                  const float xs = xp[i];
-                  for (int j = 0; j < COV; ++j) acc[i][j] += xs * gv[j];
-                }
-              }
+              AccumulatePositions(acc, xr + (ox0 * s.sw + kx - s.pl) * s.ci,
+                                  s.sw * s.ci, g + (r * s.ow + ox0) * s.co + o0,
+                                  s.co, ox1 - ox0);
             }
-            for (int i = 0; i < CIB; ++i)
-              for (int j = 0; j < COV; ++j)
-                Store(dwt + (c0 + i) * s.co + o0 + 16 * j, acc[i][j]);
+            StoreBlock(acc, dwt + c0 * s.co + o0, s.co);
           }
         }
       }
@@ -205,28 +223,14 @@ void FilterGradRowTaps(const float* x, const float* g, float* dw,
       for (int64_t j0 = 0; j0 < taps; j0 += JB) {
         for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV) {
           v16 acc[JB][COV];
-          for (int i = 0; i < JB; ++i)
-            for (int j = 0; j < COV; ++j)
-              acc[i][j] = Load(dwr + (j0 + i) * s.co + o0 + 16 * j);
+          LoadBlock(acc, dwr + j0 * s.co + o0, s.co);
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t b = r / s.oh, oy = r - b * s.oh;
-            const float* xr =
-                x + ((b * s.h + oy * s.sh + ky) * s.w) * s.ci + j0;
-            const float* gr = g + r * s.ow * s.co + o0;
-            for (int64_t ox = 0; ox < s.ow; ++ox) {
-              v16 gv[COV];
-              for (int j = 0; j < COV; ++j)
-                gv[j] = Load(gr + ox * s.co + 16 * j);
-              const float* xp = xr + ox * s.sw * s.ci;
-              for (int i = 0; i < JB; ++i) {
-                const float xs = xp[i];
-                for (int j = 0; j < COV; ++j) acc[i][j] += xs * gv[j];
-              }
-            }
+            AccumulatePositions(
+                acc, x + ((b * s.h + oy * s.sh + ky) * s.w) * s.ci + j0,
+                s.sw * s.ci, g + r * s.ow * s.co + o0, s.co, s.ow);
           }
-          for (int i = 0; i < JB; ++i)
-            for (int j = 0; j < COV; ++j)
-              Store(dwr + (j0 + i) * s.co + o0 + 16 * j, acc[i][j]);
+          StoreBlock(acc, dwr + j0 * s.co + o0, s.co);
         }
       }
     }
