@@ -55,6 +55,9 @@ CASES = [  # (n, h, w, cin, cout, k, padding)
     (1, 8, 9, 8, 16, 5, ((2, 1), (0, 2))),  # k 5, asymmetric padding
     (2, 4, 4, 20, 16, 1, ((0, 0), (0, 0))),  # 1x1
     (5, 6, 6, 32, 16, 3, ((1, 1), (1, 1))),  # 5 images over 3 threads
+    (2, 6, 14, 64, 64, 3, ((1, 1), (1, 1))),  # rows of 14: 7-position blocks
+    (2, 5, 7, 128, 64, 3, ((1, 1), (1, 1))),  # 2 chunks of 64 input channels
+    (2, 4, 9, 80, 64, 3, ((0, 2), (1, 0))),  # chunks of 64 + 16, rows of 9
 ]
 
 
@@ -111,6 +114,23 @@ def test_small_cin_and_row_chunks_equal_xla(n, h, w, cin, cout, k, padding,
   y, dw = ours(x, wt, g)
   assert _rel(y, y_ref) < 1e-5
   assert _rel(dw, dw_ref) < 1e-5
+
+
+@needs_kernels
+def test_forward_pads_inside_the_kernel():
+  """No XLA pad before the forward call: the kernel pads each image in its
+  own buffer (a pad there was a copy of the batch, fused with the input's
+  producer, which then ran twice)."""
+  x = jnp.ones((2, 6, 6, 16), jnp.float32)
+  w = jnp.ones((3, 3, 16, 16), jnp.float32)
+  text = jax.jit(lambda x, w: cpu_kernels.conv_forward(
+      x, w, ((1, 1), (1, 1)))).lower(x, w).as_text()
+  assert "rebll_conv_forward" in text
+  assert "pad" not in text.replace("pad_", "")
+  # Every output position of an all-ones 3x3 sees 16 * (taps inside).
+  y = np.asarray(cpu_kernels.conv_forward(x, w, ((1, 1), (1, 1))))
+  assert y[0, 0, 0, 0] == 16 * 4 and y[0, 2, 2, 0] == 16 * 9
+  assert y[0, 0, 3, 0] == 16 * 6 and y[1, 5, 5, 15] == 16 * 4
 
 
 def _kernel_equals_xla(x, w, strides, padding=((0, 0), (0, 0))):

@@ -1,8 +1,8 @@
 // k x k convolutions (stride 1 or 2) on the CPU, called from XLA through its FFI
 // (rebll_jax/models/cpu_kernels.py builds, loads and routes to them).
 //
-//   RebllConvForward:    y[n, oy, ox, o] = sum_{ky, kx, c} x[n, s*oy+ky, s*ox+kx, c] w[ky, kx, c, o]
-//                        (x padded by the caller: a "valid" correlation)
+//   RebllConvForward:    y[n, oy, ox, o] = sum_{ky, kx, c} x[n, s*oy+ky-pt, s*ox+kx-pl, c] w[ky, kx, c, o]
+//                        (each image copied into a zero-padded buffer first)
 //   RebllConvFilterGrad: dw[ky, kx, c, o] = sum_{n, oy, ox} x[n, s*oy+ky-pt, s*ox+kx-pl, c] g[n, oy, ox, o]
 //
 // NHWC activations, HWIO filters, float32, zero padding (x outside the map is
@@ -10,12 +10,14 @@
 // extension; AVX-512 gives one register, AVX2 two) per 16 channels. Each
 // kernel keeps a block of accumulators in registers and streams the operand
 // it broadcasts from: the forward a row of PB output positions x COV channel
-// vectors, the filter gradient CIB input channels x COV vectors over every
+// vectors, summed over chunks of 64 input channels (a chunk's filter stays in
+// L2), the filter gradient CIB input channels x COV vectors over every
 // output position (with few input channels, an RGB stem: JB consecutive
 // (kx, c) taps of a padded input row instead). The batch is split over
 // `threads` std::threads; partial
 // filter gradients are summed in a fixed order (deterministic results).
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -41,82 +43,109 @@ inline v16 Load(const float* p) {
 
 inline void Store(float* p, const v16& v) { std::memcpy(p, &v, sizeof(v)); }
 
+// A block of NB x COV accumulator vectors: rows `row` floats apart.
+template <int NB, int COV>
+inline void LoadBlock(v16 (&acc)[NB][COV], const float* p, int64_t row) {
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < COV; ++j) acc[i][j] = Load(p + i * row + 16 * j);
+}
+
+template <int NB, int COV>
+inline void StoreBlock(const v16 (&acc)[NB][COV], float* p, int64_t row) {
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < COV; ++j) Store(p + i * row + 16 * j, acc[i][j]);
+}
+
 // ---------------------------------------------------------------- forward --
 
 // y for PB consecutive output positions of one row, 16 * COV channels from
-// o0. The input is padded already: every tap is inside the map. CI: the
-// input channels when known at compile time (0: s.ci), and S the stride
-// (both dimensions), so that the PB positions' broadcast addresses are
-// immediates, not PB index registers.
-template <int PB, int COV, int CI, int S>
+// o0, accumulated over the input channels [c0, c0 + CC) (CC: compile-time
+// chunk length, 0 = cn); `first`: the chunk starts the sum (else y holds the
+// sum over the earlier chunks). The input is padded already: every tap is
+// inside the map. S: the stride, so that the PB positions' broadcast
+// addresses are immediates, not PB index registers.
+template <int PB, int COV, int CC, int S>
 inline void ForwardBlock(const float* xb, const float* w, float* yr,
-                         const Shape& s, int64_t oy, int64_t ox0, int64_t o0) {
-  const int64_t ci = CI ? CI : s.ci;
+                         const Shape& s, int64_t oy, int64_t ox0, int64_t o0,
+                         int64_t c0, int64_t cn, bool first) {
+  const int64_t cc = CC ? CC : cn;
   v16 acc[PB][COV];
-  for (int p = 0; p < PB; ++p)
-    for (int j = 0; j < COV; ++j) acc[p][j] = v16{};
+  float* y0 = yr + ox0 * s.co + o0;
+  if (first) {
+    for (int p = 0; p < PB; ++p)
+      for (int j = 0; j < COV; ++j) acc[p][j] = v16{};
+  } else {
+    LoadBlock(acc, y0, s.co);
+  }
   for (int64_t ky = 0; ky < s.kh; ++ky) {
     for (int64_t kx = 0; kx < s.kw; ++kx) {
-      const float* xr = xb + ((oy * S + ky) * s.w + ox0 * S + kx) * ci;
-      const float* wt = w + (ky * s.kw + kx) * ci * s.co + o0;
-      for (int64_t c = 0; c < ci; ++c) {
+      const float* xr = xb + ((oy * S + ky) * s.w + ox0 * S + kx) * s.ci + c0;
+      const float* wt = w + ((ky * s.kw + kx) * s.ci + c0) * s.co + o0;
+      for (int64_t c = 0; c < cc; ++c) {
         v16 wv[COV];
         for (int j = 0; j < COV; ++j) wv[j] = Load(wt + c * s.co + 16 * j);
         for (int p = 0; p < PB; ++p) {
-          const float xs = xr[p * S * ci + c];
+          const float xs = xr[p * S * s.ci + c];
           for (int j = 0; j < COV; ++j) acc[p][j] += xs * wv[j];
         }
       }
     }
   }
-  for (int p = 0; p < PB; ++p)
-    for (int j = 0; j < COV; ++j)
-      Store(yr + (ox0 + p) * s.co + o0 + 16 * j, acc[p][j]);
+  StoreBlock(acc, y0, s.co);
 }
 
 // Positions [ox, ow) of a row: blocks of PB, the rest in halving blocks.
-template <int PB, int COV, int CI, int S>
+template <int PB, int COV, int CC, int S>
 inline void ForwardRow(const float* xb, const float* w, float* yr,
-                       const Shape& s, int64_t oy, int64_t ox, int64_t o0) {
+                       const Shape& s, int64_t oy, int64_t ox, int64_t o0,
+                       int64_t c0, int64_t cn, bool first) {
   for (; ox + PB <= s.ow; ox += PB)
-    ForwardBlock<PB, COV, CI, S>(xb, w, yr, s, oy, ox, o0);
+    ForwardBlock<PB, COV, CC, S>(xb, w, yr, s, oy, ox, o0, c0, cn, first);
   if constexpr (PB > 1) {
-    if (ox < s.ow) ForwardRow<PB / 2, COV, CI, S>(xb, w, yr, s, oy, ox, o0);
+    if (ox < s.ow)
+      ForwardRow<PB / 2, COV, CC, S>(xb, w, yr, s, oy, ox, o0, c0, cn, first);
   }
 }
 
-// A "valid" correlation of the padded input x [n, h, w, ci] at stride S
-// (s.pt = s.pl = 0).
-template <int PB, int COV, int CI, int S>
-void Forward(const float* x, const float* w, float* y, const Shape& s,
-             int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* xb = x + b * s.h * s.w * s.ci;
-    for (int64_t oy = 0; oy < s.oh; ++oy) {
-      float* yr = y + (b * s.oh + oy) * s.ow * s.co;
-      for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV)
-        ForwardRow<PB, COV, CI, S>(xb, w, yr, s, oy, 0, o0);
+// Input channels per pass: a chunk's filter (k*k x kForwardChunk x 16*COV
+// floats, 147 KB for a 3x3 at 64 x 64) stays in the L2 cache while the
+// image's rows stream past it.
+constexpr int64_t kForwardChunk = 64;
+
+// A "valid" correlation of one padded image xb [h, w, ci] at stride S into
+// yb [oh, ow, co] (s.pt = s.pl = 0).
+template <int PB, int COV, int CC, int S>
+void ForwardImage(const float* xb, const float* w, float* yb, const Shape& s) {
+  for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV) {
+    for (int64_t c0 = 0; c0 < s.ci; c0 += kForwardChunk) {
+      const int64_t cn = std::min(kForwardChunk, s.ci - c0);
+      for (int64_t oy = 0; oy < s.oh; ++oy)
+        ForwardRow<PB, COV, CC, S>(xb, w, yb + oy * s.ow * s.co, s, oy, 0, o0,
+                                   c0, cn, c0 == 0);
     }
   }
 }
 
 template <int PB, int COV, int S>
-void ForwardAnyCi(const float* x, const float* w, float* y, const Shape& s,
-                  int64_t b0, int64_t b1) {
+void ForwardAnyCi(const float* xb, const float* w, float* yb, const Shape& s) {
+  if (s.ci % kForwardChunk == 0)
+    return ForwardImage<PB, COV, kForwardChunk, S>(xb, w, yb, s);
   switch (s.ci) {
-    case 16: return Forward<PB, COV, 16, S>(x, w, y, s, b0, b1);
-    case 32: return Forward<PB, COV, 32, S>(x, w, y, s, b0, b1);
-    case 64: return Forward<PB, COV, 64, S>(x, w, y, s, b0, b1);
-    default: return Forward<PB, COV, 0, S>(x, w, y, s, b0, b1);
+    case 16: return ForwardImage<PB, COV, 16, S>(xb, w, yb, s);
+    case 32: return ForwardImage<PB, COV, 32, S>(xb, w, yb, s);
+    default: return ForwardImage<PB, COV, 0, S>(xb, w, yb, s);
   }
 }
 
+// 64 output channels: 7 positions x 4 vectors (28 accumulators) where rows
+// are multiples of 7 (ResNets at 224 px: 56, 28, 14, 7, and a 112 stem),
+// else 4 x 4 (a row of 8 would leave 7 + 1).
 template <int S>
-void ForwardAnyCo(const float* x, const float* w, float* y, const Shape& s,
-                  int64_t b0, int64_t b1) {
-  if (s.co % 64 == 0) ForwardAnyCi<4, 4, S>(x, w, y, s, b0, b1);
-  else if (s.co % 32 == 0) ForwardAnyCi<8, 2, S>(x, w, y, s, b0, b1);
-  else ForwardAnyCi<16, 1, S>(x, w, y, s, b0, b1);
+void ForwardAnyCo(const float* xb, const float* w, float* yb, const Shape& s) {
+  if (s.co % 64 == 0 && s.ow % 7 == 0) ForwardAnyCi<7, 4, S>(xb, w, yb, s);
+  else if (s.co % 64 == 0) ForwardAnyCi<4, 4, S>(xb, w, yb, s);
+  else if (s.co % 32 == 0) ForwardAnyCi<8, 2, S>(xb, w, yb, s);
+  else ForwardAnyCi<16, 1, S>(xb, w, yb, s);
 }
 
 // ---------------------------------------------------------- filter grad --
@@ -138,19 +167,6 @@ inline int64_t ChunkRows(const Shape& s) {
   if (image_bytes <= kChunkBytes) return kChunkBytes / image_bytes * s.oh;
   const int64_t row_bytes = 4 * (s.sh * s.w * s.ci + s.ow * s.co);
   return std::max<int64_t>(1, kChunkBytes / row_bytes);
-}
-
-// A block of NB x COV accumulator vectors: rows `row` floats apart.
-template <int NB, int COV>
-inline void LoadBlock(v16 (&acc)[NB][COV], const float* p, int64_t row) {
-  for (int i = 0; i < NB; ++i)
-    for (int j = 0; j < COV; ++j) acc[i][j] = Load(p + i * row + 16 * j);
-}
-
-template <int NB, int COV>
-inline void StoreBlock(const v16 (&acc)[NB][COV], float* p, int64_t row) {
-  for (int i = 0; i < NB; ++i)
-    for (int j = 0; j < COV; ++j) Store(p + i * row + 16 * j, acc[i][j]);
 }
 
 // The filter gradient's inner loop over `count` output positions:
@@ -270,22 +286,43 @@ ffi::Error CheckRank4(std::initializer_list<size_t> ranks) {
 
 ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> y, int64_t stride,
+                           int64_t pad_top, int64_t pad_bottom,
+                           int64_t pad_left, int64_t pad_right,
                            int64_t threads) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (auto e = CheckRank4({xd.size(), wd.size(), yd.size()}); e.failure()) return e;
-  const Shape s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
-                wd[0], wd[1], 0, 0, stride, stride};
+  if (std::min({pad_top, pad_bottom, pad_left, pad_right}) < 0)
+    return ffi::Error::InvalidArgument("negative padding");
+  const int64_t h = xd[1], wi = xd[2];
+  // The shape of the padded image the kernels see.
+  const Shape s{xd[0], h + pad_top + pad_bottom, wi + pad_left + pad_right,
+                xd[3], yd[1], yd[2], yd[3], wd[0], wd[1], 0, 0, stride, stride};
   if (s.co % 16 != 0) return ffi::Error::InvalidArgument("cout % 16 != 0");
   if (stride != 1 && stride != 2)
     return ffi::Error::InvalidArgument("stride must be 1 or 2");
   if (s.oh != (s.h - s.kh) / stride + 1 || s.ow != (s.w - s.kw) / stride + 1)
     return ffi::Error::InvalidArgument("output is not the valid correlation");
+  const bool padded = s.h != h || s.w != wi;
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
   float* ys = y->typed_data();
   OverBatch(s.n, threads, [&](int64_t b0, int64_t b1, int64_t) {
-    if (stride == 1) ForwardAnyCo<1>(xs, ws, ys, s, b0, b1);
-    else ForwardAnyCo<2>(xs, ws, ys, s, b0, b1);
+    // Each image is copied into the inside of a zeroed padded buffer (its
+    // border is never written): the padded map stays in this core's cache
+    // instead of making XLA write a padded copy of the whole batch.
+    std::vector<float> image(padded ? s.h * s.w * s.ci : 0, 0.0f);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xb = xs + b * h * wi * s.ci;
+      if (padded) {
+        for (int64_t r = 0; r < h; ++r)
+          std::memcpy(image.data() + ((r + pad_top) * s.w + pad_left) * s.ci,
+                      xb + r * wi * s.ci, sizeof(float) * wi * s.ci);
+        xb = image.data();
+      }
+      float* yb = ys + b * s.oh * s.ow * s.co;
+      if (stride == 1) ForwardAnyCo<1>(xb, ws, yb, s);
+      else ForwardAnyCo<2>(xb, ws, yb, s);
+    }
   });
   return ffi::Error::Success();
 }
@@ -336,6 +373,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RebllConvForward, ConvForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RebllConvFilterGrad, FilterGradImpl,

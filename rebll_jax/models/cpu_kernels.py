@@ -272,14 +272,17 @@ def _partitioned(local_fn, reduce_batch: bool, rule: str, **factors):
 @functools.lru_cache(maxsize=None)
 def _forward_call():
   def local(x, w, static):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    padding, stride, threads = static
-    # Padded here (one XLA fusion) so the kernel has no edge cases.
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    n, h, wd, _ = xp.shape
+    ((pt, pb), (pl, pr)), stride, threads = static
+    # The kernel pads each image in its own buffer: an XLA pad here would
+    # write a padded copy of the batch, and XLA fuses the pad with the
+    # input's producer (a batch norm + ReLU), which then runs twice when the
+    # unpadded input is needed as well (the filter gradient).
+    n, h, wd, _ = x.shape
     kh, kw, _, cout = w.shape
-    out = (n, (h - kh) // stride + 1, (wd - kw) // stride + 1, cout)
-    return _ffi("forward", out, xp, w, threads, stride=stride)
+    out = (n, (h + pt + pb - kh) // stride + 1,
+           (wd + pl + pr - kw) // stride + 1, cout)
+    return _ffi("forward", out, x, w, threads, stride=stride, pad_top=pt,
+                pad_bottom=pb, pad_left=pl, pad_right=pr)
   return _partitioned(local, False, "n h w c, k l c o -> n y x o",
                       need_replication_factors=("h", "w", "c", "k", "l",
                                                 "o", "y", "x"))
