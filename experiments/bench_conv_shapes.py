@@ -287,7 +287,7 @@ def main(argv=None):
   if args.kernel:
     from rebll_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
     if not cpu_kernels.available():
-      raise SystemExit("error: --kernel: the CPU kernels cannot be built ("
+      raise SystemExit("error: --kernel: the CPU kernels cannot be used here ("
                        f"{cpu_kernels.unavailable_reason()})")
   use_torch = not args.no_torch
   if use_torch:

@@ -221,9 +221,8 @@ def check_conv_kernels(config):
          f"model.conv_impl=kernel runs on the CPU only (this run's backend: "
          f"{jax.default_backend()}); use model.conv_impl=auto")
   _check(cpu_kernels.available(),
-         "model.conv_impl=kernel: the CPU kernels cannot be built ("
-         f"{cpu_kernels.unavailable_reason()}); install a C++ compiler or "
-         "use model.conv_impl=auto")
+         "model.conv_impl=kernel: the CPU kernels cannot be used here ("
+         f"{cpu_kernels.unavailable_reason()}); use model.conv_impl=auto")
 
 
 def check_devices(config, num_devices: int, num_processes: int):

@@ -15,6 +15,7 @@ explicit ``kernel`` is a one-line config error).
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -294,10 +295,12 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path):
 
 
 _NO_COMPILER = r"""
-import json
+import json, sys
 from rebll_jax import config_base, validate
 from rebll_jax.errors import UserError
 from rebll_jax.models import conv, cpu_kernels
+if len(sys.argv) > 1:  # the CPU's feature flags, as /proc/cpuinfo gives them
+  cpu_kernels._cpu_flags = lambda: sys.argv[1]
 c = config_base.base_config()
 c.model.conv_impl = "kernel"
 try:
@@ -323,8 +326,27 @@ def test_without_a_compiler_auto_keeps_xla_and_kernel_is_refused(tmp_path):
   assert "no-such-compiler-rebll" in r["reason"]
   assert r["auto"] == "gemm"
   assert r["error"].startswith("model.conv_impl=kernel: the CPU kernels "
-                               "cannot be built")
+                               "cannot be used here (no C++ compiler")
   assert "unavailable" in out.stderr  # the one warning line
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the AVX-512 gate is an x86-64 check")
+def test_without_avx512_auto_keeps_xla_and_kernel_is_refused(tmp_path):
+  """Compiled for AVX2 the kernels ran 30x slower than XLA: a CPU without
+  AVX-512 keeps XLA's convolutions, and the compiler is never run."""
+  env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+  out = subprocess.run(
+      [sys.executable, "-c", _NO_COMPILER,
+       "flags\t\t: fpu sse sse2 avx avx2 fma"], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["available"] is False and "no AVX-512" in r["reason"]
+  assert r["auto"] == "gemm"
+  assert "no AVX-512" in r["error"] and "model.conv_impl=auto" in r["error"]
+  assert "unavailable" in out.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "rebll_jax"))  # no build
 
 
 def test_unknown_impl_still_rejected():

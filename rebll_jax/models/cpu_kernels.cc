@@ -7,7 +7,8 @@
 //
 // NHWC activations, HWIO filters, float32, zero padding (x outside the map is
 // 0). Output channels in multiples of 16: one 16-float vector (GCC vector
-// extension; AVX-512 gives one register, AVX2 two) per 16 channels. Each
+// extension: one AVX-512 register; compiled for AVX2 the blocks spill, so
+// the Python side uses the kernels on AVX-512 CPUs only) per 16 channels. Each
 // kernel keeps a block of accumulators in registers and streams the operand
 // it broadcasts from: the forward a row of PB output positions x COV channel
 // vectors, summed over chunks of 64 input channels (a chunk's filter stays in

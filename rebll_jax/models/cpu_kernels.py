@@ -12,8 +12,9 @@ The source is compiled on first use with the host's C++ compiler (``$CXX``,
 default ``g++``; ``-O3 -march=native``) into a cache keyed by the source,
 the compiler, the flags, jaxlib and the CPU's feature flags
 (``$XDG_CACHE_HOME/rebll_jax/kernels``, default ``~/.cache``): a few seconds
-once, then a file load. Where no compiler works, ``available()`` is False and
-says why; ``conv_impl=auto`` then keeps XLA's convolutions (``gemm``).
+once, then a file load. Where no compiler works, or the CPU has no AVX-512
+(``vector_isa_problem``), ``available()`` is False and says why;
+``conv_impl=auto`` then keeps XLA's convolutions (``gemm``).
 
 Both calls are ``custom_partitioning`` functions, so a batch-sharded jit
 (``parallel.data_sharded``) runs them per device on its own shard: the
@@ -124,10 +125,34 @@ def build() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def vector_isa_problem() -> str:
+  """Why this CPU should not run the kernels ("" where it should).
+
+  Their register blocks are written for 32 vector registers of 16 floats
+  (AVX-512). Compiled for AVX2 (16 registers of 8 floats) GCC keeps the
+  accumulators on the stack: 6-7 GFLOP/s, 30x slower than XLA's
+  convolutions (3x3 forwards at 224 px, measured on an AVX-512 machine with
+  ``-march=znver3``). Other architectures were never measured.
+  """
+  import platform  # pylint: disable=g-import-not-at-top
+  machine = platform.machine().lower()
+  if machine not in ("x86_64", "amd64"):
+    return (f"the kernels are written and measured for x86-64 with AVX-512; "
+            f"this CPU is {machine or 'unknown'}")
+  if "avx512f" not in _cpu_flags().split():
+    return ("this CPU has no AVX-512 (avx512f); compiled for AVX2 the "
+            "kernels' register blocks spill and ran 30x slower than XLA's "
+            "convolutions")
+  return ""
+
+
 def _load() -> str:
   """"" once the kernels are registered with XLA, else why not."""
   import ctypes  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  problem = vector_isa_problem()
+  if problem:
+    return problem
   try:
     path = build()
     try:
