@@ -24,6 +24,20 @@ def make_config(**overrides):
   return config
 
 
+def models_per_conv_impl(model_config, conv_impls, num_classes, x):
+  """{impl: (model, variables)}: the model of ``model_config`` built under
+  each ``model.conv_impl`` (sets the field), its variables abstract
+  (``jax.eval_shape``: shapes only, nothing initialised)."""
+  from rebll_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  models = {}
+  for impl in conv_impls:
+    model_config.conv_impl = impl
+    model = build_model(model_config, num_classes)
+    models[impl] = (model,
+                    jax.eval_shape(model.init, jax.random.key(0), x))
+  return models
+
+
 def max_abs_diff(a, b) -> float:
   """Largest |a - b| over the leaves of two pytrees of arrays."""
   return max(float(np.max(np.abs(np.asarray(x, np.float64) -

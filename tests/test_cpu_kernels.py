@@ -28,6 +28,7 @@ import pytest
 from rebll_jax import config_base, validate
 from rebll_jax.errors import UserError
 from rebll_jax.models import build_model, conv, cpu_kernels
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -367,10 +368,8 @@ def test_macs_counted_through_the_kernels():
   cfg.width, cfg.stage_sizes = 16, (1, 1)
   x = jnp.zeros((2, 12, 12, 3))
   counts = {}
-  for impl in ("xla", "kernel"):
-    cfg.conv_impl = impl
-    model = build_model(cfg, 5)
-    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  for impl, (model, variables) in helpers.models_per_conv_impl(
+      cfg, ("xla", "kernel"), 5, x).items():
     counts[impl] = count_macs(
         jax.make_jaxpr(lambda v, m=model: m.apply(v, x))(variables).jaxpr)
   assert counts["kernel"] == counts["xla"] > 0

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from rebll_jax import config_base
-from rebll_jax.models import build_model, pool
+from rebll_jax.models import pool
+from tests import helpers
 
 CASES = [  # (shape, window, strides, padding)
     ((2, 12, 12, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem
@@ -49,11 +50,9 @@ def test_resnet_routes_the_pool_by_conv_impl():
   cfg.arch = "resnet18"
   x = jnp.zeros((1, 32, 32, 3))
   texts = {}
-  for impl in ("xla", "gemm"):
-    cfg.conv_impl = impl
-    model = build_model(cfg, 3)
-    variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    grad = jax.grad(lambda v: jnp.sum(model.apply(v, x)["logits"]))
+  for impl, (model, variables) in helpers.models_per_conv_impl(
+      cfg, ("xla", "gemm"), 3, x).items():
+    grad = jax.grad(lambda v, m=model: jnp.sum(m.apply(v, x)["logits"]))
     texts[impl] = jax.jit(grad).lower(variables).as_text()
   assert "select_and_scatter" in texts["xla"]
   assert "select_and_scatter" not in texts["gemm"]
