@@ -28,7 +28,10 @@ x batch x 4: past forward 1, current forward 1, backward 2) and the fraction
 of the machine's measured peak (the faster of a large JAX and PyTorch matmul
 timed in this run, in the step's dtype). Then one line per JAX variant: its
 throughput ratio to the FASTEST PyTorch variant of the run (named), the
-CPU-time ratio, and the ratio to every PyTorch variant.
+CPU-time ratio, the ratio to every PyTorch variant, and ``paired_ratio``:
+the same ratio round by round (PyTorch's step over JAX's step of the same
+round), as median, quartiles and range over the rounds, so a run says how
+far its ratio can be trusted on a noisy machine.
 
 ``--conv_impl xla,matmul_grad`` times several JAX variants in one run
 (``model.conv_impl``; default: this backend's ``auto`` choice), each for
@@ -524,7 +527,38 @@ def ratio_lines(lines):
           "per_torch_variant": {
               t["impl"]: round(l["images_per_s"] / t["images_per_s"], 3)
               for t in torch_rows}})
+      paired = paired_ratio(best.get("step_times_ms"),
+                            l.get("step_times_ms"))
+      if paired:
+        out[-1]["paired_ratio"] = paired
   return out
+
+
+def _quantile(sorted_xs, q):
+  """Linear-interpolated quantile of a sorted, non-empty list."""
+  pos = q * (len(sorted_xs) - 1)
+  lo = int(pos)
+  hi = min(lo + 1, len(sorted_xs) - 1)
+  return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def paired_ratio(torch_ms, jax_ms):
+  """The throughput ratio round by round: PyTorch's step time over JAX's
+  step time of the same round (the two ran back to back, so a slow minute
+  of a shared machine hits both), as median and quartiles over the rounds.
+  Their spread says how far a run's ratio can be trusted: two variants
+  whose quartile ranges overlap are not told apart by this run. None when
+  the two lists are missing or of different lengths."""
+  if not torch_ms or not jax_ms or len(torch_ms) != len(jax_ms):
+    return None
+  ratios = sorted(t / j for t, j in zip(torch_ms, jax_ms) if j > 0)
+  if not ratios:
+    return None
+  return {"median": round(_quantile(ratios, 0.5), 3),
+          "q1": round(_quantile(ratios, 0.25), 3),
+          "q3": round(_quantile(ratios, 0.75), 3),
+          "min": round(ratios[0], 3), "max": round(ratios[-1], 3),
+          "rounds": len(ratios)}
 
 
 def _macs_only(args):

@@ -83,6 +83,28 @@ def test_ratio_is_against_the_fastest_torch_variant():
   assert line["per_torch_variant"] == {"torch_eager": 2.0,
                                        "torch_compile": 0.5}
   assert benchmark_step.ratio_lines(rows[2:]) == []  # no PyTorch, no ratio
+  assert "paired_ratio" not in line  # no step times: no paired ratio
+
+
+def test_paired_ratio_is_round_by_round():
+  # A machine that slows down mid-run: medians of each side would mix the
+  # fast and slow rounds; the paired ratio compares like with like.
+  torch_ms = [100.0, 100.0, 300.0, 300.0, 300.0]
+  jax_ms = [50.0, 50.0, 150.0, 150.0, 100.0]
+  paired = benchmark_step.paired_ratio(torch_ms, jax_ms)
+  assert paired == {"median": 2.0, "q1": 2.0, "q3": 2.0, "min": 2.0,
+                    "max": 3.0, "rounds": 5}
+  assert benchmark_step.paired_ratio(torch_ms, jax_ms[:4]) is None
+  assert benchmark_step.paired_ratio([], []) is None
+  rows = [{"impl": "torch_eager", "images_per_s": 1.0, "cpu_ms_per_step": 1.0,
+           "step_times_ms": [10.0, 20.0, 30.0, 40.0]},
+          {"impl": "jax[x]", "images_per_s": 1.0, "cpu_ms_per_step": 1.0,
+           "step_times_ms": [20.0, 20.0, 20.0, 20.0]}]
+  for r in rows:
+    r.update(model="m", batch=1, size=8, dtype="float32")
+  (line,) = benchmark_step.ratio_lines(rows)
+  assert line["paired_ratio"] == {"median": 1.25, "q1": 0.875, "q3": 1.625,
+                                  "min": 0.5, "max": 2.0, "rounds": 4}
 
 
 def test_unknown_torch_variant_is_an_error():
