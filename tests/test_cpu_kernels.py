@@ -8,9 +8,11 @@ narrower than a block, k = 1, 3, 5, asymmetric padding, stride 1 and 2),
 kernel phases, stride 3 left to XLA), with 1 and several
 threads (uneven batch splits); ``conv_impl=kernel`` inside a whole model's
 gradient; the batch-sharded partitioning on two CPU devices (sharded
-forward, summed filter gradient, no all-gather); the build cache; and what
-a machine without a compiler gets (``auto`` keeps XLA's convolutions, an
-explicit ``kernel`` is a one-line config error).
+forward, summed filter gradient, no all-gather); the build cache; the
+AVX2 build (8-float vectors: equal to XLA, and bit for bit to the native
+build); and what a machine without a compiler, or without AVX-512 and
+AVX2 + FMA, gets (``auto`` keeps XLA's convolutions, an explicit
+``kernel`` is a one-line config error).
 """
 
 import json
@@ -332,22 +334,107 @@ def test_without_a_compiler_auto_keeps_xla_and_kernel_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                    reason="the AVX-512 gate is an x86-64 check")
-def test_without_avx512_auto_keeps_xla_and_kernel_is_refused(tmp_path):
-  """Compiled for AVX2 the kernels ran 30x slower than XLA: a CPU without
-  AVX-512 keeps XLA's convolutions, and the compiler is never run."""
+                    reason="the vector-unit gate is an x86-64 check")
+def test_without_avx512_or_avx2_auto_keeps_xla_and_kernel_is_refused(
+    tmp_path):
+  """The kernels are written for AVX-512 and AVX2 + FMA: a CPU with
+  neither keeps XLA's convolutions, and the compiler is never run."""
   env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
   out = subprocess.run(
       [sys.executable, "-c", _NO_COMPILER,
-       "flags\t\t: fpu sse sse2 avx avx2 fma"], cwd=ROOT, env=env,
+       "flags\t\t: fpu sse sse2 sse4_2 avx"], cwd=ROOT, env=env,
       capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
   r = json.loads(out.stdout.strip().splitlines()[-1])
-  assert r["available"] is False and "no AVX-512" in r["reason"]
+  assert r["available"] is False and "neither AVX-512" in r["reason"]
   assert r["auto"] == "gemm"
-  assert "no AVX-512" in r["error"] and "model.conv_impl=auto" in r["error"]
+  assert "neither AVX-512" in r["error"]
+  assert "model.conv_impl=auto" in r["error"]
   assert "unavailable" in out.stderr
   assert not os.path.exists(os.path.join(tmp_path, "rebll_jax"))  # no build
+
+
+@pytest.mark.parametrize("flags,ok", [
+    ("fpu sse2 avx avx2 fma", True),  # AVX2 + FMA (Zen 2/3, Haswell on)
+    ("fpu sse2 avx avx2 fma avx512f avx512bw", True),
+    ("fpu sse2 avx avx2", False),  # no FMA
+    ("fpu sse2 avx", False)])
+def test_vector_unit_gate(monkeypatch, flags, ok):
+  monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "flags : " + flags)
+  monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+  cpu_kernels.vector_isa_problem.cache_clear()
+  try:
+    assert (cpu_kernels.vector_isa_problem() == "") is ok
+  finally:
+    cpu_kernels.vector_isa_problem.cache_clear()
+
+
+_AVX2_BUILD = """
+import json, sys
+import numpy as np
+from rebll_jax.models import cpu_kernels
+cpu_kernels.CXX_FLAGS = tuple("-march=x86-64-v3" if f == "-march=native"
+                              else f for f in cpu_kernels.CXX_FLAGS)
+from tests.test_cpu_kernels import AVX2_CASES, run_case
+out = {}
+for i, case in enumerate(AVX2_CASES):
+  out[f"y{i}"], out[f"dw{i}"] = run_case(*case)
+np.savez(sys.argv[1], **out)
+"""
+
+# CASES plus a stride-2 RGB stem and 24 input channels (AVX2's 6-row
+# filter-gradient blocks): (n, h, w, cin, cout, k, padding, stride).
+AVX2_CASES = [c + (1,) for c in CASES] + [
+    (2, 12, 12, 3, 64, 7, ((3, 3), (3, 3)), 2),
+    (2, 8, 8, 24, 32, 3, ((1, 1), (1, 1)), 1),
+    (2, 8, 8, 64, 64, 3, ((1, 1), (1, 1)), 2)]
+
+
+def run_case(n, h, w, cin, cout, k, padding, stride):
+  """Kernel forward and filter gradient of one case (seeded inputs)."""
+  rng = np.random.default_rng(n * 100 + cin + k)
+  x = rng.standard_normal((n, h, w, cin), np.float32)
+  wt = rng.standard_normal((k, k, cin, cout), np.float32)
+  y = jax.jit(lambda x, wt: cpu_kernels.conv_forward(x, wt, padding, 2,
+                                                     stride))(x, wt)
+  g = rng.standard_normal(y.shape, np.float32)
+  dw = jax.jit(lambda x, g: cpu_kernels.filter_grad(x, g, (k, k), padding, 2,
+                                                    stride))(x, g)
+  return np.asarray(y), np.asarray(dw)
+
+
+@needs_kernels
+@pytest.mark.skipif(
+    not {"avx2", "fma"} <= set(cpu_kernels._cpu_flags().split()),
+    reason="AVX2 code needs a CPU with AVX2 and FMA to run")
+def test_avx2_build_equals_xla_and_the_native_build(tmp_path):
+  """The kernels compiled for AVX2 (``-march=x86-64-v3``: 8-float vectors,
+  smaller register blocks) compute what XLA does, and bit for bit what the
+  machine's own build does (the summation order of every output does not
+  depend on the register blocks)."""
+  cxx = os.environ.get("CXX", "g++")
+  macros = subprocess.run([cxx, "-march=x86-64-v3", "-dM", "-E", "-x", "c++",
+                           os.devnull], capture_output=True, text=True,
+                          check=True).stdout
+  assert "__AVX2__" in macros and "__AVX512F__" not in macros
+  env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+  out = subprocess.run(
+      [sys.executable, "-c", _AVX2_BUILD, str(tmp_path / "avx2.npz")],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  avx2 = np.load(tmp_path / "avx2.npz")
+  for i, (n, h, w, cin, cout, k, padding, stride) in enumerate(AVX2_CASES):
+    y, dw = run_case(n, h, w, cin, cout, k, padding, stride)
+    np.testing.assert_array_equal(avx2[f"y{i}"], y)
+    np.testing.assert_array_equal(avx2[f"dw{i}"], dw)
+    rng = np.random.default_rng(n * 100 + cin + k)
+    x = rng.standard_normal((n, h, w, cin), np.float32)
+    wt = rng.standard_normal((k, k, cin, cout), np.float32)
+    y_ref, vjp = jax.vjp(lambda w_: _xla(x, w_, padding, stride), wt)
+    (dw_ref,) = vjp(rng.standard_normal(y_ref.shape, np.float32))
+    assert _rel(avx2[f"y{i}"], y_ref) < 1e-5
+    assert _rel(avx2[f"dw{i}"], dw_ref) < 1e-5
 
 
 def test_unknown_impl_still_rejected():

@@ -6,9 +6,8 @@
 //   RebllConvFilterGrad: dw[ky, kx, c, o] = sum_{n, oy, ox} x[n, s*oy+ky-pt, s*ox+kx-pl, c] g[n, oy, ox, o]
 //
 // NHWC activations, HWIO filters, float32, zero padding (x outside the map is
-// 0). Output channels in multiples of 16: one 16-float vector (GCC vector
-// extension: one AVX-512 register; compiled for AVX2 the blocks spill, so
-// the Python side uses the kernels on AVX-512 CPUs only) per 16 channels. Each
+// 0). Output channels in multiples of 16: one 16-float AVX-512 vector, or
+// two 8-float AVX2 ones (GCC vector extension, `vec`), per 16 channels. Each
 // kernel keeps a block of accumulators in registers and streams the operand
 // it broadcasts from: the forward a row of PB output positions x COV channel
 // vectors, summed over chunks of 64 input channels (a chunk's filter stays in
@@ -30,36 +29,53 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+// One vector of kLanes floats: an AVX-512 register, or on CPUs without
+// AVX-512 an AVX2 one (8 floats; 16 registers instead of 32, so the
+// dispatchers below pick smaller register blocks there).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vec __attribute__((vector_size(4 * kLanes), aligned(4)));
 
 struct Shape {
   int64_t n, h, w, ci, oh, ow, co, kh, kw, pt, pl, sh, sw;
 };
 
-inline v16 Load(const float* p) {
-  v16 v;
+#if defined(__AVX512F__)
+inline vec Load(const float* p) {
+  vec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void Store(float* p, const v16& v) { std::memcpy(p, &v, sizeof(v)); }
+inline void Store(float* p, const vec& v) { std::memcpy(p, &v, sizeof(v)); }
+#else
+// (`vec` is 4-byte aligned, so these are unaligned vector moves. A memcpy
+// here is expanded in 16-byte pieces through the stack for AVX2, which
+// kept every accumulator in memory: 10x slower.)
+inline vec Load(const float* p) { return *reinterpret_cast<const vec*>(p); }
+
+inline void Store(float* p, const vec& v) { *reinterpret_cast<vec*>(p) = v; }
+#endif
 
 // A block of NB x COV accumulator vectors: rows `row` floats apart.
 template <int NB, int COV>
-inline void LoadBlock(v16 (&acc)[NB][COV], const float* p, int64_t row) {
+inline void LoadBlock(vec (&acc)[NB][COV], const float* p, int64_t row) {
   for (int i = 0; i < NB; ++i)
-    for (int j = 0; j < COV; ++j) acc[i][j] = Load(p + i * row + 16 * j);
+    for (int j = 0; j < COV; ++j) acc[i][j] = Load(p + i * row + kLanes * j);
 }
 
 template <int NB, int COV>
-inline void StoreBlock(const v16 (&acc)[NB][COV], float* p, int64_t row) {
+inline void StoreBlock(const vec (&acc)[NB][COV], float* p, int64_t row) {
   for (int i = 0; i < NB; ++i)
-    for (int j = 0; j < COV; ++j) Store(p + i * row + 16 * j, acc[i][j]);
+    for (int j = 0; j < COV; ++j) Store(p + i * row + kLanes * j, acc[i][j]);
 }
 
 // ---------------------------------------------------------------- forward --
 
-// y for PB consecutive output positions of one row, 16 * COV channels from
+// y for PB consecutive output positions of one row, kLanes * COV channels from
 // o0, accumulated over the input channels [c0, c0 + CC) (CC: compile-time
 // chunk length, 0 = cn); `first`: the chunk starts the sum (else y holds the
 // sum over the earlier chunks). The input is padded already: every tap is
@@ -70,11 +86,11 @@ inline void ForwardBlock(const float* xb, const float* w, float* yr,
                          const Shape& s, int64_t oy, int64_t ox0, int64_t o0,
                          int64_t c0, int64_t cn, bool first) {
   const int64_t cc = CC ? CC : cn;
-  v16 acc[PB][COV];
+  vec acc[PB][COV];
   float* y0 = yr + ox0 * s.co + o0;
   if (first) {
     for (int p = 0; p < PB; ++p)
-      for (int j = 0; j < COV; ++j) acc[p][j] = v16{};
+      for (int j = 0; j < COV; ++j) acc[p][j] = vec{};
   } else {
     LoadBlock(acc, y0, s.co);
   }
@@ -83,8 +99,8 @@ inline void ForwardBlock(const float* xb, const float* w, float* yr,
       const float* xr = xb + ((oy * S + ky) * s.w + ox0 * S + kx) * s.ci + c0;
       const float* wt = w + ((ky * s.kw + kx) * s.ci + c0) * s.co + o0;
       for (int64_t c = 0; c < cc; ++c) {
-        v16 wv[COV];
-        for (int j = 0; j < COV; ++j) wv[j] = Load(wt + c * s.co + 16 * j);
+        vec wv[COV];
+        for (int j = 0; j < COV; ++j) wv[j] = Load(wt + c * s.co + kLanes * j);
         for (int p = 0; p < PB; ++p) {
           const float xs = xr[p * S * s.ci + c];
           for (int j = 0; j < COV; ++j) acc[p][j] += xs * wv[j];
@@ -117,7 +133,7 @@ constexpr int64_t kForwardChunk = 64;
 // yb [oh, ow, co] (s.pt = s.pl = 0).
 template <int PB, int COV, int CC, int S>
 void ForwardImage(const float* xb, const float* w, float* yb, const Shape& s) {
-  for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV) {
+  for (int64_t o0 = 0; o0 < s.co; o0 += kLanes * COV) {
     for (int64_t c0 = 0; c0 < s.ci; c0 += kForwardChunk) {
       const int64_t cn = std::min(kForwardChunk, s.ci - c0);
       for (int64_t oy = 0; oy < s.oh; ++oy)
@@ -141,12 +157,18 @@ void ForwardAnyCi(const float* xb, const float* w, float* yb, const Shape& s) {
 // 64 output channels: 7 positions x 4 vectors (28 accumulators) where rows
 // are multiples of 7 (ResNets at 224 px: 56, 28, 14, 7, and a 112 stem),
 // else 4 x 4 (a row of 8 would leave 7 + 1).
+// With AVX2 (16 registers, no broadcast operands): 6 positions x 16
+// channels (12 accumulators, 2 filter vectors, 1 broadcast).
 template <int S>
 void ForwardAnyCo(const float* xb, const float* w, float* yb, const Shape& s) {
+#if defined(__AVX512F__)
   if (s.co % 64 == 0 && s.ow % 7 == 0) ForwardAnyCi<7, 4, S>(xb, w, yb, s);
   else if (s.co % 64 == 0) ForwardAnyCi<4, 4, S>(xb, w, yb, s);
   else if (s.co % 32 == 0) ForwardAnyCi<8, 2, S>(xb, w, yb, s);
   else ForwardAnyCi<16, 1, S>(xb, w, yb, s);
+#else
+  ForwardAnyCi<6, 2, S>(xb, w, yb, s);
+#endif
 }
 
 // ---------------------------------------------------------- filter grad --
@@ -174,12 +196,12 @@ inline int64_t ChunkRows(const Shape& s) {
 // acc[i][j] += xp[i] * (16 cotangent channels j of gp), xp and gp advancing
 // by x_step and g_step floats per position.
 template <int NB, int COV>
-inline void AccumulatePositions(v16 (&acc)[NB][COV], const float* xp,
+inline void AccumulatePositions(vec (&acc)[NB][COV], const float* xp,
                                 int64_t x_step, const float* gp,
                                 int64_t g_step, int64_t count) {
   for (int64_t p = 0; p < count; ++p, xp += x_step, gp += g_step) {
-    v16 gv[COV];
-    for (int j = 0; j < COV; ++j) gv[j] = Load(gp + 16 * j);
+    vec gv[COV];
+    for (int j = 0; j < COV; ++j) gv[j] = Load(gp + kLanes * j);
     for (int i = 0; i < NB; ++i) {
       const float xs = xp[i];
       for (int j = 0; j < COV; ++j) acc[i][j] += xs * gv[j];
@@ -202,8 +224,8 @@ void FilterGrad(const float* x, const float* g, float* dw, const Shape& s,
         const int64_t ox1 = std::min(s.ow, FirstInside(s.w + s.pl - kx, s.sw));
         float* dwt = dw + (ky * s.kw + kx) * s.ci * s.co;
         for (int64_t c0 = 0; c0 < s.ci; c0 += CIB) {
-          for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV) {
-            v16 acc[CIB][COV];
+          for (int64_t o0 = 0; o0 < s.co; o0 += kLanes * COV) {
+            vec acc[CIB][COV];
             LoadBlock(acc, dwt + c0 * s.co + o0, s.co);
             for (int64_t r = r0; r < r1; ++r) {
               const int64_t b = r / s.oh, oy = r - b * s.oh;
@@ -238,8 +260,8 @@ void FilterGradRowTaps(const float* x, const float* g, float* dw,
     for (int64_t ky = 0; ky < s.kh; ++ky) {
       float* dwr = dw + ky * taps * s.co;
       for (int64_t j0 = 0; j0 < taps; j0 += JB) {
-        for (int64_t o0 = 0; o0 < s.co; o0 += 16 * COV) {
-          v16 acc[JB][COV];
+        for (int64_t o0 = 0; o0 < s.co; o0 += kLanes * COV) {
+          vec acc[JB][COV];
           LoadBlock(acc, dwr + j0 * s.co + o0, s.co);
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t b = r / s.oh, oy = r - b * s.oh;
@@ -258,7 +280,9 @@ template <int COV>
 void FilterGradRowTapsAnyJ(const float* x, const float* g, float* dw,
                            const Shape& s, int64_t b0, int64_t b1) {
   const int64_t taps = s.kw * s.ci;
-  if (taps % 7 == 0) return FilterGradRowTaps<7, COV>(x, g, dw, s, b0, b1);
+  if constexpr (kLanes == 16) {  // 7 x COV accumulators: 32 registers
+    if (taps % 7 == 0) return FilterGradRowTaps<7, COV>(x, g, dw, s, b0, b1);
+  }
   if (taps % 6 == 0) return FilterGradRowTaps<6, COV>(x, g, dw, s, b0, b1);
   if (taps % 4 == 0) return FilterGradRowTaps<4, COV>(x, g, dw, s, b0, b1);
   if (taps % 3 == 0) return FilterGradRowTaps<3, COV>(x, g, dw, s, b0, b1);
@@ -351,6 +375,7 @@ ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   const float* gs = g.typed_data();
   OverBatch(s.n, threads, [&](int64_t b0, int64_t b1, int64_t t) {
     float* acc = t == 0 ? out : partial.data() + (t - 1) * size;
+#if defined(__AVX512F__)
     if (row_taps) {
       if (s.co % 64 == 0) FilterGradRowTapsAnyJ<4>(xs, gs, acc, s, b0, b1);
       else if (s.co % 32 == 0) FilterGradRowTapsAnyJ<2>(xs, gs, acc, s, b0, b1);
@@ -360,6 +385,13 @@ ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
     else if (s.ci % 16 == 0) FilterGrad<16, 1>(xs, gs, acc, s, b0, b1);
     else if (s.ci % 4 == 0) FilterGrad<4, 1>(xs, gs, acc, s, b0, b1);
     else FilterGrad<1, 1>(xs, gs, acc, s, b0, b1);
+#else
+    // AVX2: blocks of 16 output channels (2 vectors) and at most 6 rows.
+    if (row_taps) FilterGradRowTapsAnyJ<2>(xs, gs, acc, s, b0, b1);
+    else if (s.ci % 6 == 0) FilterGrad<6, 2>(xs, gs, acc, s, b0, b1);
+    else if (s.ci % 4 == 0) FilterGrad<4, 2>(xs, gs, acc, s, b0, b1);
+    else FilterGrad<1, 2>(xs, gs, acc, s, b0, b1);
+#endif
   });
   for (int64_t t = 1; t < threads; ++t)
     for (int64_t i = 0; i < size; ++i) out[i] += partial[(t - 1) * size + i];

@@ -12,8 +12,10 @@ The source is compiled on first use with the host's C++ compiler (``$CXX``,
 default ``g++``; ``-O3 -march=native``) into a cache keyed by the source,
 the compiler, the flags, jaxlib and the CPU's feature flags
 (``$XDG_CACHE_HOME/rebll_jax/kernels``, default ``~/.cache``): a few seconds
-once, then a file load. Where no compiler works, or the CPU has no AVX-512
-(``vector_isa_problem``), ``available()`` is False and says why;
+once, then a file load. The kernels are written for AVX-512 and, with
+smaller register blocks, AVX2 + FMA (``kLanes`` in the source; the compiler
+picks by ``-march=native``). Where no compiler works, or the CPU has
+neither (``vector_isa_problem``), ``available()`` is False and says why;
 ``conv_impl=auto`` then keeps XLA's convolutions (``gemm``).
 
 Both calls are ``custom_partitioning`` functions, so a batch-sharded jit
@@ -128,22 +130,21 @@ def build() -> str:
 def vector_isa_problem() -> str:
   """Why this CPU should not run the kernels ("" where it should).
 
-  Their register blocks are written for 32 vector registers of 16 floats
-  (AVX-512). Compiled for AVX2 (16 registers of 8 floats) GCC keeps the
-  accumulators on the stack: 6-7 GFLOP/s, 30x slower than XLA's
-  convolutions (3x3 forwards at 224 px, measured on an AVX-512 machine with
-  ``-march=znver3``). Other architectures were never measured.
+  Their register blocks are written for AVX-512 (32 registers of 16
+  floats) and, with smaller blocks, for AVX2 with FMA (16 registers of 8
+  floats); ``-march=native`` picks the one the CPU has. Without either
+  (older x86, other architectures: never measured) XLA's convolutions stay.
   """
   import platform  # pylint: disable=g-import-not-at-top
   machine = platform.machine().lower()
   if machine not in ("x86_64", "amd64"):
-    return (f"the kernels are written and measured for x86-64 with AVX-512; "
-            f"this CPU is {machine or 'unknown'}")
-  if "avx512f" not in _cpu_flags().split():
-    return ("this CPU has no AVX-512 (avx512f); compiled for AVX2 the "
-            "kernels' register blocks spill and ran 30x slower than XLA's "
-            "convolutions")
-  return ""
+    return (f"the kernels are written and measured for x86-64 with AVX-512 "
+            f"or AVX2; this CPU is {machine or 'unknown'}")
+  flags = set(_cpu_flags().split())
+  if "avx512f" in flags or {"avx2", "fma"} <= flags:
+    return ""
+  return ("this CPU has neither AVX-512 (avx512f) nor AVX2 with FMA, the "
+          "vector units the kernels are written for")
 
 
 def _load() -> str:
