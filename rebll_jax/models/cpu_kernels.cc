@@ -193,7 +193,7 @@ inline int64_t ChunkRows(const Shape& s) {
 }
 
 // The filter gradient's inner loop over `count` output positions:
-// acc[i][j] += xp[i] * (16 cotangent channels j of gp), xp and gp advancing
+// acc[i][j] += xp[i] * (kLanes cotangent channels j of gp), xp and gp advancing
 // by x_step and g_step floats per position.
 template <int NB, int COV>
 inline void AccumulatePositions(vec (&acc)[NB][COV], const float* xp,
