@@ -43,22 +43,12 @@ struct Shape {
   int64_t n, h, w, ci, oh, ow, co, kh, kw, pt, pl, sh, sw;
 };
 
-#if defined(__AVX512F__)
-inline vec Load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store(float* p, const vec& v) { std::memcpy(p, &v, sizeof(v)); }
-#else
-// (`vec` is 4-byte aligned, so these are unaligned vector moves. A memcpy
-// here is expanded in 16-byte pieces through the stack for AVX2, which
-// kept every accumulator in memory: 10x slower.)
+// Unaligned vector moves (`vec` is 4-byte aligned). Not memcpy: for AVX2,
+// GCC expands a 32-byte memcpy in 16-byte pieces through the stack, which
+// kept every accumulator in memory (10x slower).
 inline vec Load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 
 inline void Store(float* p, const vec& v) { *reinterpret_cast<vec*>(p) = v; }
-#endif
 
 // A block of NB x COV accumulator vectors: rows `row` floats apart.
 template <int NB, int COV>
