@@ -12,7 +12,9 @@ Faults this module guards against:
 - A damaged checkpoint (a truncated or deleted file, flipped bytes). The
   restore fails, or the CRC-32 of the restored arrays disagrees with the one
   stored in ``meta``; either way it is skipped with a warning and the
-  previous checkpoint is tried.
+  previous checkpoint is tried. A failed restore leaves orbax's other reads
+  failing later in its threads; their tracebacks are silenced (the warning
+  said it all).
 - Edited or damaged metadata (results so far, position, label sums): the
   CRC-32 of its canonical JSON is stored in it and checked before anything
   else is read; a mismatch is damage, as above.
@@ -24,8 +26,9 @@ Faults this module guards against:
   fills during the write, orbax fails inside its writer threads (tensorstore
   reports ENOSPC as a ValueError), logs a traceback per thread, and the
   writes still in flight later find their event loop closed; ``save`` holds
-  the log records back, silences that aftermath, removes the half-written
-  temporary directory and raises ``NoSpaceError`` with one line. Older
+  the log records back, silences that aftermath (``_HeldLogs``), removes
+  the half-written temporary directory and raises ``NoSpaceError`` with one
+  line. Older
   checkpoints are deleted only after a save commits, so the previous one is
   intact and a rerun resumes from it.
 """
@@ -76,11 +79,56 @@ def is_no_space(error: BaseException) -> bool:
   return False
 
 
+def _is_abandoned_io_noise(error, text: str) -> bool:
+  """Whether a report is the aftermath of an orbax save or restore that
+  already failed (and that we reported, in one line)."""
+  return ((error is not None and is_no_space(error)) or
+          any(t in text for t in _NO_SPACE_TEXT) or
+          "Event loop is closed" in text or
+          # asyncio's report of an orbax task or tensorstore future whose
+          # failure nobody awaited
+          ("exception was never retrieved" in text and
+           ("orbax" in text or "tensorstore" in text)))
+
+
+class _DropAbandonedIoNoise(logging.Filter):
+  """Drops log records of orbax's abandoned reads and writes."""
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    return not _is_abandoned_io_noise(error, record.getMessage())
+
+
+def _dropping_abandoned_io(previous):
+  """``previous`` (an unraisable hook) behind a filter of that aftermath."""
+  if getattr(previous, "drops_abandoned_io", False):
+    return previous
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if error is not None and _is_abandoned_io_noise(error, str(error)):
+      return
+    previous(unraisable)
+
+  hook.drops_abandoned_io = True
+  return hook
+
+
 class _HeldLogs(logging.Filter):
-  """Holds back what orbax reports during a save, to replay or drop after.
+  """Holds back what orbax reports during a save or restore, to replay after.
 
   Log records of orbax's loggers, and exceptions its callback threads raise
   outside any caller (``sys.unraisablehook``).
+
+  Set ``silence_aftermath`` after a failure: when one array fails (disk full
+  while saving; a damaged file while restoring) orbax closes its event loop
+  while other tensorstore reads or writes still run. They fail later, off
+  our stack, in asyncio "exception was never retrieved" records (a traceback
+  per array) and "Event loop is closed" errors in tensorstore's callback
+  threads: dozens of tracebacks after our one line that said what happened.
+  On exit those are then dropped for the rest of the process (the filters
+  go in before the holding ends, so nothing slips between); everything else
+  still shows, including what ``replay`` hands back.
   """
 
   def __init__(self):
@@ -88,6 +136,7 @@ class _HeldLogs(logging.Filter):
     self.records, self.unraisables = [], []
     self._loggers = [logging.getLogger(n) for n in _SAVE_LOGGERS]
     self._hook = None
+    self.silence_aftermath = False
 
   def filter(self, record):
     self.records.append(record)
@@ -102,56 +151,20 @@ class _HeldLogs(logging.Filter):
 
   def __exit__(self, *exc):
     for logger in self._loggers:
+      if self.silence_aftermath and not any(
+          isinstance(f, _DropAbandonedIoNoise) for f in logger.filters):
+        logger.addFilter(_DropAbandonedIoNoise())
       logger.removeFilter(self)
-    if sys.unraisablehook == self.unraisables.append:
-      sys.unraisablehook = self._hook
+    if sys.unraisablehook == self.unraisables.append:  # one assignment
+      sys.unraisablehook = (_dropping_abandoned_io(self._hook)
+                            if self.silence_aftermath else self._hook)
 
   def replay(self):
+    """Hands the held reports to their loggers and hook (after the block)."""
     for record in self.records:
       logging.getLogger(record.name).handle(record)
     for unraisable in self.unraisables:
       sys.unraisablehook(unraisable)
-
-
-class _DropNoSpaceNoise(logging.Filter):
-  """Drops records about the no-space failure already reported."""
-
-  def filter(self, record):
-    error = record.exc_info[1] if record.exc_info else None
-    text = record.getMessage()
-    return not ((error is not None and is_no_space(error)) or
-                any(t in text for t in _NO_SPACE_TEXT) or
-                "Event loop is closed" in text)
-
-
-_aftermath_silenced = False
-
-
-def _silence_no_space_aftermath():
-  """After a failed save: writes still in flight fail later, off our stack.
-
-  They end in asyncio "exception was never retrieved" log records and in
-  "Event loop is closed" errors raised in tensorstore's callback threads
-  (reported through ``sys.unraisablehook``). The run is ending with one line
-  that says what happened; those are dropped, everything else still shows.
-  """
-  global _aftermath_silenced
-  if _aftermath_silenced:
-    return
-  _aftermath_silenced = True
-  for name in _SAVE_LOGGERS:
-    logging.getLogger(name).addFilter(_DropNoSpaceNoise())
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if error is not None and (is_no_space(error) or (
-        isinstance(error, RuntimeError) and
-        "Event loop is closed" in str(error))):
-      return
-    previous(unraisable)
-
-  sys.unraisablehook = hook
 
 
 def meta_checksum(meta: dict) -> str:
@@ -239,16 +252,19 @@ class Checkpointer:
         self.manager.save(number, args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
+        error = None
       except Exception as e:  # pylint: disable=broad-except
-        if not is_no_space(e):
-          held.replay()
-          raise
-        _join_orbax_threads(_JOIN_SECONDS)  # their failures: held, dropped
-        _silence_no_space_aftermath()
-        self._remove_temporary(number)
-        raise _no_space(number) from None
+        error = e
+        if is_no_space(e):
+          _join_orbax_threads(_JOIN_SECONDS)  # their failures: held, dropped
+          held.silence_aftermath = True
     held.replay()
-    return number
+    if error is None:
+      return number
+    if not is_no_space(error):
+      raise error
+    self._remove_temporary(number)
+    raise _no_space(number) from None
 
   def _check_free_space(self, tree, number: int):
     """Stops before writing a checkpoint that cannot fit (statvfs: cheap)."""
@@ -307,11 +323,17 @@ class Checkpointer:
         continue
       if check_meta is not None:
         check_meta(meta)  # UserError propagates: not damage
-      try:
-        tree = self.manager.restore(number, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))["state"]
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(self._skip(number, "its arrays are unreadable", e))
+      with _HeldLogs() as held:
+        try:
+          tree = self.manager.restore(number, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target)))["state"]
+          error = None
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+          held.silence_aftermath = True  # its other reads fail later
+      held.replay()
+      if error is not None:
+        failures.append(self._skip(number, "its arrays are unreadable", error))
         continue
       expected = meta.get("checksum")
       if expected is not None and checksum(tree) != expected:
