@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -295,6 +296,7 @@ def test_is_no_space_looks_through_wrappers():
 
 _FULL_DISK_RUN = """
 import sys
+import types
 import jax.numpy as jnp
 from rebll_jax import checkpoint, main, train
 from tests.test_faults import fill_disk
@@ -353,3 +355,34 @@ def test_save_hands_orbax_host_arrays_restore_puts_them_back(tmp_path,
     assert isinstance(got, jax.Array) and got.sharding == want.sharding
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+
+
+def _unraisable(error):
+  return types.SimpleNamespace(exc_type=type(error), exc_value=error,
+                               exc_traceback=None, err_msg=None, object=None)
+
+
+def test_held_logs_silence_only_the_aftermath_and_keep_the_hook_chain(
+    monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  with checkpoint._HeldLogs() as held:  # pylint: disable=protected-access
+    sys.unraisablehook(_unraisable(ValueError("while held")))
+  assert sys.unraisablehook == seen.append and not seen  # restored as it was
+  held.replay()
+  assert [str(u.exc_value) for u in seen] == ["while held"]
+
+  with checkpoint._HeldLogs() as held:  # pylint: disable=protected-access
+    held.silence_aftermath = True
+  assert sys.unraisablehook != seen.append
+  sys.unraisablehook(_unraisable(RuntimeError("Event loop is closed")))
+  sys.unraisablehook(_unraisable(ValueError(TENSORSTORE_ENOSPC)))
+  sys.unraisablehook(_unraisable(KeyError("anything else")))
+  # The aftermath is dropped; anything else still reaches the old hook.
+  assert [str(u.exc_value) for u in seen] == ["while held",
+                                              "'anything else'"]
+  for name in ("asyncio", "absl"):
+    filters = logging.getLogger(name).filters
+    assert any(isinstance(f, checkpoint._DropAbandonedIoNoise)  # pylint: disable=protected-access
+               for f in filters)
+    assert not any(isinstance(f, checkpoint._HeldLogs) for f in filters)  # pylint: disable=protected-access
