@@ -163,7 +163,8 @@ class RunState:
   already taken (0 at a task boundary). ``results``: one row per finished
   task. ``label_sums`` / ``task_seconds``: the task-in-progress's label
   diagnostics and training time so far (so a mid-task resume reports the
-  same numbers).
+  same numbers). ``task_schedule``: the epochs and peak learning rate the
+  task in progress was started with (a mid-task resume must keep them).
   """
 
   train: steps.TrainState
@@ -174,6 +175,7 @@ class RunState:
   results: list = dataclasses.field(default_factory=list)
   label_sums: dict = dataclasses.field(default_factory=dict)
   task_seconds: float = 0.0
+  task_schedule: dict = dataclasses.field(default_factory=dict)
 
   def arrays(self) -> dict:
     # Orbax cannot save zero-size arrays: no buffer, no entry.
@@ -184,7 +186,8 @@ class RunState:
   def meta(self) -> dict:
     return {"task": self.task, "task_step": self.task_step,
             "results": self.results, "global_step": int(self.train.step),
-            "label_sums": self.label_sums, "task_seconds": self.task_seconds}
+            "label_sums": self.label_sums, "task_seconds": self.task_seconds,
+            "task_schedule": self.task_schedule}
 
   def restored(self, arrays: dict, meta: dict) -> "RunState":
     """This state's shapes filled from a checkpoint's arrays and meta."""
@@ -194,7 +197,8 @@ class RunState:
                     task=meta["task"], task_step=meta["task_step"],
                     results=meta["results"],
                     label_sums=meta.get("label_sums", {}),
-                    task_seconds=meta.get("task_seconds", 0.0))
+                    task_seconds=meta.get("task_seconds", 0.0),
+                    task_schedule=meta.get("task_schedule", {}))
 
 
 def _initial_state(setup: Setup) -> RunState:
@@ -220,6 +224,44 @@ def _open_checkpoints(setup: Setup) -> checkpoint.Checkpointer:
   return checkpoint.Checkpointer(
       os.path.join(setup.workdir, "checkpoints"),
       setup.config.train.keep_checkpoints)
+
+
+def task_schedule(config, task_index: int) -> dict:
+  """The epochs and peak learning rate of task ``task_index`` (0-based)."""
+  first = task_index == 0
+  return {"epochs": config.train.epochs_first if first
+                    else config.train.epochs_later,
+          "lr_peak": config.optim.lr_first if first else config.optim.lr_later}
+
+
+def _check_task_schedule(config, state: RunState, workdir: str):
+  """Refuses a mid-task resume that would change the task's schedule.
+
+  ``train.epochs_later`` and ``optim.lr_later`` may change on resume (to
+  extend a run), but a task half-trained on one one-cycle schedule cannot
+  finish on another: with fewer epochs the task would stop at once and
+  report a step count it never trained, with another rate the two halves
+  mix. (Checkpoints written before the schedule was recorded: unchecked.)
+  """
+  saved = state.task_schedule
+  if not state.task_step or not saved:
+    return
+  wanted = task_schedule(config, state.task)
+  fields = {"epochs": "train.epochs_later", "lr_peak": "optim.lr_later"}
+  differ = [k for k in fields if saved.get(k) != wanted[k]]
+  if not differ:
+    return
+  t = state.task + 1
+  was = ", ".join(f"{fields[k]}={saved[k]}" for k in differ)
+  now = ", ".join(f"{fields[k]}={wanted[k]}" for k in differ)
+  keep = " ".join(f"--config.{fields[k]}={saved[k]}" for k in differ)
+  raise UserError(
+      f"the checkpoint in {workdir} is in the middle of task {t} (step "
+      f"{state.task_step}), started with {was}; this run asks for {now}, and "
+      "a task cannot change its schedule halfway. Resume with the old "
+      f"values ({keep}); to use the new ones from task {t + 1} on, finish "
+      f"task {t} with them first (--config.protocol.num_tasks={t}), then "
+      "continue with the new values")
 
 
 def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
@@ -248,6 +290,7 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
         log.info("the run in %s is complete (%d tasks); writing its results "
                  "again", workdir, state.task)
       else:
+        _check_task_schedule(config, state, workdir)
         log.info("resumed from checkpoint at task %d step %d", state.task + 1,
                  state.task_step)
   elif not config.resume and ckpt.steps():
@@ -356,15 +399,15 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
                                     source=setup.source, task=task,
                                     tasks=setup.tasks)
   batches = _task_batches(setup, state, task, view)
-  epochs = config.train.epochs_first if first else config.train.epochs_later
-  total = epochs * batches.steps_per_epoch
+  state.task_schedule = task_schedule(config, t)
+  total = state.task_schedule["epochs"] * batches.steps_per_epoch
   if state.task_step == 0:  # optimizer and schedule rebuilt for every task
     state.train = state.train.replace(opt_state=parallel.replicate(
         mesh, steps.fresh_opt_state(setup.tx, state.train.params)))
   task_start = int(state.train.step) - state.task_step
   context = parallel.replicate(mesh, steps.task_context(
       task, task_start=task_start, total_steps=total,
-      lr_peak=config.optim.lr_first if first else config.optim.lr_later))
+      lr_peak=state.task_schedule["lr_peak"]))
   step_fn = compiled.later if not first else compiled.first
   sums = diagnostics.LabelSums(state.label_sums)
   state.label_sums = sums.sums

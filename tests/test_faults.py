@@ -386,3 +386,25 @@ def test_held_logs_silence_only_the_aftermath_and_keep_the_hook_chain(
     assert any(isinstance(f, checkpoint._DropAbandonedIoNoise)  # pylint: disable=protected-access
                for f in filters)
     assert not any(isinstance(f, checkpoint._HeldLogs) for f in filters)  # pylint: disable=protected-access
+
+
+def test_mid_task_resume_refuses_another_schedule_for_that_task(tmp_path):
+  # epochs_later / lr_later may change on resume, but not halfway through
+  # the task they shape: fewer epochs once stopped the task at once and
+  # reported steps it never trained (exit 0).
+  workdir = str(tmp_path)
+  start = {"protocol.num_tasks": 2, "train.epochs_later": 3,
+           "train.checkpoint_every": 2}
+  with pytest.raises(train.NonFiniteLossError, match="task 2"):
+    train.run(_config(**start, **{"debug.nan_at_step": 11}), workdir)
+  metas = _metas(workdir)
+  task, task_step = max((m["task"], m["task_step"]) for m in metas.values())
+  assert task == 1 and task_step > 0  # a checkpoint inside task 2
+  for change, old in (({"train.epochs_later": 1}, "train.epochs_later=3"),
+                      ({"optim.lr_later": 0.1}, "optim.lr_later=0.001")):
+    with pytest.raises(UserError) as error:
+      train.run(_config(**{**start, **change}), workdir)
+    message = str(error.value)
+    assert f"middle of task 2 (step {task_step})" in message, message
+    assert old in message and "--config.protocol.num_tasks=2" in message
+  assert _metas(workdir) == metas  # refused before anything changed
