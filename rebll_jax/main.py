@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -39,6 +40,10 @@ flags.DEFINE_string("workdir", None,
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
+# Path fields where a leading ~ means the home directory (the shell does not
+# expand it inside --config.a.b=~/x).
+_PATH_FIELDS = (("data", "data_dir"), ("model", "init_from"))
 
 
 def _one_line(text: str) -> str:
@@ -158,6 +163,24 @@ def _override_named(key: str, argv) -> str:
   return key
 
 
+def _unknown_key_message(text: str, argv) -> str:
+  """One line for ml_collections' unknown-key error, with its suggestion.
+
+  Its message is the key in quotes, sometimes followed by a line 'Did you
+  mean "x" instead of "y"?'; a KeyError's str() then escapes it all.
+  """
+  name = re.search(r"[A-Za-z_]\w*", text)
+  key = name.group(0) if name else _unquote(text)
+  path = _override_named(key, argv)
+  message = f"unknown config key {path!r}"
+  hint = re.search(r'Did you mean \\*"(\w+)\\*"', text)
+  if hint:
+    parts = [hint.group(1) if p == key else p for p in path.split(".")]
+    message += f" (did you mean {'.'.join(parts)!r}?)"
+  return (message + "; every --config.KEY must exist in the config (see "
+          "rebll_jax/config_base.py for the fields)")
+
+
 def _parse(argv):
   try:
     rest = FLAGS(argv)
@@ -182,9 +205,7 @@ def _parse(argv):
     _fail(f"{message}. Run with --help for the flags.")
   except (KeyError, AttributeError) as e:
     # ml_collections reports an unknown key this way.
-    key = _override_named(_unquote(_unquote(str(e))), argv)
-    _fail(f"unknown config key {key!r}; every --config.KEY must exist in "
-          "the config (see rebll_jax/config_base.py for the fields)")
+    _fail(_unknown_key_message(str(e), argv))
   except (ValueError, TypeError) as e:
     _fail(f"bad --config override: {e}")
   except (OSError, SyntaxError, ImportError) as e:
@@ -197,6 +218,15 @@ def _parse(argv):
   return rest
 
 
+def _expand_home(config, workdir: str) -> str:
+  """``~`` in the workdir and the config's path fields, as a shell would."""
+  for section, field in _PATH_FIELDS:
+    value = config[section].get(field)
+    if isinstance(value, str) and value.startswith("~"):
+      config[section][field] = os.path.expanduser(value)
+  return os.path.expanduser(workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected argument(s) {argv[1:]}; flags take the form "
@@ -205,6 +235,7 @@ def main(argv):
     _fail("--config is required, e.g. --config=configs/synthetic.py")
   if not FLAGS.workdir:
     _fail("--workdir is required, e.g. --workdir=workdirs/synthetic")
+  workdir = _expand_home(FLAGS.config, FLAGS.workdir)
   from rebll_jax import config_checks  # pylint: disable=g-import-not-at-top
   try:
     config_checks.check_values(FLAGS.config)  # before JAX is even imported
@@ -225,9 +256,13 @@ def main(argv):
   from rebll_jax import reporting, train  # pylint: disable=g-import-not-at-top
   try:
     setting = _FILE_CONFIG.get("last")
-    results = train.run(FLAGS.config, FLAGS.workdir, setting)
+    results = train.run(FLAGS.config, workdir, setting)
   except UserError as e:
     _fail(str(e))
+  except KeyboardInterrupt:
+    print(f"\ninterrupted; the checkpoints in {workdir} are kept: the same "
+          "command resumes from the newest", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
   except train.NonFiniteLossError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(EXIT_RUN_FAILED)
@@ -242,10 +277,10 @@ def main(argv):
   if FLAGS.config.get("dry_run", False):
     from rebll_jax import dry_run  # pylint: disable=g-import-not-at-top
     print(dry_run.table(results))
-    print(f"protocol: {os.path.join(FLAGS.workdir, 'protocol.json')}")
+    print(f"protocol: {os.path.join(workdir, 'protocol.json')}")
     return
   print(reporting.final_table(results))
-  print(f"results: {FLAGS.workdir}/results.json")
+  print(f"results: {workdir}/results.json")
 
 
 def run():

@@ -8,6 +8,7 @@ devices), so it can try hundreds of configs in seconds.
 """
 
 import errno
+import json
 import math
 import os
 import re
@@ -66,6 +67,8 @@ CASES = [
     # (extra args, a word the message must hold)
     (["--config.nope=1"], "unknown config key 'nope'"),
     (["--config.train.nope=1"], "unknown config key 'train.nope'"),
+    (["--config.train.global_batchh=1"], "unknown config key "
+     "'train.global_batchh' (did you mean 'train.global_batch'?); every"),
     (["--config.protocol.base=10", "--config.protocol.increment=3"],
      "B10-C3 does not fit 20 classes"),
     (["--config.train.global_batch=12"], "not divisible by the 8 devices"),
@@ -428,3 +431,45 @@ def test_integer_parse_error_keeps_its_quotes(tmp_path):
                                      f"--workdir={tmp_path}",
                                      "--config.train.global_batch=abc"))
   assert line.endswith("invalid literal for int() with base 10: 'abc'")
+
+
+def test_unknown_key_message_names_the_whole_path_and_the_suggestion():
+  # What str() of ml_collections' KeyError looks like for a close typo.
+  text = str(KeyError("'trian'\nDid you mean \"train\" instead of "
+                      "\"trian\"?"))
+  message = main._unknown_key_message(  # pylint: disable=protected-access
+      text, ["main", "--config.trian.global_batch=3"])
+  assert message.startswith("unknown config key 'trian.global_batch' (did "
+                            "you mean 'train.global_batch'?); every"), message
+  assert "\\" not in message and "\n" not in message
+
+
+_INTERRUPTED_RUN = """
+import json, sys
+from rebll_jax import main, train
+
+def run(config, workdir, setting=None):  # what main hands over, then Ctrl-C
+  print(json.dumps([workdir, config.data.data_dir, config.model.init_from]))
+  raise KeyboardInterrupt
+
+train.run = run
+sys.argv = ["main", "--config=configs/test.py", "--workdir=~/wd",
+            "--config.data.data_dir=~/data", "--config.model.init_from=~/w"]
+main.run()
+"""
+
+
+def test_home_is_expanded_and_ctrl_c_is_one_line_exit_130(tmp_path):
+  script = tmp_path / "run.py"
+  script.write_text(_INTERRUPTED_RUN)
+  home = tmp_path / "home"
+  result = subprocess.run([sys.executable, str(script)], cwd=ROOT,
+                          env={**_env(), "HOME": str(home)},
+                          capture_output=True, text=True, timeout=120)
+  # The shell leaves ~ alone inside --config.a.b=~/x: expanded here.
+  assert json.loads(result.stdout.splitlines()[-1]) == [
+      str(home / "wd"), str(home / "data"), str(home / "w")]
+  assert result.returncode == 130, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().startswith("interrupted; the checkpoints in "
+                                          f"{home / 'wd'} are kept")
