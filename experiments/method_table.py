@@ -6,7 +6,9 @@ r"""Every method on the synthetic benchmark, several seeds: a markdown table.
 Each run is ``python -m rebll_jax.main --config=configs/synthetic.py:SETTING``
 with ``--config.method=M --config.seed=S`` (plus any ``--set key=value``
 overrides), in its own workdir ``OUT/SETTING/M/seedS``. A run whose
-results.json exists is not run again, so an interrupted table resumes.
+results.json exists is not run again, so an interrupted table resumes; if
+that run's config disagrees with this table's ``--set`` overrides or
+``--val``, the table stops and says so rather than report it as its own.
 ``joint`` (the upper bound) does not depend on the setting and runs once per
 seed and regime (``joint`` from scratch; ``pretrained_joint`` for the
 ``pretrained_*`` settings, which fine-tune the cached upstream backbone). ``--val`` evaluates on a validation split carved out of train
@@ -80,10 +82,53 @@ def child_environment(cache_dir: str) -> dict:
   return env
 
 
+def _same_value(stored, wanted: str) -> bool:
+  """Whether a results.json config value is what ``--set`` asked for."""
+  try:
+    parsed = json.loads(wanted)
+  except ValueError:
+    parsed = {"True": True, "False": False}.get(wanted, wanted)
+  if isinstance(stored, (int, float)) and isinstance(parsed, (int, float)):
+    return float(stored) == float(parsed)
+  if isinstance(stored, (list, tuple)) and isinstance(parsed, (list, tuple)):
+    return list(stored) == list(parsed)
+  return stored == parsed
+
+
+def stale_fields(config: dict, overrides) -> list[str]:
+  """The ``--set key=value`` overrides a finished run's config disagrees with.
+
+  A rerun of the table with other overrides must not report runs made with
+  the old ones as its own.
+  """
+  stale = []
+  for override in overrides:
+    key, _, wanted = override.partition("=")
+    node = config
+    for part in key.split("."):
+      node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+    if node is KeyError or not _same_value(node, wanted):
+      have = "no such field" if node is KeyError else repr(node)
+      stale.append(f"{key}: the run has {have}, this table asks for "
+                   f"{wanted}")
+  return stale
+
+
 def run_one(out, setting, method, seed, overrides, val, env=None):
   workdir = _workdir(out, setting, method, seed)
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):
+    with open(results, encoding="utf-8") as f:
+      config = json.load(f).get("config", {})
+    val_fraction = config.get("data", {}).get("val_fraction", 0)
+    stale = stale_fields(config, overrides)
+    if bool(val) != bool(val_fraction):
+      stale.append(f"--val: the run has data.val_fraction={val_fraction}")
+    if stale:
+      raise RuntimeError(
+          f"{workdir} holds a finished run made with other settings ("
+          f"{'; '.join(stale)}); use another --out, or delete that workdir "
+          "to run it again")
     return workdir, 0.0, "cached"
   config = f"configs/synthetic.py:{_row_setting(setting, method)}"
   cmd = [sys.executable, "-m", "rebll_jax.main", f"--config={config}",

@@ -99,3 +99,28 @@ def test_runs_share_a_compilation_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
   assert method_table.child_environment("x")[
       "JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
+
+
+def test_a_finished_run_with_other_overrides_is_not_reported_as_cached(
+    tmp_path):
+  workdir = os.path.join(str(tmp_path), "b0c4", "ft", "seed0")
+  os.makedirs(workdir)
+  config = {"train": {"epochs_first": 1, "global_batch": 16},
+            "optim": {"lr_first": 0.003}, "model": {"stage_sizes": [1, 1]},
+            "data": {"val_fraction": 0.0}}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"config": config}, f)
+  same = ["train.epochs_first=1", "optim.lr_first=3e-3",
+          "model.stage_sizes=[1,1]"]
+  assert method_table.run_one(str(tmp_path), "b0c4", "ft", 0, same,
+                              val=False)[2] == "cached"
+  for overrides, val, why in (
+      (["train.epochs_first=5"], False, "train.epochs_first: the run has 1, "
+       "this table asks for 5"),
+      (["optim.lr_first=0.05"], False, "optim.lr_first"),
+      (["train.no_such=1"], False, "train.no_such: the run has no such"),
+      (same, True, "--val: the run has data.val_fraction=0.0")):
+    with pytest.raises(RuntimeError, match="holds a finished run made with "
+                       "other settings") as error:
+      method_table.run_one(str(tmp_path), "b0c4", "ft", 0, overrides, val)
+    assert why in str(error.value)
