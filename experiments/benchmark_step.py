@@ -394,6 +394,11 @@ def torch_variants(args):
 
 def main(argv=None):
   args = parse_args(argv)
+  # Opened now: a bad path found after minutes of timing would lose them.
+  try:
+    out = open(args.out, "a", encoding="utf-8") if args.out else None
+  except OSError as e:
+    raise SystemExit(f"error: --out {args.out}: {e.strerror}") from None
   for flag, value in (("--cpu_devices", args.cpu_devices),
                       ("--xla_flags", args.xla_flags)):
     if value and "jax" in sys.modules:
@@ -495,7 +500,6 @@ def main(argv=None):
       line["torch_threads"] = r.torch.get_num_threads()
     lines.append(line)
   lines.extend(ratio_lines(lines))
-  out = open(args.out, "a") if args.out else None
   for l in lines:
     text = json.dumps(l)
     print(text, flush=True)

@@ -374,19 +374,34 @@ DATA_DIR/rebll_coco_format/NAME/1.0.0; train with --config.data.data_dir=DATA_DI
   p.add_argument("--images", help="coco_format: image folder")
   p.add_argument("--name", default="custom",
                  help="coco_format: dataset name (default: custom)")
-  p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+  p.add_argument("--workers", type=_int_in(1),
+                 default=min(8, os.cpu_count() or 1),
                  help="threads checking images (default: min(8, #cpus))")
   p.add_argument("--overwrite", action="store_true",
                  help="rebuild even if prepared from other inputs")
-  p.add_argument("--store_size", type=int, default=0,
+  p.add_argument("--store_size", type=_int_in(0), default=0,
                  help="store images resized: shorter side N px (0: keep the "
                       "original bytes); the reader then decodes less")
   p.add_argument("--squash", action="store_true",
                  help="with --store_size: store exactly N x N (aspect not "
                       "kept, as training resizes)")
-  p.add_argument("--store_quality", type=int, default=90,
+  p.add_argument("--store_quality", type=_int_in(1, 100), default=90,
                  help="JPEG quality of the stored images (default 90)")
   return p
+
+
+def _int_in(low: int, high: int | None = None):
+  """An argparse type: an integer in [low, high] (high: no bound if None)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low or (high is not None and value > high):
+      bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+      raise argparse.ArgumentTypeError(f"{value} is not {bound}")
+    return value
+  return parse
 
 
 def _one_line(error) -> str:
@@ -394,7 +409,10 @@ def _one_line(error) -> str:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.squash and not args.store_size:
+    parser.error("--squash needs --store_size N (the side it squashes to)")
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:
     s = prepare(args)

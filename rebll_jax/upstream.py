@@ -18,8 +18,8 @@ A run asks for it with ``--config.model.init_from=upstream:auto`` (the
 maps that to ``CACHE/upstream/KEY``, where KEY is a hash of everything the
 pretraining reads (the ``upstream`` config block, the model's shape, image
 size and input normalisation, FORMAT_VERSION). The first run that needs
-it trains it (about 3 minutes on 2 CPU cores) under a file lock; every later
-run reuses it. CACHE is ``$REBLL_JAX_CACHE`` or ``~/.cache/rebll_jax``.
+it trains it (about 2 minutes on 2 idle CPU cores) under a file lock; every
+later run reuses it. CACHE is ``$REBLL_JAX_CACHE`` or ``~/.cache/rebll_jax``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ CACHE_ENV = "REBLL_JAX_CACHE"
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The upstream pretraining budget (about 3 minutes on 2 CPU cores)."""
+  """The upstream pretraining budget (about 2 minutes on 2 idle CPU cores)."""
   u = ml_collections.ConfigDict()
   u.num_classes = 64  # a prefix of synthetic.upstream_classes()
   u.num_train = 6000

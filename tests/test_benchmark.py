@@ -116,6 +116,16 @@ def test_unknown_torch_variant_is_an_error():
                                                  "compile"]
 
 
+def test_an_unwritable_out_is_an_error_before_any_timing(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(SystemExit, match=r"error: --out .*a_file/x.jsonl: Not "
+                     "a directory"):
+    # --cpu_library_fusion fast would stop later: --out is checked first.
+    benchmark_step.main(["--impl", "jax", "--out",
+                         str(tmp_path / "a_file" / "x.jsonl"),
+                         "--cpu_library_fusion", "fast"])
+
+
 def test_unknown_cpu_library_fusion_is_an_error():
   with pytest.raises(SystemExit, match="unknown --cpu_library_fusion 'fast'"):
     benchmark_step.main(["--impl", "jax", "--cpu_library_fusion",

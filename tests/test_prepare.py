@@ -371,3 +371,20 @@ def test_corrupt_metadata_rerun_read_and_train(tmp_path, capsys):
   # --overwrite rebuilds it.
   assert _run(*argv, "--overwrite") == 0
   assert _meta(path) == {**good, "fingerprint": _meta(path)["fingerprint"]}
+
+
+@pytest.mark.parametrize("bad,why", [
+    (["--store_quality", "0"], "--store_quality: 0 is not in [1, 100]"),
+    (["--store_quality", "500"], "--store_quality: 500 is not in [1, 100]"),
+    (["--workers", "0"], "--workers: 0 is not >= 1"),
+    (["--workers", "x"], "--workers: 'x' is not an integer"),
+    (["--store_size", "-1"], "--store_size: -1 is not >= 0"),
+    (["--squash"], "--squash needs --store_size N"),
+])
+def test_out_of_range_options_are_usage_errors(tmp_path, capsys, bad, why):
+  with pytest.raises(SystemExit) as exit_info:
+    _run("voc2007", "--src", str(tmp_path), "--data_dir",
+         str(tmp_path / "out"), *bad)
+  assert exit_info.value.code == 2
+  assert why in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()  # nothing written
