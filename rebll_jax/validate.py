@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 
 from rebll_jax import config_base, config_checks, data, losses, methods, models
-from rebll_jax import host_malloc, optim, xla_cpu
+from rebll_jax import host_malloc, optim, parallel, protocol, xla_cpu
 from rebll_jax.models import conv, norm
 from rebll_jax.errors import UserError
 
@@ -77,6 +77,16 @@ def check_config(config, setting=None):
          "memory.fraction must be in [0, 1)")
   _check(config.memory.per_class >= 0 and config.memory.total >= 0,
          "memory.per_class and memory.total must be >= 0")
+  if method.replay:
+    # memory.capacity_for raises (a traceback) once the first task ends.
+    _check(config.memory.per_class > 0 or config.memory.total > 0,
+           f"method {config.method!r} replays exemplars but "
+           "memory.per_class=0 and memory.total=0 leave it no memory; set "
+           "memory.per_class > 0 (exemplars per class) or memory.total > 0 "
+           "(a fixed total), or pick a method without replay")
+    if config.memory.mix == "fraction":
+      check_memory_fraction(config.memory.fraction,
+                            config.train.global_batch)
   _check(config.train.global_batch > 0, "train.global_batch must be > 0")
   _check(config.train.epochs_first > 0 and config.train.epochs_later > 0,
          "train.epochs_first and train.epochs_later must be > 0")
@@ -140,11 +150,116 @@ def check_config(config, setting=None):
   for name in ("lr_first", "lr_later", "weight_decay", "momentum",
                "grad_clip", "warmup_frac"):
     _check(np.isfinite(o[name]), f"optim.{name} must be finite")
+  if not config.get("dry_run", False):  # a dry run initialises nothing
+    check_distributed(config)
+
+
+def _memory_rows(fraction: float, batch: int) -> int:
+  """Memory rows of each batch with memory.mix=fraction (the rounding of
+  ``loader.TaskBatches``, over the global batch)."""
+  return int(round(fraction * batch))
+
+
+def check_memory_fraction(fraction: float, batch: int):
+  """memory.mix=fraction leaves every batch >= 1 new and >= 1 memory row
+  (0 new rows divides by zero in the loader; 0 memory rows replays
+  nothing)."""
+  works = lambda f: 1 <= _memory_rows(f, batch) <= batch - 1  # noqa: E731
+  if works(fraction):
+    return
+  _check(batch >= 2,
+         f"memory.mix=fraction needs train.global_batch >= 2 (one new and "
+         f"one memory row per batch), got {batch}; raise it or use "
+         "memory.mix=uniform")
+  mem = _memory_rows(fraction, batch)
+  what = ("and 0 to new data" if mem >= batch
+          else "(the run would replay nothing)")
+  # The fractions whose rounding gives 1 .. batch - 1 rows.
+  low, high = 0.5 / batch, (batch - 0.5) / batch
+  span = (f"{'[' if works(low) else '('}{low:.6g}, {high:.6g}"
+          f"{']' if works(high) else ')'}")
+  raise UserError(
+      f"memory.fraction={fraction} gives round({fraction} * {batch}) = {mem} "
+      f"of the {batch} rows of each batch (train.global_batch={batch}) to "
+      f"memory {what}; with memory.mix=fraction use memory.fraction in "
+      f"{span} (1 to {batch - 1} memory rows) for this batch, or "
+      "memory.mix=uniform")
+
+
+def _cluster_detected() -> bool:
+  """Whether JAX's cluster auto-detection finds a cluster here (SLURM, Open
+  MPI, Kubernetes, Cloud TPU): what jax.distributed.initialize asks when
+  the coordinator, process count or id is not given."""
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    envs = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    return True  # cannot tell: leave it to jax.distributed.initialize
+  for env in envs:
+    if getattr(env, "opt_in_only_method", False):
+      continue  # mpi4py: only when asked for by name, which we never do
+    try:
+      if env.is_env_present():
+        return True
+    except Exception:  # pylint: disable=broad-except
+      return True  # cannot tell: leave it to jax.distributed.initialize
+  return False
+
+
+def check_distributed(config, environ=None):
+  """``distributed=True``: what ``jax.distributed.initialize`` needs is
+  given (config, then $JAX_* variables) or a cluster it auto-detects can
+  supply it; otherwise it fails with a traceback."""
+  if not config.distributed:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.distributed.is_initialized():
+    return
+  try:
+    kwargs = parallel.distributed_kwargs(config.dist, environ)
+  except UserError:
+    raise
+  except ValueError as e:  # int() of $JAX_NUM_PROCESSES / $JAX_PROCESS_ID
+    raise UserError(f"distributed=True: $JAX_NUM_PROCESSES and "
+                    f"$JAX_PROCESS_ID must be integers ({e})") from None
+  address = kwargs.get("coordinator_address", "")
+  if address:
+    host, _, port = address.rpartition(":")
+    _check(bool(host) and port.isdigit(),
+           f"distributed=True: coordinator address {address!r} (from "
+           "dist.coordinator_address or $JAX_COORDINATOR_ADDRESS) must be "
+           "HOST:PORT, e.g. 10.0.0.1:1234")
+  fields = {"coordinator_address": "dist.coordinator_address "
+            "($JAX_COORDINATOR_ADDRESS)",
+            "num_processes": "dist.num_processes ($JAX_NUM_PROCESSES)",
+            "process_id": "dist.process_id ($JAX_PROCESS_ID)"}
+  missing = [name for key, name in fields.items() if key not in kwargs]
+  _check(not missing or _cluster_detected(),
+         f"distributed=True but {', '.join(missing)} "
+         f"{'is' if len(missing) == 1 else 'are'} not set, and JAX detects "
+         "no cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) to supply "
+         f"{'it' if len(missing) == 1 else 'them'}; set "
+         "--config.dist.coordinator_address=HOST:PORT, "
+         "--config.dist.num_processes=N and --config.dist.process_id=I on "
+         "every process, or drop --config.distributed=True on one host")
 
 
 def check_protocol(config, num_classes: int):
-  """The class split fits the dataset (a joint method has one task)."""
-  methods.get_method(config.method).tasks(num_classes, config.protocol)
+  """The class split fits the dataset (a joint method has one task), and
+  protocol.num_tasks asks for no more tasks than the split has."""
+  method = methods.get_method(config.method)
+  method.tasks(num_classes, config.protocol)
+  p = config.protocol
+  if method.joint or p.num_tasks <= 0:  # joint ignores it; -1 = every task
+    return
+  # task_blocks silently keeps the tasks there are; a larger count (e.g. to
+  # extend a run on resume) is fine up to that.
+  most = len(protocol.task_blocks(num_classes, p.base, p.increment))
+  _check(p.num_tasks <= most,
+         f"protocol.num_tasks={p.num_tasks} but setting "
+         f"{protocol.setting_name(p.base, p.increment)} on {num_classes} "
+         f"classes has {most} task(s); use protocol.num_tasks <= {most}, or "
+         "-1 for every task")
 
 
 def check_all(config, *, num_classes: int, num_devices: int,
