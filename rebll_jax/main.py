@@ -221,9 +221,10 @@ def _parse(argv):
 def _expand_home(config, workdir: str) -> str:
   """``~`` in the workdir and the config's path fields, as a shell would."""
   for section, field in _PATH_FIELDS:
-    value = config[section].get(field)
+    block = config.get(section)  # a partial config is refused later
+    value = block.get(field) if block is not None else None
     if isinstance(value, str) and value.startswith("~"):
-      config[section][field] = os.path.expanduser(value)
+      block[field] = os.path.expanduser(value)
   return os.path.expanduser(workdir)
 
 

@@ -16,8 +16,9 @@ its fields:
   new rows / memory rows, the between-task buffer pass).
 
 Enumerated fields are checked at construction. ``ignored_config(config)``
-lists the ``config.loss`` overrides the method would silently ignore; the
-config validation turns them into an error. Adding a method that recombines
+lists the overrides the method would silently ignore (``loss`` knobs it does
+not use, ``relabel`` thresholds it never applies); the config validation
+turns them into an error. Adding a method that recombines
 existing mechanisms is one entry in ``METHODS``.
 """
 
@@ -175,12 +176,41 @@ class Method:
       read += _POD_FLAT_KNOBS
     return read
 
-  def ignored_config(self, config, defaults) -> list[str]:
-    """``config.loss`` fields changed from ``defaults`` that this method
-    does not read (an override that would silently do nothing)."""
+  def relabel_knobs_ignored(self) -> tuple[str, ...]:
+    """``config.relabel`` fields this method certainly never reads."""
+    relabels = (self.relabel_new_online or self.relabel_memory_online or
+                self.relabel_between_tasks)
+    if not relabels:
+      return ("*",)
+    if self.old_threshold == "pseudo":
+      return ("tau_old", "tau_old_low")
+    return ("tau_pseudo",)
+
+  def ignored_config(self, config, defaults,
+                     loss_only: bool = False) -> dict[str, str]:
+    """Fields changed from ``defaults`` that this method does not read (an
+    override that would silently do nothing), each with the reason:
+    ``loss`` knobs it does not use, ``relabel`` thresholds it never applies
+    (unless ``loss_only``). ``memory`` sizes are not judged: a sweep sets
+    them once for every method, replaying or not."""
+    ignored = {}
     read = self.loss_knobs_read()
-    return [f"loss.{k}" for k in config.loss
-            if k not in read and config.loss[k] != defaults.loss[k]]
+    why = f"it reads loss.{{{', '.join(read)}}}"
+    for k in config.loss:
+      if k not in read and config.loss[k] != defaults.loss[k]:
+        ignored[f"loss.{k}"] = why
+    if loss_only:
+      return ignored
+    skip = self.relabel_knobs_ignored()
+    for k in config.relabel:
+      if ("*" in skip or k in skip) and (
+          config.relabel[k] != defaults.relabel[k]):
+        ignored[f"relabel.{k}"] = ("it relabels nothing" if "*" in skip else
+                                   "its old-class threshold is "
+                                   + ("relabel.tau_pseudo" if
+                                      self.old_threshold == "pseudo" else
+                                      "relabel.tau_old"))
+    return ignored
 
 
 METHODS = {m.name: m for m in [

@@ -58,7 +58,8 @@ def check_config(config, setting=None):
   (main passes it). A ``loss`` field the method does not read is refused
   only where it differs from the setting (a setting may choose a knob for
   the methods that read it; ``--config.loss.X`` on a method that ignores X
-  is still an error). Default: the base config.
+  is still an error). Default: the base config. ``relabel`` thresholds
+  the method never applies are checked the same way, with a setting only.
   """
   config_checks.check_values(config)  # every numeric field in range, first
   for name, registry in _registries().items():
@@ -67,12 +68,16 @@ def check_config(config, setting=None):
     _check(value in registry,
            f"unknown {name} {value!r}; valid: {valid}")
   method = methods.get_method(config.method)
+  # relabel: only against the config file's own values (a file may set a
+  # threshold for every method; without it the base config's defaults
+  # would make that look like an override).
   ignored = method.ignored_config(config,
-                                  setting or config_base.base_config())
+                                  setting or config_base.base_config(),
+                                  loss_only=setting is None)
+  reasons = "; ".join(dict.fromkeys(ignored.values()))
   _check(not ignored,
          f"method {config.method!r} does not read {', '.join(ignored)} "
-         f"(it reads loss.{{{', '.join(method.loss_knobs_read())}}}); "
-         "drop the override or pick a method that uses it")
+         f"({reasons}); drop the override or pick a method that uses it")
   _check(0.0 <= config.memory.fraction < 1.0,
          "memory.fraction must be in [0, 1)")
   _check(config.memory.per_class >= 0 and config.memory.total >= 0,

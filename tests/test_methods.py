@@ -5,6 +5,7 @@ import pytest
 
 from rebll_jax import methods, train, validate
 from rebll_jax.errors import UserError
+from tests.helpers import make_config
 from tests.test_train import _config
 
 
@@ -79,13 +80,31 @@ def test_a_method_checks_its_enumerated_fields():
     ("rebll", "beta", False),
     ("rebll", "g_neg", False),
     ("lwf", "lambda_kd", False),
+    # Each relabeling method reads one old-class threshold; methods that
+    # relabel nothing read none. Memory sizes are never judged (a sweep
+    # sets them for every method).
+    ("ft", "memory.per_class", False),
+    ("lwf", "memory.selection", False),
+    ("rebll", "relabel.tau_pseudo", True),
+    ("asl_pl", "relabel.tau_old", True),
+    ("asl_pl", "relabel.tau_pseudo", False),
+    ("er", "relabel.tau_cur", True),
+    ("rebll", "relabel.warmup_frac", False),
 ])
 def test_a_loss_override_the_method_ignores_is_an_error(name, knob, ignored):
-  config = _config(method=name, **{f"loss.{knob}": 0.123})
+  field = knob if "." in knob else f"loss.{knob}"
+  value = "random" if knob == "memory.selection" else (
+      7 if knob == "memory.per_class" else 0.123)
+  config = _config(method=name, **{field: value})
+  setting = make_config()  # configs/test.py itself: what was overridden
   if ignored:
-    with pytest.raises(UserError, match=f"does not read loss.{knob}"):
-      validate.check_config(config)
+    with pytest.raises(UserError, match=f"does not read {field} "):
+      validate.check_config(config, setting)
   else:
+    validate.check_config(config, setting)
+  # Without the config file's own values only loss.* is judged (test.py
+  # itself sizes the memory for every method).
+  if "." in knob:
     validate.check_config(config)
 
 # --------------------------------------------------------- krt_baseline ---
