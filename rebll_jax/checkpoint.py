@@ -28,9 +28,8 @@ Faults this module guards against:
   writes still in flight later find their event loop closed; ``save`` holds
   the log records back, silences that aftermath (``_HeldLogs``), removes
   the half-written temporary directory and raises ``NoSpaceError`` with one
-  line. Older
-  checkpoints are deleted only after a save commits, so the previous one is
-  intact and a rerun resumes from it.
+  line. Older checkpoints are deleted only after a save commits, so the
+  previous one is intact and a rerun resumes from it.
 """
 
 from __future__ import annotations

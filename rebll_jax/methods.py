@@ -18,8 +18,8 @@ its fields:
 Enumerated fields are checked at construction. ``ignored_config(config)``
 lists the overrides the method would silently ignore (``loss`` knobs it does
 not use, ``relabel`` thresholds it never applies); the config validation
-turns them into an error. Adding a method that recombines
-existing mechanisms is one entry in ``METHODS``.
+turns them into an error. Adding a method that recombines existing
+mechanisms is one entry in ``METHODS``.
 """
 
 from __future__ import annotations
@@ -202,14 +202,15 @@ class Method:
     if loss_only:
       return ignored
     skip = self.relabel_knobs_ignored()
+    if "*" in skip:
+      why = "it relabels nothing"
+    else:
+      why = "its old-class threshold is relabel." + (
+          "tau_pseudo" if self.old_threshold == "pseudo" else "tau_old")
     for k in config.relabel:
       if ("*" in skip or k in skip) and (
           config.relabel[k] != defaults.relabel[k]):
-        ignored[f"relabel.{k}"] = ("it relabels nothing" if "*" in skip else
-                                   "its old-class threshold is "
-                                   + ("relabel.tau_pseudo" if
-                                      self.old_threshold == "pseudo" else
-                                      "relabel.tau_old"))
+        ignored[f"relabel.{k}"] = why
     return ignored
 
 
