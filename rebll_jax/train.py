@@ -111,7 +111,7 @@ def _set_up_locked(config, workdir, lock, setting) -> Setup:
   tasks = method.tasks(source.num_classes, config.protocol)
   validate.check_tasks(source, tasks)
   init_from = upstream.resolve_init_from(config)  # "upstream:auto" -> dir
-  if init_from and not os.path.isfile(init_from):  # files convert at init
+  if init_from:  # a PyTorch file converts at init
     pretrained.check_init_from(init_from, config.model.arch)
   model = models.build_model(config.model, source.num_classes)
   # Process-wide, before the first step allocates (rebll_jax/host_malloc.py).
@@ -286,6 +286,14 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
     if arrays is not None:
       state = state.restored(arrays, meta)
       resumed_step = meta["global_step"]
+      if state.task > len(setup.tasks):
+        # Its results.json would hold more tasks than its config names.
+        raise UserError(
+            f"the run in {workdir} has finished {state.task} tasks; "
+            f"protocol.num_tasks={config.protocol.num_tasks} asks for "
+            f"{len(setup.tasks)}. Rerun it with protocol.num_tasks >= "
+            f"{state.task} (or -1) to write its results again, or use a new "
+            "--workdir for a shorter run")
       if state.task >= len(setup.tasks):
         log.info("the run in %s is complete (%d tasks); writing its results "
                  "again", workdir, state.task)
@@ -369,7 +377,7 @@ def compile_steps(setup: Setup) -> CompiledSteps:
 
 def _task_batches(setup: Setup, state: RunState, task, view):
   config = setup.config
-  return loader.TaskBatches(
+  batches = loader.TaskBatches(
       split=setup.source.train, view=view,
       memory=replay.visible_rows(state.memory, setup.source),
       global_batch=config.train.global_batch,
@@ -378,6 +386,10 @@ def _task_batches(setup: Setup, state: RunState, task, view):
       fraction=config.memory.fraction,
       host_augment=field_augment.from_config(
           config.augment, workers=config.data.num_workers))
+  note = batches.wrap_note()
+  if note:
+    log.warning(note)
+  return batches
 
 
 def _task_view(setup: Setup, task):

@@ -12,7 +12,8 @@ import tempfile
 
 import numpy as np
 
-from rebll_jax import config_base, config_checks, data, losses, methods, models
+from rebll_jax import config_base, config_checks, config_reads, data, losses
+from rebll_jax import methods, models
 from rebll_jax import host_malloc, optim, parallel, protocol, xla_cpu
 from rebll_jax.models import conv, norm
 from rebll_jax.errors import UserError
@@ -59,7 +60,9 @@ def check_config(config, setting=None):
   only where it differs from the setting (a setting may choose a knob for
   the methods that read it; ``--config.loss.X`` on a method that ignores X
   is still an error). Default: the base config. ``relabel`` thresholds
-  the method never applies are checked the same way, with a setting only.
+  the method never applies are checked the same way, with a setting only,
+  and so are knobs another choice leaves unread (``config_reads``: the
+  small ResNet's width under a ResNet-50, SGD's momentum under Adam).
   """
   config_checks.check_values(config)  # every numeric field in range, first
   for name, registry in _registries().items():
@@ -78,6 +81,13 @@ def check_config(config, setting=None):
   _check(not ignored,
          f"method {config.method!r} does not read {', '.join(ignored)} "
          f"({reasons}); drop the override or pick a method that uses it")
+  if setting is not None:
+    unread = config_reads.unread_overrides(config, setting)
+    reasons = "; ".join(f"{', '.join(k for k in unread if unread[k] == r)}: "
+                        f"{r}" for r in dict.fromkeys(unread.values()))
+    _check(not unread,
+           f"nothing reads {', '.join(unread)} in this config ({reasons}); "
+           "drop the override or change the choice it depends on")
   _check(0.0 <= config.memory.fraction < 1.0,
          "memory.fraction must be in [0, 1)")
   _check(config.memory.per_class >= 0 and config.memory.total >= 0,

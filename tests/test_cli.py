@@ -83,6 +83,8 @@ CASES = [
     (["--config.data.source=voc2007"], "data_dir"),
     (["--config.data.synthetic.num_train=2"], "has no training images"),
     (["stray"], "unexpected argument"),
+    (["--config.optim.momentum=0.5"], "nothing reads optim.momentum in this "
+     "config (optim.momentum: it is SGD's; optim.name 'adam' has none"),
 ]
 
 
@@ -152,6 +154,18 @@ def test_workdir_that_cannot_take_a_write(tmp_path, monkeypatch):
   monkeypatch.setattr(validate.os, "fsync", full)
   with pytest.raises(UserError, match="No space left on device"):
     validate.check_workdir(str(tmp_path / "w"))
+
+
+def test_pytorch_file_for_an_arch_without_a_pytorch_twin(tmp_path):
+  # Was "unknown arch 'small_resnet'; valid: [...]" from the converter, after
+  # the model's init: as if the arch itself were unknown.
+  weights = tmp_path / "resnet18.pth"
+  weights.write_bytes(b"not read")
+  line = _assert_one_line_error(_cli(
+      "--config=configs/test.py", f"--workdir={tmp_path / 'w'}",
+      f"--config.model.init_from={weights}"))
+  assert "is a PyTorch file, and model.arch 'small_resnet' has no PyTorch" \
+      in line and "upstream:auto" in line
 
 
 def test_task_without_images_is_named():

@@ -408,3 +408,18 @@ def test_mid_task_resume_refuses_another_schedule_for_that_task(tmp_path):
     assert f"middle of task 2 (step {task_step})" in message, message
     assert old in message and "--config.protocol.num_tasks=2" in message
   assert _metas(workdir) == metas  # refused before anything changed
+
+
+def test_finished_run_refuses_fewer_tasks_on_resume(tmp_path):
+  # A 2-task run rerun with num_tasks=1 wrote a results.json of two tasks
+  # under a config of one (exit 0).
+  workdir = str(tmp_path)
+  train.run(_config(**{"protocol.num_tasks": 2}), workdir)
+  with open(os.path.join(workdir, "results.json")) as f:
+    before = f.read()
+  with pytest.raises(UserError, match=r"has finished 2 tasks; "
+                     r"protocol.num_tasks=1 asks for 1\. Rerun it with "
+                     r"protocol.num_tasks >= 2"):
+    train.run(_config(**{"protocol.num_tasks": 1}), workdir)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert f.read() == before

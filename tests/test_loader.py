@@ -140,3 +140,24 @@ def test_host_augment_in_the_loader_is_deterministic_and_slice_consistent():
     np.testing.assert_array_equal(batch["images"],
                                   full.batch(step)["images"])
   assert not np.array_equal(full.batch(6)["images"], a["images"])
+
+
+def test_a_task_shorter_than_a_batch_says_it_repeats_rows():
+  # A task smaller than one batch wraps its permutation: rows repeat inside
+  # a batch, which the PyTorch baseline (one short batch) never does. The
+  # run logs this note; it was silent.
+  _, view, batches = _batches(batch=8)
+  assert batches.wrap_note() is None
+  _, view, short = _batches(batch=64, local=slice(0, 64))
+  total = len(view) + 6
+  assert total < 64
+  assert short.wrap_note() == (
+      f"task 2 has {total} rows for a batch of 64: each batch repeats some "
+      "rows (a smaller train.global_batch avoids it)")
+  rows = short.batch(0)["images"][:, 0, 0, 0]
+  assert len(set(rows.tolist())) == total < len(rows)  # all, with repeats
+  _, _, few_memory = _batches(mix="fraction", memory=_memory(m=1), batch=16,
+                              local=slice(0, 16))
+  assert few_memory.wrap_note() == (
+      "task 2 has 1 memory rows for 4 per batch: each batch repeats some "
+      "rows (a smaller train.global_batch avoids it)")

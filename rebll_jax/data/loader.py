@@ -75,6 +75,23 @@ class TaskBatches:
     else:
       self.steps_per_epoch = max(1, (num_new + num_mem) // global_batch)
 
+  def wrap_note(self) -> str | None:
+    """Why one epoch repeats rows (a source shorter than its share of a
+    batch; the loader wraps its permutation), or None."""
+    num_new, num_mem = len(self.view), len(self.memory)
+    if self.mix == "fraction":
+      short = [f"{n} {what} rows for {k} per batch" for n, k, what in (
+          (num_new, self.new_per_batch, "new"),
+          (num_mem, self.mem_per_batch, "memory")) if n < k]
+    else:
+      short = ([f"{num_new + num_mem} rows for a batch of "
+                f"{self.global_batch}"]
+               if num_new + num_mem < self.global_batch else [])
+    if not short:
+      return None
+    return (f"task {self.task + 1} has {' and '.join(short)}: each batch "
+            "repeats some rows (a smaller train.global_batch avoids it)")
+
   def _rows(self, step):
     """Global-batch row ids: >= 0 new-view rows, < 0 memory rows (-1-i)."""
     epoch, within = divmod(step, self.steps_per_epoch)

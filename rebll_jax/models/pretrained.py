@@ -396,9 +396,18 @@ def check_init_from(path: str, arch: str) -> None:
   array file passes its checksum. Any arch may load a folder of its own
   (``rebll_jax.upstream`` writes ``small_resnet`` ones); converting a
   PyTorch file is what needs ``BACKBONES``. Builds no model and restores no
-  array (it hashes the files: 0.11 s for resnet50's 87 MB, cached). Raises
+  array (it hashes the files: 0.11 s for resnet50's 87 MB, cached). A
+  PyTorch file (converted at init) only needs an arch that converts. Raises
   UserError, one line.
   """
+  if os.path.isfile(path):
+    if arch not in BACKBONES:
+      raise UserError(
+          f"model.init_from={path!r} is a PyTorch file, and model.arch "
+          f"{arch!r} has no PyTorch counterpart to convert it for (those "
+          f"that have: {sorted(BACKBONES)}); {arch} starts from a folder "
+          "the upstream pretraining writes (model.init_from=upstream:auto)")
+    return
   try:
     info = read_info(path)
     if info["arch"] != arch:
