@@ -188,6 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_at_step = -1  # tests: poison the loss at this global step
   c.debug.kill_at_step = -1  # tests: SIGKILL the process at this global step
+  c.debug.term_at_step = -1  # tests: SIGTERM the process at this global step
   return c
 
 

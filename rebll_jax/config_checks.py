@@ -151,6 +151,7 @@ RULES: dict[str, Rule] = {
     "eval.threshold": _OPEN_UNIT,
     "debug.nan_at_step": _STEP_OR_OFF,
     "debug.kill_at_step": _STEP_OR_OFF,
+    "debug.term_at_step": _STEP_OR_OFF,
 }
 
 # Blocks that only some configs carry (the ``pretrained_*`` settings add

@@ -6,7 +6,8 @@ in the input (a config file that is missing, raises or returns something
 other than a ConfigDict; an unknown key; a value out of range; a split that
 does not fit; a batch the devices cannot share; an unwritable workdir) prints
 one line and exits with code 2. A non-finite loss, or a disk that fills up
-during a save, prints one line and exits with code 1.
+during a save, prints one line and exits with code 1. Ctrl-C exits with 130;
+SIGTERM saves a checkpoint at the next step and exits with 143.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ flags.DEFINE_string("workdir", None,
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
+# 128 + SIGTERM: the run saved and stopped on a scheduler's SIGTERM
+# (rebll_jax/preemption.py); a retry loop sees a run that did not finish.
+EXIT_PREEMPTED = 143
 # Path fields where a leading ~ means the home directory (the shell does not
 # expand it inside --config.a.b=~/x).
 _PATH_FIELDS = (("data", "data_dir"), ("model", "init_from"))
@@ -254,7 +258,7 @@ def main(argv):
   split = xla_cpu.split_host_cpu(FLAGS.config.get("cpu_devices", 0))
   if split:
     ours.info(split)
-  from rebll_jax import reporting, train  # pylint: disable=g-import-not-at-top
+  from rebll_jax import preemption, reporting, train  # pylint: disable=g-import-not-at-top
   try:
     setting = _FILE_CONFIG.get("last")
     results = train.run(FLAGS.config, workdir, setting)
@@ -264,6 +268,9 @@ def main(argv):
     print(f"\ninterrupted; the checkpoints in {workdir} are kept: the same "
           "command resumes from the newest", file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
+  except preemption.Preempted as e:
+    print(_one_line(e), file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
   except train.NonFiniteLossError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(EXIT_RUN_FAILED)

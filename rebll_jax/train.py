@@ -35,7 +35,8 @@ import tqdm
 
 from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
 from rebll_jax import memory as memory_lib
-from rebll_jax import models, optim, parallel, protocol, replay, reporting
+from rebll_jax import models, optim, parallel, preemption, protocol, replay
+from rebll_jax import reporting
 from rebll_jax import run_identity, steps, upstream, validate, workdir_lock
 from rebll_jax import host_malloc, xla_cpu
 from rebll_jax.data import field_augment, loader
@@ -403,8 +404,12 @@ def _task_view(setup: Setup, task):
 
 
 def train_task(setup: Setup, state: RunState, task, view, compiled,
-               writer: reporting.Writer, save_fn) -> RunState:
-  """Trains ``task`` from ``state.task_step`` to its last step."""
+               writer: reporting.Writer, save_fn,
+               stop: preemption.StopOnSigterm | None = None) -> RunState:
+  """Trains ``task`` from ``state.task_step`` to its last step.
+
+  ``stop``: on SIGTERM, saves after the current step and raises
+  ``preemption.Preempted``."""
   config, mesh, t = setup.config, setup.mesh, task.index
   first = t == 0
   state.memory = replay.before_task(state.memory, config=config,
@@ -450,6 +455,8 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
     bar.update(1)
     if task_start + step == config.debug.kill_at_step:
       os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests
+    if task_start + step == config.debug.term_at_step:
+      os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's notice, for tests
     last = step + 1 == total
     if (step + 1) % config.train.log_every == 0 or last:
       check_finite()
@@ -460,11 +467,17 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
                    task_step=step + 1)
       bar.set_postfix(loss=f"{float(out['loss']):.4f}")
     every = config.train.checkpoint_every
-    if every and (step + 1) % every == 0 and not last:
+    stopping = stop is not None and stop.due(task_start + step + 1)
+    if stopping or (every and (step + 1) % every == 0 and not last):
       check_finite()
       state.task_step = step + 1
       state.task_seconds = seconds_before + time.time() - started
       save_fn(state)
+    if stopping:
+      bar.close()
+      raise preemption.Preempted(
+          f"stopped by SIGTERM at task {t + 1}, step {step + 1} of {total}; "
+          f"checkpoint saved in {setup.workdir}: the same command resumes")
   bar.close()
   state.task_step = total
   state.task_seconds = seconds_before + time.time() - started
@@ -527,15 +540,20 @@ def run(config, workdir: str, setting=None) -> dict:
       compiled = compile_steps(setup)
       writer = reporting.Writer(workdir)
       save_fn = lambda s: save(setup, ckpt, s, fingerprint)  # noqa: E731
-      try:
-        for task in setup.tasks[state.task:]:
-          view = _task_view(setup, task)
-          state = train_task(setup, state, task, view, compiled, writer,
-                             save_fn)
-          state = finish_task(setup, state, task, view)
-          save_fn(state)
-      finally:
-        writer.close()
+      with preemption.StopOnSigterm() as stop:
+        try:
+          for task in setup.tasks[state.task:]:
+            view = _task_view(setup, task)
+            state = train_task(setup, state, task, view, compiled, writer,
+                               save_fn, stop)
+            state = finish_task(setup, state, task, view)
+            save_fn(state)
+            if stop.requested and state.task < len(setup.tasks):
+              raise preemption.Preempted(
+                  f"stopped by SIGTERM after task {state.task}; checkpoint "
+                  f"saved in {workdir}: the same command resumes")
+        finally:
+          writer.close()
     finally:
       ckpt.close()
     results = summarise(setup, state.results, compiled.trace_counts)

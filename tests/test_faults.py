@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -18,7 +19,7 @@ import types
 import numpy as np
 import pytest
 
-from rebll_jax import checkpoint, errors, train
+from rebll_jax import checkpoint, errors, preemption, train
 from rebll_jax.errors import UserError
 from tests.helpers import make_config
 
@@ -423,3 +424,23 @@ def test_finished_run_refuses_fewer_tasks_on_resume(tmp_path):
     train.run(_config(**{"protocol.num_tasks": 1}), workdir)
   with open(os.path.join(workdir, "results.json")) as f:
     assert f.read() == before
+
+
+def test_sigterm_at_a_tasks_last_step_saves_and_resumes(tmp_path, reference):
+  # The stop lands on the task's last step: the save holds the whole task
+  # trained but not yet evaluated; the resume evaluates it and ends with the
+  # uninterrupted run's results. (Random mid-task steps, through the CLI:
+  # tests/test_resume.py.)
+  steps = reference[1]["tasks"][0]["train_steps"]
+  workdir = str(tmp_path)
+  previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  try:
+    with pytest.raises(preemption.Preempted,
+                       match=f"at task 1, step {steps} of {steps};"):
+      train.run(_config(**{"debug.term_at_step": steps - 1,
+                           "train.checkpoint_every": 0}), workdir)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  (meta,) = _metas(workdir).values()
+  assert (meta["task"], meta["task_step"]) == (0, steps)
+  _assert_same(train.run(_config(), workdir), reference[1])

@@ -5,9 +5,11 @@ The installed JAX runs cross-process collectives on CPU (gloo), so a real
 ``--config.distributed=True`` in two processes with 2 CPU devices each (the
 coordinator, process count and id from the environment variables), sharing
 one workdir. Task 1 runs, the processes exit, and a second launch resumes
-from the orbax checkpoint they wrote together and trains task 2. The result
-must equal a single-process run on 4 devices: parameters within 1e-5, the
-same mAPs; only process 0 wrote metrics, results and plots.
+from the orbax checkpoint they wrote together and trains task 2 until a
+SIGTERM to one process stops both at one step (JAX's preemption sync
+point, a collective save, exit 143); a third launch finishes task 2. The
+result must equal a single-process run on 4 devices: parameters within
+1e-5, the same mAPs; only process 0 wrote metrics, results and plots.
 
 Unit tests cover what the launch relies on: the config/environment
 precedence of ``parallel.distributed_kwargs``, each process loading only
@@ -35,7 +37,10 @@ from rebll_jax.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"data.image_size": 16, "data.synthetic.render_size": 16,
              "data.synthetic.num_train": 160, "data.synthetic.num_test": 64,
-             "augment.randaugment_ops": 0}
+             "augment.randaugment_ops": 0,
+             # Task 2 long enough (24 steps) for a SIGTERM's notice to reach
+             # both processes before it ends (it took ~7 steps here).
+             "train.epochs_later": 6}
 
 
 def _config(**overrides):
@@ -112,8 +117,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, num_tasks):
-  """Runs rebll_jax.main in 2 processes x 2 CPU devices; returns outputs."""
+def _launch(workdir, num_tasks, term_at_step=(-1, -1), code=0):
+  """Runs rebll_jax.main in 2 processes x 2 CPU devices; returns outputs.
+  ``term_at_step``: each process's debug.term_at_step (a SIGTERM to itself
+  there); ``code``: the exit code both must end with."""
   port = _free_port()
   args = [sys.executable, "-m", "rebll_jax.main",
           "--config=configs/test.py", f"--workdir={workdir}",
@@ -127,7 +134,9 @@ def _launch(workdir, num_tasks):
            "JAX_PLATFORMS": "cpu",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
            "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, text=True,
+    procs.append(subprocess.Popen(
+        args + [f"--config.debug.term_at_step={term_at_step[pid]}"],
+        cwd=ROOT, env=env, text=True,
                                   stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT))
   outputs = []
@@ -139,7 +148,7 @@ def _launch(workdir, num_tasks):
         q.kill()
       raise
     outputs.append(out)
-    assert p.returncode == 0, out[-3000:]
+    assert p.returncode == code, out[-3000:]
   return outputs
 
 
@@ -153,7 +162,15 @@ def test_two_processes_equal_one_and_resume_across_processes(tmp_path):
   with open(os.path.join(multi, "results.json")) as f:
     first = json.load(f)
   assert first["devices"] == {**first["devices"], "count": 4, "processes": 2}
-  _launch(multi, num_tasks=2)  # resumes task 2 from the shared checkpoint
+  # Task 2 resumes from the shared checkpoint; a SIGTERM to process 1 alone
+  # stops both at the step JAX's preemption sync point names, after a
+  # collective save (exit 143 each); the third launch finishes task 2.
+  steps_1 = first["tasks"][0]["train_steps"]
+  stopped = _launch(multi, num_tasks=2, term_at_step=(-1, steps_1),
+                    code=143)
+  for out in stopped:
+    assert "stopped by SIGTERM at task 2, step " in out, out[-3000:]
+  _launch(multi, num_tasks=2)
   with open(os.path.join(multi, "results.json")) as f:
     results = json.load(f)
   assert len(results["tasks"]) == 2
@@ -177,6 +194,6 @@ def test_two_processes_equal_one_and_resume_across_processes(tmp_path):
   with open(os.path.join(multi, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert len(steps) == len(set(steps)) > 0
-  assert len(os.listdir(os.path.join(multi, "tensorboard"))) == 2
+  assert len(os.listdir(os.path.join(multi, "tensorboard"))) == 3
   for name in ("seen_map.png", "map_matrix.png", "config.json"):
     assert os.path.exists(os.path.join(multi, name))

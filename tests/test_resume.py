@@ -4,8 +4,10 @@ Every run is a subprocess of the CLI on 8 virtual CPU devices. The process
 is killed by ``--config.debug.kill_at_step`` (SIGKILL from inside, at a
 step chosen at random per test session, between mid-task saves), restarted
 with the same command, killed again in task 2, restarted again, and must end
-with the results of an uninterrupted run to 1e-6. The runs share a persistent
-compilation cache so that only the first one compiles.
+with the results of an uninterrupted run to 1e-6. A SIGTERM
+(``--config.debug.term_at_step``) must save at the next step and resume to
+the same results. The runs share a persistent compilation cache so that
+only the first one compiles.
 """
 
 import json
@@ -14,6 +16,8 @@ import random
 import signal
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVERY = 3  # mid-task checkpoint interval
@@ -72,11 +76,19 @@ def kill_steps(rng: random.Random, steps):
           rng.randrange(steps[0] + 1, steps[0] + steps[1]))
 
 
-def test_sigkill_in_task_1_and_2_resumes_exactly(tmp_path):
-  cache = tmp_path / "jax_cache"
-  base = run_cli(tmp_path / "uninterrupted", cache_dir=cache)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """(compilation cache, results.json, workdir) of an uninterrupted run."""
+  root = tmp_path_factory.mktemp("resume")
+  cache = root / "jax_cache"
+  base = run_cli(root / "uninterrupted", cache_dir=cache)
   assert base.returncode == 0, base.stderr[-2000:]
-  expected = json.load(open(tmp_path / "uninterrupted" / "results.json"))
+  expected = json.load(open(root / "uninterrupted" / "results.json"))
+  return cache, expected, root / "uninterrupted"
+
+
+def test_sigkill_in_task_1_and_2_resumes_exactly(tmp_path, uninterrupted):
+  cache, expected, base_dir = uninterrupted
 
   workdir = tmp_path / "killed"
   seed = random.randrange(2**32)
@@ -102,4 +114,30 @@ def test_sigkill_in_task_1_and_2_resumes_exactly(tmp_path):
            for l in open(workdir / "metrics.jsonl").read().splitlines()]
   assert steps == sorted(set(steps))
   assert steps == [json.loads(l)["step"] for l in open(
-      tmp_path / "uninterrupted" / "metrics.jsonl").read().splitlines()]
+      base_dir / "metrics.jsonl").read().splitlines()]
+
+
+def test_sigterm_saves_at_the_next_step_and_resumes_exactly(tmp_path,
+                                                             uninterrupted):
+  # A scheduler's SIGTERM: the run saves after the step it is in and exits
+  # 143 with one line. Mid-task saves are off, so without that save the
+  # resume would start task 1 over (it used to die at once, exit -15).
+  cache, expected, _ = uninterrupted
+  steps_1 = expected["tasks"][0]["train_steps"]
+  term = random.randrange(1, steps_1 - 1)
+  workdir = tmp_path / "terminated"
+  first = run_cli(workdir, f"--config.debug.term_at_step={term}",
+                  "--config.train.checkpoint_every=0", cache_dir=cache)
+  assert first.returncode == 143, first.stderr[-2000:]
+  last_line = first.stderr.strip().splitlines()[-1]
+  assert last_line == (
+      f"stopped by SIGTERM at task 1, step {term + 1} of {steps_1}; "
+      f"checkpoint saved in {workdir}: the same command resumes")
+  assert "Traceback" not in first.stderr
+  assert not (workdir / "results.json").exists()
+  second = run_cli(workdir, cache_dir=cache)
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert f"resumed from checkpoint at task 1 step {term + 1}" in second.stderr
+  resumed = json.load(open(workdir / "results.json"))
+  assert_close(metrics_of(resumed), metrics_of(expected),
+               f"results (SIGTERM at {term})")
