@@ -14,16 +14,28 @@ import numpy as np
 
 
 class Writer:
-  """Appends one JSON line per log step and mirrors scalars to TensorBoard."""
+  """Appends one JSON line per log step and mirrors scalars to TensorBoard.
 
-  def __init__(self, workdir: str):
+  ``resumed_step``: the global step the run starts from. A killed run may
+  have logged steps past its last checkpoint; the resumed run logs them
+  again. metrics.jsonl drops those lines first (``train``); TensorBoard
+  is told to hide every earlier event from ``resumed_step + 1`` on
+  (tensorboardX's ``purge_step``), so each step shows once.
+  """
+
+  def __init__(self, workdir: str, resumed_step: int = 0):
     self.active = jax.process_index() == 0
     self.jsonl = None
     self.tb = None
     if self.active:
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # File names hold the second and the host only: two launches in one
+      # second would write the same file; the pid and step keep them apart.
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                              purge_step=int(resumed_step) + 1,
+                              filename_suffix=f".{os.getpid()}."
+                                              f"{int(resumed_step)}")
 
   def write(self, step: int, scalars: dict, **tags):
     if not self.active:

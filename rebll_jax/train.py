@@ -538,7 +538,10 @@ def run(config, workdir: str, setting=None) -> dict:
     try:
       state, fingerprint = restore_or_init(setup, ckpt)
       compiled = compile_steps(setup)
-      writer = reporting.Writer(workdir)
+      # The global step it starts from: TensorBoard hides a killed run's
+      # events past it, as metrics.jsonl dropped its lines.
+      writer = reporting.Writer(workdir, resumed_step=int(
+          state.train.step.addressable_data(0)))
       save_fn = lambda s: save(setup, ckpt, s, fingerprint)  # noqa: E731
       with preemption.StopOnSigterm() as stop:
         try:
