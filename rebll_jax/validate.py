@@ -65,6 +65,10 @@ def check_config(config, setting=None):
   small ResNet's width under a ResNet-50, SGD's momentum under Adam).
   """
   config_checks.check_values(config)  # every numeric field in range, first
+  _check(config.model.dtype != "float16",
+         "model.dtype=float16 is not offered: it needs loss scaling, which "
+         "the train step does not do (small gradients underflow to 0 and the "
+         "run goes on); use bfloat16, which has float32's range")
   for name, registry in _registries().items():
     value = _field(config, name)
     valid = sorted(registry) if isinstance(registry, dict) else list(registry)

@@ -83,6 +83,10 @@ CASES = [
     (["--config.data.source=voc2007"], "data_dir"),
     (["--config.data.synthetic.num_train=2"], "has no training images"),
     (["stray"], "unexpected argument"),
+    (["--config.data.source=voc2007", "--config.data.data_dir=README.md"],
+     "config.data.data_dir README.md is not a directory"),
+    (["--config.model.dtype=float16"], "model.dtype=float16 is not offered: "
+     "it needs loss scaling"),
     (["--config.optim.momentum=0.5"], "nothing reads optim.momentum in this "
      "config (optim.momentum: it is SGD's; optim.name 'adam' has none"),
 ]

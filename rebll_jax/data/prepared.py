@@ -69,7 +69,8 @@ def find_dataset_dir(data_dir: str, builder_name: str, hint: str) -> str:
   if not data_dir:
     raise UserError(f"config.data.data_dir is empty: {hint}")
   if not os.path.isdir(data_dir):
-    raise UserError(f"config.data.data_dir {data_dir} does not exist: {hint}")
+    what = "is not a directory" if os.path.exists(data_dir) else "does not exist"
+    raise UserError(f"config.data.data_dir {data_dir} {what}: {hint}")
   if _complete(data_dir):
     return data_dir
   base = os.path.join(data_dir, builder_name)

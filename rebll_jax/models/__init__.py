@@ -21,8 +21,9 @@ from rebll_jax.models import pretrained
 from rebll_jax.models import small_resnet
 from rebll_jax.models.pretrained import restore_backbone
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-          "float16": jnp.float16}
+# Compute dtypes. No float16: its gradients need loss scaling, which the
+# train step does not do (bfloat16 has float32's range).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _conv_impl(cfg) -> str:
