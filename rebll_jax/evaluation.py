@@ -11,11 +11,15 @@ turns scores into the per-task metrics row.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 
 from rebll_jax import metrics, parallel, protocol, steps, xla_cpu
 from rebll_jax.data import loader
+
+log = logging.getLogger("rebll_jax")
 
 
 def to_host(tree):
@@ -79,6 +83,12 @@ def evaluate(predictor, variables, source, task, tasks, threshold, *,
       source, task.seen, {} if protocol_cfg is None else protocol_cfg)
   scores, _ = predictor.predict_split(variables, source.test, view_rows)
   targets = source.test.labels[view_rows]
+  absent = [source.class_names[c] for c in task.classes
+            if not targets[:, c].any()]
+  if absent:  # said once, at the task that brings the class
+    log.warning("task %d: no test image holds %s; each such class scores AP "
+                "0 in every mAP from now on (the baseline's rule)",
+                task.index + 1, ", ".join(absent))
   per_task = [metrics.mean_ap(scores, targets, t.classes)
               for t in tasks[:task.index + 1]]
   seen_scores, seen_targets = scores[:, task.seen], targets[:, task.seen]
