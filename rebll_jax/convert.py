@@ -87,6 +87,15 @@ def convert_file(arch: str, src: str, out: str, overwrite: bool = False):
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
     raise UserError(f"--out {out} exists and is not empty; choose another "
                     "directory or pass --overwrite")
+  if os.path.isdir(out) and overwrite:
+    # --overwrite replaces a converted checkpoint (or a half-written one),
+    # never a folder holding anything else: it is removed whole.
+    others = sorted(set(os.listdir(out)) - {pretrained.INFO_FILE,
+                                            pretrained.VARIABLES_DIR})
+    if others:
+      raise UserError(f"--out {out} is not a converted checkpoint (it holds "
+                      f"{', '.join(others[:3])}); --overwrite only replaces "
+                      "the output of a previous conversion")
   obj = read_state_dict(src)
   try:
     variables, report = pretrained.convert_state_dict(arch, obj)

@@ -230,6 +230,33 @@ def test_cli_safetensors_round_trip_and_load(tmp_path, capsys, r18):
   assert rc == 2 and "exists and is not empty" in err
 
 
+def test_overwrite_replaces_only_a_converted_checkpoint(tmp_path, capsys,
+                                                        r18):
+  # --out naming the folder that holds the source (and other files) once
+  # removed that folder whole, the source with it, and exited 0.
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "weights"
+  folder.mkdir()
+  src = folder / "r18.safetensors"
+  save_file(r18, str(src))
+  (folder / "notes.txt").write_text("keep me")
+  rc, _, err = run_cli(capsys, "--arch", "resnet18", "--src", str(src),
+                       "--out", str(folder), "--overwrite")
+  assert rc == 2 and "is not a converted checkpoint" in err
+  assert "notes.txt" in err and len(err.strip().splitlines()) == 1
+  assert src.exists() and (folder / "notes.txt").read_text() == "keep me"
+  # A previous conversion, or a half-written one, is replaced.
+  out = tmp_path / "ckpt"
+  assert run_cli(capsys, "--arch", "resnet18", "--src", str(src),
+                 "--out", str(out))[0] == 0
+  assert run_cli(capsys, "--arch", "resnet18", "--src", str(src),
+                 "--out", str(out), "--overwrite")[0] == 0
+  os.remove(out / "info.json")
+  assert run_cli(capsys, "--arch", "resnet18", "--src", str(src),
+                 "--out", str(out), "--overwrite")[0] == 0
+  assert (out / "info.json").exists()
+
+
 @pytest.mark.parametrize("name,content,why", [
     ("none.pth", None, "no such file"),
     ("w.npz", b"x", "unknown file type"),
