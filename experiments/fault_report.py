@@ -44,6 +44,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -193,12 +194,38 @@ BAD_INPUTS = [
 ]
 
 
-def main():
+# The folders a report makes in --workdir (a rerun empties only such a one).
+_OWN_ENTRIES = re.compile(
+    r"uninterrupted|kill_inside_\d+|kill_outside|nan|huge_lr|two_processes|"
+    r"edited_meta|changed_config|bad|jax_cache|overhead")
+
+
+def _check_workdir(parser, workdir):
+  """parser.error unless ``workdir`` is new, empty or a previous report's:
+  the report deletes it first."""
+  if not workdir:
+    parser.error("--workdir is empty")
+  if not os.path.lexists(workdir):
+    return
+  if not os.path.isdir(workdir) or os.path.islink(workdir):
+    parser.error(f"--workdir {workdir} is a file or a link, not a folder")
+  others = sorted(e for e in os.listdir(workdir)
+                  if not _OWN_ENTRIES.fullmatch(e))
+  if others:
+    parser.error(f"--workdir {workdir} holds {', '.join(others[:3])}, not "
+                 "only a previous fault report, and would be deleted; choose "
+                 "another folder")
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="/tmp/rebll_fault_report")
+  parser.add_argument("--workdir", default="/tmp/rebll_fault_report",
+                      help="deleted and made again (refused unless new, "
+                      "empty or a previous report's)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--overhead", action="store_true")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  _check_workdir(parser, args.workdir)
   rng = random.Random(args.seed)
   shutil.rmtree(args.workdir, ignore_errors=True)
   os.makedirs(args.workdir)
