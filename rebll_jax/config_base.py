@@ -26,6 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.dist.coordinator_address = ""  # "host:port" of process 0
   c.dist.num_processes = 0
   c.dist.process_id = -1
+  # Seconds a process waits for the others at start-up (JAX's
+  # initialization_timeout; a process other than 0 first checks that the
+  # coordinator's address answers within it).
+  c.dist.init_timeout_s = 300
   c.num_devices = 0  # local devices in the mesh (0 = all)
   # Split the host CPU into this many XLA devices before JAX starts (CLI
   # only; 0 = one CPU device); a CPU run's batch shards then run side by

@@ -99,6 +99,7 @@ RULES: dict[str, Rule] = {
     "seed": _SEED,
     "dist.num_processes": _NON_NEGATIVE_INT,  # 0 = from the environment
     "dist.process_id": _int(0, sentinels=(-1,)),  # -1 = from the env
+    "dist.init_timeout_s": _COUNT,
     "num_devices": _NON_NEGATIVE_INT,  # 0 = all local devices
     "cpu_devices": _NON_NEGATIVE_INT,  # 0 = XLA's one CPU device
     "data.image_size": _int(8),

@@ -21,6 +21,8 @@ TPU pods, SLURM, Open MPI, Kubernetes).
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -59,12 +61,43 @@ def distributed_kwargs(dist_config, environ=None) -> dict:
   return kwargs
 
 
+def wait_for_coordinator(address: str, timeout_s: float):
+  """Returns once ``address`` ("host:port") accepts a TCP connection.
+
+  JAX's own wait for an unreachable coordinator ends in a C++ abort with a
+  stack dump after ``initialization_timeout``; a wrong port or a process 0
+  that never started is a user mistake, so it is one UserError instead.
+  """
+  host, _, port = address.rpartition(":")
+  host = host.strip("[]")  # [::1]:1234
+  if not host or not port.isdigit():
+    raise UserError(f"coordinator address {address!r} is not host:port")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=5):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise UserError(
+            f"nothing answers at the coordinator address {address} after "
+            f"{timeout_s:g} s ({e.strerror or e}): is process 0 running, "
+            "and is this its host:port (dist.coordinator_address / "
+            "JAX_COORDINATOR_ADDRESS)? dist.init_timeout_s sets the wait"
+        ) from None
+      time.sleep(0.5)
+
+
 def initialize_distributed(dist_config):
   """``jax.distributed.initialize`` with ``distributed_kwargs``; call before
   any other JAX computation. A no-op if already initialised."""
   if jax.distributed.is_initialized():
     return
-  jax.distributed.initialize(**distributed_kwargs(dist_config))
+  kwargs = distributed_kwargs(dist_config)
+  timeout_s = dist_config.get("init_timeout_s", 300)
+  if kwargs.get("process_id", 0) > 0 and "coordinator_address" in kwargs:
+    wait_for_coordinator(kwargs["coordinator_address"], timeout_s)
+  jax.distributed.initialize(**kwargs, initialization_timeout=int(timeout_s))
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:

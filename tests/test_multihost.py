@@ -197,3 +197,33 @@ def test_two_processes_equal_one_and_resume_across_processes(tmp_path):
   assert len(os.listdir(os.path.join(multi, "tensorboard"))) == 3
   for name in ("seen_map.png", "map_matrix.png", "config.json"):
     assert os.path.exists(os.path.join(multi, name))
+
+
+def test_wait_for_coordinator_answers_or_is_one_user_error():
+  with socket.socket() as listening:
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    port = listening.getsockname()[1]
+    parallel.wait_for_coordinator(f"127.0.0.1:{port}", 1)
+    parallel.wait_for_coordinator(f"[127.0.0.1]:{port}", 1)
+  with pytest.raises(UserError, match="is not host:port"):
+    parallel.wait_for_coordinator("localhost", 1)
+
+
+def test_unreachable_coordinator_is_one_line_not_an_abort(tmp_path):
+  # Process 1 with nothing at the coordinator's port: JAX aborted after its
+  # timeout (SIGABRT, a C++ stack dump); now one line, exit 2.
+  port = _free_port()
+  result = subprocess.run(
+      [sys.executable, "-m", "rebll_jax.main", "--config=configs/test.py",
+       f"--workdir={tmp_path}", "--config.distributed=True",
+       f"--config.dist.coordinator_address=127.0.0.1:{port}",
+       "--config.dist.num_processes=2", "--config.dist.process_id=1",
+       "--config.dist.init_timeout_s=2"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: nothing answers at the coordinator address 127.0.0.1:{port} "
+      "after 2 s"), result.stderr[-2000:]
