@@ -283,12 +283,32 @@ def load_config(spec: str):
   if not os.path.isfile(path):
     raise UserError(f"--config {path}: no such file")
   module_spec = importlib.util.spec_from_file_location("_run_config", path)
+  if module_spec is None:  # not a .py file: nothing to import
+    raise UserError(f"--config {path}: not a Python config file (.py)")
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
     return module.get_config(setting or None)
+  except SyntaxError as e:
+    raise UserError(f"--config {path}: line {e.lineno}: {e.msg}") from None
   except (ValueError, AttributeError) as e:
     raise UserError(f"--config {spec}: {e}") from None
+
+
+def _check_key(directory: str, key: str, spec: str):
+  """UserError unless ``directory`` holds the upstream backbone of ``key``:
+  an existing --out is reused as it is, so it must be this config's."""
+  path = os.path.join(directory, "info.json")
+  try:
+    with open(path) as f:
+      have = json.load(f).get("content_key")
+  except (OSError, ValueError, AttributeError) as e:
+    raise UserError(f"--out {directory}: {path} is unreadable "
+                    f"({type(e).__name__}); choose another directory") from None
+  if have != key:
+    raise UserError(f"--out {directory} holds the upstream backbone of "
+                    f"another config (key {have}; --config {spec} has key "
+                    f"{key}); choose another directory")
 
 
 def main(argv=None) -> int:
@@ -317,6 +337,8 @@ def main(argv=None) -> int:
     if args.out and os.path.exists(args.out) and not _complete(args.out):
       raise UserError(f"--out {args.out} exists and is not an upstream "
                       "checkpoint; choose another directory")
+    if args.out and _complete(args.out):
+      _check_key(args.out, content_key(config), args.config)
     try:  # process-wide, as a run does (rebll_jax/host_malloc.py)
       host_malloc.apply(config.get("host_malloc", "retain"), log)
     except ValueError as e:

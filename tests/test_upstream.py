@@ -201,3 +201,50 @@ def test_upstream_block_fields_have_rules_and_typos_are_refused():
   config.upstream.epoch = 3  # a typo of 'epochs'
   with pytest.raises(UserError, match="upstream.epoch'"):
     config_checks.check_values(config)
+
+
+def test_cli_refuses_a_bad_config_file_and_another_configs_out(
+    tmp_path, monkeypatch, capsys):
+  # No pretraining: every case stops before ensure() would train.
+  monkeypatch.setattr(upstream, "pretrain", lambda *a: pytest.fail("trained"))
+  monkeypatch.setenv(upstream.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.chdir(ROOT)
+  # main() sets up its logger for a process of its own: undone afterwards.
+  monkeypatch.setattr(upstream.log, "handlers", list(upstream.log.handlers))
+  for attr in ("level", "propagate"):
+    monkeypatch.setattr(upstream.log, attr, getattr(upstream.log, attr))
+
+  def error_line(*argv):
+    assert upstream.main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+  # A config that is not a .py file, or does not parse: was a traceback.
+  not_python = tmp_path / "config.json"
+  not_python.write_text("{}")
+  assert "not a Python config file" in error_line("--config", str(not_python))
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(setting):\n  return (\n")
+  assert "line 2" in error_line("--config", str(broken))
+  # An --out holding the backbone of another config was printed as this
+  # config's (exit 0); now refused, naming both keys.
+  spec = "configs/synthetic.py:pretrained_b0c4"
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "info.json").write_text(json.dumps({
+      "content_key": "0123456789abcdef", "upstream_classes": ["a"],
+      "upstream_test_map": 50.0, "steps": 3}))
+  err = error_line("--config", spec, "--out", str(other))
+  assert "another config (key 0123456789abcdef" in err
+  assert upstream.content_key(upstream.load_config(spec)) in err
+  (other / "info.json").write_text("[1")
+  assert "info.json is unreadable" in error_line("--config", spec, "--out",
+                                                 str(other))
+  # This config's own --out is reused, not trained again.
+  key = upstream.content_key(upstream.load_config(spec))
+  (other / "info.json").write_text(json.dumps({
+      "content_key": key, "upstream_classes": ["a"],
+      "upstream_test_map": 50.0, "steps": 3}))
+  assert upstream.main(["--config", spec, "--out", str(other)]) == 0
+  assert f"upstream backbone ({key})" in capsys.readouterr().out
