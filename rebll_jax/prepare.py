@@ -255,6 +255,12 @@ def prepare(args) -> dict:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", args.name or ""):
       raise UserError(f"--name {args.name!r}: use lower-case letters, digits "
                       "and '_', starting with a letter")
+    if (args.train_json and args.test_json and os.path.isfile(args.train_json)
+        and os.path.isfile(args.test_json)
+        and os.path.samefile(args.train_json, args.test_json)):
+      raise UserError(f"--train_json and --test_json are the same file "
+                      f"({args.test_json}): the test split would be the "
+                      "training images")
   elif args.src is None:
     raise UserError(f"{args.dataset} needs --src")
   if not args.data_dir:

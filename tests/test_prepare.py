@@ -388,3 +388,18 @@ def test_out_of_range_options_are_usage_errors(tmp_path, capsys, bad, why):
   assert exit_info.value.code == 2
   assert why in capsys.readouterr().err
   assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_same_train_and_test_json_is_refused(tmp_path, capsys):
+  # Was prepared (exit 0) with the training images as the test split.
+  tr, _, images = fx.make_coco_format(str(tmp_path / "cf"))
+  link = tmp_path / "also_train.json"
+  link.symlink_to(tr)
+  out = tmp_path / "out"
+  for test_json in (tr, str(link)):
+    assert _run("coco_format", "--train_json", tr, "--test_json", test_json,
+                "--images", images, "--data_dir", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --train_json and --test_json are the same "
+                          "file") and len(err.splitlines()) == 1
+  assert not out.exists()
