@@ -118,8 +118,7 @@ def run_one(out, setting, method, seed, overrides, val, env=None):
   workdir = _workdir(out, setting, method, seed)
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):
-    with open(results, encoding="utf-8") as f:
-      config = json.load(f).get("config", {})
+    config = _read_results(results).get("config", {})
     val_fraction = config.get("data", {}).get("val_fraction", 0)
     stale = stale_fields(config, overrides)
     if bool(val) != bool(val_fraction):
@@ -184,16 +183,36 @@ def _calibration(task):
   return values
 
 
+def _read_results(path) -> dict:
+  """A finished run's results.json; RuntimeError naming it if unreadable."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      r = json.load(f)
+  except (OSError, ValueError) as e:
+    raise RuntimeError(f"{path} is unreadable ({' '.join(str(e).split())}); "
+                       "delete that workdir to run it again") from None
+  if not isinstance(r, dict):
+    raise RuntimeError(f"{path} holds a {type(r).__name__}, not a run's "
+                       "results; delete that workdir to run it again")
+  return r
+
+
 def summarise(workdir, seconds):
-  r = json.load(open(os.path.join(workdir, "results.json")))
-  last = r["tasks"][-1]
-  return {"calibration": _calibration(last),"avg_map": r["avg_map"], "last_map": r["last_map"],
-          "cf1": r["cf1"], "of1": r["of1"],
-          "test_fpr": last.get("fpr_at_threshold", float("nan")),
-          "relabel_fpr": _buffer_rate(last, "fp", "tn"),
-          "relabel_fnr": _buffer_rate(last, "fn", "tp"),
-          "seconds": sum(t["train_seconds"] for t in r["tasks"]),
-          "wall": seconds}
+  path = os.path.join(workdir, "results.json")
+  r = _read_results(path)
+  try:
+    last = r["tasks"][-1]
+    return {"calibration": _calibration(last), "avg_map": r["avg_map"],
+            "last_map": r["last_map"], "cf1": r["cf1"], "of1": r["of1"],
+            "test_fpr": last.get("fpr_at_threshold", float("nan")),
+            "relabel_fpr": _buffer_rate(last, "fp", "tn"),
+            "relabel_fnr": _buffer_rate(last, "fn", "tp"),
+            "seconds": sum(t["train_seconds"] for t in r["tasks"]),
+            "wall": seconds}
+  except (KeyError, IndexError, TypeError, AttributeError) as e:
+    what = f"no {e}" if isinstance(e, KeyError) else "no task"
+    raise RuntimeError(f"{path} is not a finished run's results ({what}); "
+                       "delete that workdir to run it again") from None
 
 
 def _cell(values, digits=1):
@@ -272,6 +291,10 @@ def main(argv=None):
     parser.error(f"unknown methods {unknown}; valid: {list(METHODS)}")
   seeds = cli_checks.parse_seeds(parser, args.seeds)
   _check_settings(parser, settings)
+  for override in args.set:
+    if not override.partition("=")[0].strip() or "=" not in override:
+      parser.error(f"--set {override!r}: expected KEY=VALUE, e.g. "
+                   "train.epochs_later=4")
   jobs = []
   for setting in settings:
     for method in methods:
@@ -302,13 +325,13 @@ def main(argv=None):
       setting, method, seed = futures[future]
       try:
         workdir, seconds, how = future.result()
+        summary = summarise(workdir, seconds)
       except RuntimeError as e:
         # Fail fast: the runs not started yet are dropped (a rerun resumes).
         pool.shutdown(wait=False, cancel_futures=True)
         sys.exit(f"error: {setting} {method} seed {seed}: {e}\n"
                  "(runs already started finish first; rerun the same "
                  "command to resume)")
-      summary = summarise(workdir, seconds)
       key = (_row_setting(setting, method), method)
       rows.setdefault(key, []).append(summary)
       print(f"[{i + 1}/{len(jobs)}] {setting} {method} seed {seed} ({how}): "

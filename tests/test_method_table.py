@@ -124,3 +124,32 @@ def test_a_finished_run_with_other_overrides_is_not_reported_as_cached(
                        "other settings") as error:
       method_table.run_one(str(tmp_path), "b0c4", "ft", 0, overrides, val)
     assert why in str(error.value)
+
+
+@pytest.mark.parametrize("content,why", [
+    ('{"avg_map": 1', "results.json is unreadable"),
+    ("[]", "holds a list, not a run's results"),
+    ("{}", "is not a finished run's results (no 'tasks')"),
+    ('{"tasks": []}', "is not a finished run's results (no task)"),
+])
+def test_a_damaged_results_json_is_one_error_not_a_traceback(
+    tmp_path, content, why):
+  workdir = tmp_path / "b0c4" / "ft" / "seed0"
+  workdir.mkdir(parents=True)
+  (workdir / "results.json").write_text(content)
+  with pytest.raises(SystemExit) as exit_info:
+    method_table.main(["--settings", "b0c4", "--seeds", "0", "--methods",
+                       "ft", "--out", str(tmp_path), "--report_only"])
+  message = str(exit_info.value.code)
+  assert message.startswith("error: b0c4 ft seed 0: ") and why in message
+  assert "delete that workdir" in message
+
+
+@pytest.mark.parametrize("override", ["train.epochs_later", "=4", " =4"])
+def test_set_without_key_value_is_a_usage_error(tmp_path, capsys, override):
+  with pytest.raises(SystemExit) as exit_info:
+    method_table.main(["--settings", "b0c4", "--out", str(tmp_path),
+                       "--set", override])
+  assert exit_info.value.code == 2
+  assert "expected KEY=VALUE" in capsys.readouterr().err
+  assert not os.listdir(tmp_path)  # nothing started
