@@ -80,7 +80,16 @@ def _make_dataset(root, n):
   return paths, images
 
 
-def main():
+def _storage(text: str) -> str:
+  """argparse check of one ``--storages`` entry: original, N or Nsquash."""
+  size = text[:-len("squash")] if text.endswith("squash") else text
+  if text != "original" and not (size.isdigit() and int(size) >= 1):
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected original, N or Nsquash (N >= 1 pixels)")
+  return text
+
+
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--images", type=positive_int, default=300)
   p.add_argument("--batch", type=positive_int, default=64)
@@ -88,7 +97,16 @@ def main():
   p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
   p.add_argument("--assumed_step_ms", type=float, default=45.0)
   p.add_argument("--storages", default="original,256,224squash")
-  args = p.parse_args()
+  args = p.parse_args(argv)
+  if not args.assumed_step_ms > 0:
+    p.error(f"--assumed_step_ms must be > 0, got {args.assumed_step_ms}")
+  try:
+    storages = [_storage(t.strip()) for t in args.storages.split(",")
+                if t.strip()]
+  except argparse.ArgumentTypeError as e:
+    p.error(f"--storages {e}")
+  if not storages:
+    p.error("--storages names no storage")
 
   import ml_collections  # pylint: disable=g-import-not-at-top
   from rebll_jax import prepare  # pylint: disable=g-import-not-at-top
@@ -96,7 +114,6 @@ def main():
 
   out = {"cpu_count": os.cpu_count(), "image_size": args.size,
          "batch": args.batch}
-  storages = [t.strip() for t in args.storages.split(",") if t.strip()]
   out["storages"] = {}
   with tempfile.TemporaryDirectory() as tmp:
     paths, images = _make_dataset(tmp, args.images)

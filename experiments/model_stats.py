@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rebll_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+from experiments.cli_checks import positive_int  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Published figures: params (M) and GMACs at 224, 1000 classes. ResNets:
 # torchvision's model docs (whose "GFLOPS" column counts MACs); TResNet-M:
@@ -92,12 +93,16 @@ def stats(arch: str, size: int, num_classes: int) -> dict:
           "macs": macs, "xla_flops": float(cost.get("flops", np.nan))}
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--size", type=int, default=224)
-  p.add_argument("--num_classes", type=int, default=1000)
+  p.add_argument("--size", type=positive_int, default=224)
+  p.add_argument("--num_classes", type=positive_int, default=1000)
   p.add_argument("--archs", default=",".join(pretrained.BACKBONES))
-  args = p.parse_args()
+  args = p.parse_args(argv)
+  unknown = [a for a in args.archs.split(",") if a not in pretrained.BACKBONES]
+  if unknown:
+    p.error(f"--archs: unknown {unknown}; valid: "
+            f"{', '.join(sorted(pretrained.BACKBONES))}")
   print(f"input {args.size}x{args.size}, {args.num_classes}-class head, "
         "per image; MACs = multiply-accumulates, FLOPs = 2 x MACs")
   head = (f"{'arch':<10} {'params (M)':>10} {'published':>9} "
@@ -105,7 +110,10 @@ def main():
   print(head)
   print("-" * len(head))
   for arch in args.archs.split(","):
-    s = stats(arch, args.size, args.num_classes)
+    try:
+      s = stats(arch, args.size, args.num_classes)
+    except ValueError as e:  # a size the model does not take (TResNet: 4k)
+      p.error(f"{arch} at --size {args.size}: {' '.join(str(e).split())}")
     pub_p, pub_m = PUBLISHED.get(arch, (np.nan, np.nan))
     if args.size != 224 or args.num_classes != 1000:
       pub_p, pub_m = np.nan, np.nan  # published for 224 and 1000 classes

@@ -42,3 +42,35 @@ def test_fault_report_deletes_only_its_own_workdir(tmp_path, capsys):
   for ok in (previous, tmp_path / "new", tmp_path / "empty"):
     os.makedirs(tmp_path / "empty", exist_ok=True)
     fault_report._check_workdir(parser, str(ok))  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--storages", "foo"], "--storages 'foo': expected original, N or "
+     "Nsquash"),
+    (["--storages", "original,0"], "--storages '0'"),
+    (["--storages", "256squashx"], "--storages '256squashx'"),
+    (["--storages", ","], "--storages names no storage"),
+    (["--assumed_step_ms", "0"], "--assumed_step_ms must be > 0"),
+])
+def test_bench_pipeline_bad_arguments_before_any_work(argv, why, capsys,
+                                                      monkeypatch):
+  # Were found after the dataset was made and prepared (a usage line of
+  # `python -m rebll_jax.prepare`, a ZeroDivisionError at the very end) or
+  # never ('0' measured the original bytes under another name).
+  from experiments import bench_pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(bench_pipeline, "_make_dataset",
+                      lambda *a: pytest.fail("started the benchmark"))
+  assert why in _usage_error(bench_pipeline.main, argv, capsys)
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--archs", "resnet18,foo"], "--archs: unknown ['foo']"),
+    (["--size", "0"], "--size: must be >= 1"),
+    (["--num_classes", "-3"], "--num_classes: must be >= 1"),
+    (["--archs", "tresnet_m", "--size", "30"],
+     "tresnet_m at --size 30: TResNet needs image sides divisible by 4"),
+])
+def test_model_stats_bad_arguments_are_usage_errors(argv, why, capsys):
+  # Were tracebacks (ValueError, TypeError from inside JAX).
+  from experiments import model_stats  # pylint: disable=g-import-not-at-top
+  assert why in _usage_error(model_stats.main, argv, capsys)
