@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import sys
 
@@ -49,14 +48,14 @@ def _cell(values) -> str:
   return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seeds", default="0")
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--out", default="workdirs/field_rows")
   parser.add_argument("--workers", type=method_table.cli_checks.positive_int,
                       default=2)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   seeds = method_table.cli_checks.parse_seeds(parser, args.seeds)
   variants = args.variants.split(",")
   for v in variants:
@@ -68,7 +67,13 @@ def main():
                            "b0c4", "rebll", s, VARIANTS[v], False): (v, s)
                for v, s in jobs}
     for future in concurrent.futures.as_completed(futures):
-      workdir, seconds, how = future.result()
+      try:
+        workdir, seconds, how = future.result()
+      except RuntimeError as e:  # a failed run, or a finished one made
+        pool.shutdown(wait=False, cancel_futures=True)  # with other flags
+        v, s = futures[future]
+        sys.exit(f"error: {v} seed {s}: {e}\n(runs already started finish "
+                 "first; rerun the same command to resume)")
       print(f"{futures[future]}: {how} in {seconds:.0f} s ({workdir})",
             flush=True)
   print("\n| variant | seeds | " + " | ".join(c for c, _ in COLUMNS)
@@ -79,8 +84,10 @@ def main():
     for s in seeds:
       path = os.path.join(args.out, v, "b0c4", "rebll", f"seed{s}",
                           "results.json")
-      with open(path) as f:
-        rows.append(json.load(f))
+      try:
+        rows.append(method_table._read_results(path))  # pylint: disable=protected-access
+      except RuntimeError as e:
+        sys.exit(f"error: {e}")
     cells = [_cell([r[key] for r in rows]) for _, key in COLUMNS]
     seconds = _cell([sum(t["train_seconds"] for t in r["tasks"])
                      for r in rows])

@@ -74,3 +74,24 @@ def test_model_stats_bad_arguments_are_usage_errors(argv, why, capsys):
   # Were tracebacks (ValueError, TypeError from inside JAX).
   from experiments import model_stats  # pylint: disable=g-import-not-at-top
   assert why in _usage_error(model_stats.main, argv, capsys)
+
+
+def test_field_rows_refused_or_damaged_run_is_one_error(tmp_path):
+  # A finished run made with other flags (method_table.run_one refuses it)
+  # was a RuntimeError traceback; a damaged results.json a JSON one.
+  from experiments import field_rows  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "field_augment" / "b0c4" / "rebll" / "seed0"
+  workdir.mkdir(parents=True)
+  (workdir / "results.json").write_text(
+      '{"config": {"data": {"val_fraction": 0}}}')
+  argv = ["--variants", "field_augment", "--seeds", "0", "--out",
+          str(tmp_path)]
+  with pytest.raises(SystemExit) as exit_info:
+    field_rows.main(argv)
+  message = str(exit_info.value.code)
+  assert message.startswith("error: field_augment seed 0: ")
+  assert "holds a finished run made with other settings" in message
+  (workdir / "results.json").write_text('{"config": ')
+  with pytest.raises(SystemExit) as exit_info:
+    field_rows.main(argv)
+  assert "results.json is unreadable" in str(exit_info.value.code)
