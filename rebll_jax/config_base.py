@@ -99,6 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
   # results either way, CPU only (rebll_jax/xla_cpu.py).
   c.model.cpu_scheduler = "memory"
   c.model.init_from = ""  # converted checkpoint dir for the backbone
+  # The head's outputs of a task's classes when the task starts: "kept"
+  # (every class's output exists from the start; before their task, the
+  # L2 through Adam shrinks them towards 0) | "fresh" (drawn anew,
+  # U(+-1/sqrt(D)), as the PyTorch baseline's new nn.Linear rows are).
+  c.model.head_rows = "kept"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"  # adam | adamw | sgd
@@ -210,7 +215,7 @@ def apply_field_recipe(c: ml_collections.ConfigDict, dataset: str
   augmentation (no flip, CutoutPIL 0.5 with a random colour, the
   ``randaugment`` package's policy on the host), optimizer (Adam's beta1
   cycled with the one-cycle lr), memory (the iCaRL code's herding; dedup by
-  image id except on VOC). The strict ``> 0.8`` F1 threshold and torch's
+  image id except on VOC), each task's head rows drawn fresh. The strict ``> 0.8`` F1 threshold and torch's
   one-cycle step boundaries are already the defaults. Not emulated:
   the baseline's fp16 autocast with loss scaling (README, "Field-exact
   mode"). Returns ``c`` (modified in place).
@@ -232,6 +237,7 @@ def apply_field_recipe(c: ml_collections.ConfigDict, dataset: str
   c.optim.cycle_beta1 = True
   c.memory.selection = "herding_icarl"
   c.memory.dedup = dataset != "voc"
+  c.model.head_rows = "fresh"
   c.eval.threshold = 0.8
   return c
 

@@ -39,6 +39,14 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
+# Fields added after checkpoints were written without them: the value that
+# reproduces what the code did before the field existed. A checkpoint that
+# lacks the field matches a run with this value (and no other).
+VALUE_BEFORE_THE_FIELD = {
+    "model.head_rows": "kept",
+}
+
+
 def may_change(field: str) -> bool:
   return any(field == p or (p.endswith(".") and field.startswith(p))
              for p in MAY_CHANGE_ON_RESUME)
@@ -81,7 +89,8 @@ def differences(saved: dict, current: dict) -> list[str]:
   diffs = []
   for key, value in current.items():
     if key == "config":
-      old = saved.get("config", {})
+      old = {**{k: v for k, v in VALUE_BEFORE_THE_FIELD.items()
+                if k in value}, **saved.get("config", {})}
       for field in sorted(set(value) | set(old)):
         if old.get(field, "<absent>") != value.get(field, "<absent>"):
           diffs.append(f"{field}: checkpoint {old.get(field, '<absent>')!r} "

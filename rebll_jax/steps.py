@@ -56,6 +56,29 @@ def initial_train_state(tx: optax.GradientTransformation,
                     opt_state=tx.init(variables["params"]))
 
 
+HEAD_ROWS = ("kept", "fresh")  # model.head_rows
+
+
+@functools.partial(jax.jit, static_argnames="head_name")
+def fresh_head_rows(params, classes, key, *, head_name: str):
+  """``params`` with the head's outputs ``classes`` drawn anew, as a fresh
+  ``torch.nn.Linear(D, n)`` draws them: kernel and bias U(-1/sqrt(D),
+  1/sqrt(D)). The PyTorch baseline builds each task's head rows this way
+  when the task starts (``model.head_rows=fresh``); the other outputs keep
+  their values. ``classes``: int [n]."""
+  head = params[head_name]
+  kernel, bias = head["kernel"], head["bias"]  # [D, C], [C]
+  bound = 1.0 / jnp.sqrt(jnp.float32(kernel.shape[0]))
+  k_kernel, k_bias = jax.random.split(key)
+  n = classes.shape[0]
+  new_kernel = jax.random.uniform(k_kernel, (kernel.shape[0], n),
+                                  kernel.dtype, -bound, bound)
+  new_bias = jax.random.uniform(k_bias, (n,), bias.dtype, -bound, bound)
+  return {**params, head_name: {**head,
+                                "kernel": kernel.at[:, classes].set(new_kernel),
+                                "bias": bias.at[classes].set(new_bias)}}
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def fresh_opt_state(tx: optax.GradientTransformation, params):
   """``tx.init(params)`` in one program (a new task's optimizer)."""

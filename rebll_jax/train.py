@@ -44,6 +44,9 @@ from rebll_jax.errors import UserError
 from rebll_jax.models import pretrained
 
 log = logging.getLogger("rebll_jax")
+# Keys: the train step folds the global step into the root key; the head
+# rows of task t (model.head_rows=fresh) come from this stream, folded with t.
+HEAD_ROWS_STREAM = 2**31 - 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,7 +115,9 @@ def _set_up_locked(config, workdir, lock, setting) -> Setup:
   tasks = method.tasks(source.num_classes, config.protocol)
   validate.check_tasks(source, tasks)
   init_from = upstream.resolve_init_from(config)  # "upstream:auto" -> dir
-  if init_from:  # a PyTorch file converts at init
+  if init_from and os.path.isfile(init_from):  # converts at init
+    pretrained.check_init_from_file(init_from, config.model.arch)
+  elif init_from:
     pretrained.check_init_from(init_from, config.model.arch)
   model = models.build_model(config.model, source.num_classes)
   # Process-wide, before the first step allocates (rebll_jax/host_malloc.py).
@@ -419,6 +424,13 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
   state.task_schedule = task_schedule(config, t)
   total = state.task_schedule["epochs"] * batches.steps_per_epoch
   if state.task_step == 0:  # optimizer and schedule rebuilt for every task
+    if config.model.get("head_rows", "kept") == "fresh":
+      state.train = state.train.replace(params=parallel.replicate(
+          mesh, steps.fresh_head_rows(
+              state.train.params, jnp.asarray(task.classes),
+              jax.random.fold_in(jax.random.fold_in(
+                  setup.root_key, HEAD_ROWS_STREAM), t),
+              head_name=setup.model.head_name)))
     state.train = state.train.replace(opt_state=parallel.replicate(
         mesh, steps.fresh_opt_state(setup.tx, state.train.params)))
   task_start = int(state.train.step) - state.task_step

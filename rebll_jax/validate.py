@@ -28,7 +28,7 @@ def _registries() -> dict:
   """Config field -> the registry (dict or tuple of names) it picks from.
 
   Each registry lives with its components and owns its list of names."""
-  from rebll_jax import memory, replay  # pylint: disable=g-import-not-at-top
+  from rebll_jax import memory, replay, steps  # pylint: disable=g-import-not-at-top
   from rebll_jax.data import augment, loader  # pylint: disable=g-import-not-at-top
   return {"method": methods.METHODS, "data.source": data.SOURCES,
           "model.arch": models.ARCHS, "model.conv_impl": conv.IMPLS,
@@ -43,7 +43,8 @@ def _registries() -> dict:
           "augment.cutout_fill": augment.CUTOUT_FILLS,
           "loss.reduction": ("",) + methods.CLS_REDUCTIONS,
           "loss.decay_on": losses.DECAY_ON,
-          "protocol.memory_future_labels": replay.MEMORY_FUTURE_LABELS}
+          "protocol.memory_future_labels": replay.MEMORY_FUTURE_LABELS,
+          "model.head_rows": steps.HEAD_ROWS}
 
 
 def _field(config, dotted: str):

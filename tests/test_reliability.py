@@ -203,3 +203,15 @@ def test_no_duplicated_metric_steps_after_a_kill_before_any_checkpoint(
             workdir)
   steps = _metric_steps(workdir)
   assert steps == sorted(set(steps))
+
+
+def test_a_checkpoint_from_before_a_field_matches_only_its_old_behaviour():
+  # model.head_rows did not exist before 2026-12-07: such a checkpoint ran
+  # "kept" rows, so it resumes under "kept" and is refused under "fresh".
+  saved = {"config": {"seed": 0}}
+  for value, same in (("kept", True), ("fresh", False)):
+    current = {"config": {"seed": 0, "model.head_rows": value}}
+    assert (run_identity.differences(saved, current) == []) == same
+  assert run_identity.differences(saved, {"config": {"seed": 0}}) == []
+  for field in run_identity.VALUE_BEFORE_THE_FIELD:
+    assert field in run_identity.flatten(config_base.base_config())

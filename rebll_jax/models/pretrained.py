@@ -396,18 +396,9 @@ def check_init_from(path: str, arch: str) -> None:
   array file passes its checksum. Any arch may load a folder of its own
   (``rebll_jax.upstream`` writes ``small_resnet`` ones); converting a
   PyTorch file is what needs ``BACKBONES``. Builds no model and restores no
-  array (it hashes the files: 0.11 s for resnet50's 87 MB, cached). A
-  PyTorch file (converted at init) only needs an arch that converts. Raises
+  array (it hashes the files: 0.11 s for resnet50's 87 MB, cached). Raises
   UserError, one line.
   """
-  if os.path.isfile(path):
-    if arch not in BACKBONES:
-      raise UserError(
-          f"model.init_from={path!r} is a PyTorch file, and model.arch "
-          f"{arch!r} has no PyTorch counterpart to convert it for (those "
-          f"that have: {sorted(BACKBONES)}); {arch} starts from a folder "
-          "the upstream pretraining writes (model.init_from=upstream:auto)")
-    return
   try:
     info = read_info(path)
     if info["arch"] != arch:
@@ -416,6 +407,17 @@ def check_init_from(path: str, arch: str) -> None:
     verify_checksum(path, info)
   except UserError as e:
     raise UserError(f"model.init_from={path!r}: {e}") from None
+
+
+def check_init_from_file(path: str, arch: str) -> None:
+  """A PyTorch file as ``model.init_from`` (converted at init) needs an arch
+  that converts; UserError, one line, before anything is built."""
+  if arch not in BACKBONES:
+    raise UserError(
+        f"model.init_from={path!r} is a PyTorch file, and model.arch "
+        f"{arch!r} has no PyTorch counterpart to convert it for (those "
+        f"that have: {sorted(BACKBONES)}); {arch} starts from a folder "
+        "the upstream pretraining writes (model.init_from=upstream:auto)")
 
 
 def load_converted(ckpt_dir: str):

@@ -55,6 +55,7 @@ class SmallResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # see rebll_jax.models.conv
   norm_impl: str = "auto"  # see rebll_jax.models.norm
+  head_name = "head"  # the classifier's params (steps.fresh_head_rows)
 
   @nn.compact
   def __call__(self, images, train: bool = False):

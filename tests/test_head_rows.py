@@ -1,0 +1,108 @@
+"""model.head_rows=fresh: each task's head outputs drawn as a fresh nn.Linear.
+
+The PyTorch baseline widens its head with a new ``nn.Linear`` at every task
+(old rows copied): the new rows start at U(+-1/sqrt(D)). Ours exist from the
+start, and before their task the L2 through Adam shrinks them towards 0.
+"""
+
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rebll_jax import config_base, models, preemption, steps, train
+from tests import helpers
+from tests.helpers import make_config
+
+
+def _params(d=64, c=10):
+  rng = np.random.default_rng(0)
+  return {"body": {"kernel": jnp.asarray(rng.normal(size=(3, 3)),
+                                         jnp.float32)},
+          "head": {"kernel": jnp.asarray(rng.normal(size=(d, c)), jnp.float32),
+                   "bias": jnp.asarray(rng.normal(size=(c,)), jnp.float32)}}
+
+
+def test_only_the_tasks_outputs_are_drawn_in_the_linear_range():
+  params = _params()
+  classes = jnp.asarray([2, 3, 7])
+  out = steps.fresh_head_rows(params, classes, jax.random.key(1),
+                              head_name="head")
+  kernel, bias = np.asarray(out["head"]["kernel"]), np.asarray(
+      out["head"]["bias"])
+  others = [c for c in range(10) if c not in (2, 3, 7)]
+  np.testing.assert_array_equal(kernel[:, others],
+                                np.asarray(params["head"]["kernel"])[:, others])
+  np.testing.assert_array_equal(bias[others],
+                                np.asarray(params["head"]["bias"])[others])
+  np.testing.assert_array_equal(out["body"]["kernel"], params["body"]["kernel"])
+  bound = 1 / np.sqrt(64)
+  drawn = np.concatenate([kernel[:, [2, 3, 7]].ravel(), bias[[2, 3, 7]]])
+  assert np.abs(drawn).max() <= bound
+  assert drawn.std() == pytest.approx(bound / np.sqrt(3), rel=0.15)  # uniform
+  again = steps.fresh_head_rows(params, classes, jax.random.key(1),
+                                head_name="head")
+  np.testing.assert_array_equal(again["head"]["kernel"], kernel)
+  other_key = steps.fresh_head_rows(params, classes, jax.random.key(2),
+                                    head_name="head")
+  assert not np.array_equal(other_key["head"]["kernel"], kernel)
+
+
+@pytest.mark.parametrize("arch", ["small_resnet", "resnet18", "tresnet_m"])
+def test_every_arch_names_its_head(arch):
+  model = models.build_model(make_config(**{"model.arch": arch}).model, 5)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                         train=False))
+  assert set(shapes["params"][model.head_name]) == {"kernel", "bias"}
+  assert shapes["params"][model.head_name]["kernel"].shape[-1] == 5
+
+
+def test_a_fresh_run_redraws_each_tasks_rows_at_its_start(tmp_path,
+                                                          monkeypatch):
+  # Each task's rows are redrawn once, when the task starts, on the model
+  # the previous task left; a resume in the middle of task 2 does not draw
+  # them again (same results as the uninterrupted run).
+  calls = []
+  real = steps.fresh_head_rows
+
+  def recording(params, classes, key, *, head_name):
+    out = real(params, classes, key, head_name=head_name)
+    calls.append((jax.device_get(params[head_name]), np.asarray(classes),
+                  jax.device_get(out[head_name])))
+    return out
+
+  monkeypatch.setattr(steps, "fresh_head_rows", recording)
+  overrides = {"protocol.num_tasks": 2, "model.head_rows": "fresh",
+               "train.checkpoint_every": 0}
+  whole = train.run(make_config(**overrides), str(tmp_path / "whole"))
+  assert [c.tolist() for _, c, _ in calls] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  before, classes, after = calls[1]
+  task_1 = helpers.params_after_task(str(tmp_path / "whole"), 1)[0]["head"]
+  np.testing.assert_array_equal(before["kernel"], task_1["kernel"])
+  others = np.setdiff1d(np.arange(before["bias"].size), classes)
+  np.testing.assert_array_equal(after["kernel"][:, others],
+                                before["kernel"][:, others])
+  assert np.abs(after["kernel"][:, classes]).max() <= 1 / np.sqrt(
+      before["kernel"].shape[0])
+  assert not np.any(after["kernel"][:, classes] == before["kernel"][:, classes])
+
+  calls.clear()
+  steps_1 = whole["tasks"][0]["train_steps"]
+  resumed_dir = str(tmp_path / "resumed")
+  previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  try:
+    with pytest.raises(preemption.Preempted, match="task 2, step 2 of"):
+      train.run(make_config(**overrides, **{
+          "debug.term_at_step": steps_1 + 1}), resumed_dir)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  resumed = train.run(make_config(**overrides), resumed_dir)
+  assert len(calls) == 2  # task 1 and task 2, none on the resume
+  for a, b in zip(resumed["tasks"], whole["tasks"]):
+    assert a["map_per_task"] == pytest.approx(b["map_per_task"], abs=1e-6)
+  assert config_base.apply_field_recipe(
+      config_base.base_config(), "synthetic").model.head_rows == "fresh"
+  assert config_base.base_config().model.head_rows == "kept"
