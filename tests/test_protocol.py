@@ -223,7 +223,7 @@ FIELD_ROWS = {
     "optim.schedule": "one_cycle", "optim.warmup_frac": 0.2,
     "optim.weight_decay": 1e-4, "optim.cycle_beta1": True,
     "memory.selection": "herding_icarl", "eval.threshold": 0.8,
-    "data.normalize": False,
+    "data.normalize": False, "model.head_rows": "fresh",
 }
 
 
