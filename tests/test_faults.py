@@ -411,21 +411,6 @@ def test_mid_task_resume_refuses_another_schedule_for_that_task(tmp_path):
   assert _metas(workdir) == metas  # refused before anything changed
 
 
-def test_finished_run_refuses_fewer_tasks_on_resume(tmp_path):
-  # A 2-task run rerun with num_tasks=1 wrote a results.json of two tasks
-  # under a config of one (exit 0).
-  workdir = str(tmp_path)
-  train.run(_config(**{"protocol.num_tasks": 2}), workdir)
-  with open(os.path.join(workdir, "results.json")) as f:
-    before = f.read()
-  with pytest.raises(UserError, match=r"has finished 2 tasks; "
-                     r"protocol.num_tasks=1 asks for 1\. Rerun it with "
-                     r"protocol.num_tasks >= 2"):
-    train.run(_config(**{"protocol.num_tasks": 1}), workdir)
-  with open(os.path.join(workdir, "results.json")) as f:
-    assert f.read() == before
-
-
 def test_sigterm_at_a_tasks_last_step_saves_and_resumes(tmp_path, reference):
   # The stop lands on the task's last step: the save holds the whole task
   # trained but not yet evaluated; the resume evaluates it and ends with the

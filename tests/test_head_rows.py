@@ -5,14 +5,12 @@ The PyTorch baseline widens its head with a new ``nn.Linear`` at every task
 start, and before their task the L2 through Adam shrinks them towards 0.
 """
 
-import signal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rebll_jax import config_base, models, preemption, steps, train
+from rebll_jax import config_base, models, steps, train
 from tests import helpers
 from tests.helpers import make_config
 
@@ -63,8 +61,8 @@ def test_every_arch_names_its_head(arch):
 def test_a_fresh_run_redraws_each_tasks_rows_at_its_start(tmp_path,
                                                           monkeypatch):
   # Each task's rows are redrawn once, when the task starts, on the model
-  # the previous task left; a resume in the middle of task 2 does not draw
-  # them again (same results as the uninterrupted run).
+  # the previous task left. (That a resume draws nothing again:
+  # tests/test_resume.py runs its kills and SIGTERM with head_rows=fresh.)
   calls = []
   real = steps.fresh_head_rows
 
@@ -77,7 +75,7 @@ def test_a_fresh_run_redraws_each_tasks_rows_at_its_start(tmp_path,
   monkeypatch.setattr(steps, "fresh_head_rows", recording)
   overrides = {"protocol.num_tasks": 2, "model.head_rows": "fresh",
                "train.checkpoint_every": 0}
-  whole = train.run(make_config(**overrides), str(tmp_path / "whole"))
+  train.run(make_config(**overrides), str(tmp_path / "whole"))
   assert [c.tolist() for _, c, _ in calls] == [[0, 1, 2, 3], [4, 5, 6, 7]]
   before, classes, after = calls[1]
   task_1 = helpers.params_after_task(str(tmp_path / "whole"), 1)[0]["head"]
@@ -89,20 +87,6 @@ def test_a_fresh_run_redraws_each_tasks_rows_at_its_start(tmp_path,
       before["kernel"].shape[0])
   assert not np.any(after["kernel"][:, classes] == before["kernel"][:, classes])
 
-  calls.clear()
-  steps_1 = whole["tasks"][0]["train_steps"]
-  resumed_dir = str(tmp_path / "resumed")
-  previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-  try:
-    with pytest.raises(preemption.Preempted, match="task 2, step 2 of"):
-      train.run(make_config(**overrides, **{
-          "debug.term_at_step": steps_1 + 1}), resumed_dir)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-  resumed = train.run(make_config(**overrides), resumed_dir)
-  assert len(calls) == 2  # task 1 and task 2, none on the resume
-  for a, b in zip(resumed["tasks"], whole["tasks"]):
-    assert a["map_per_task"] == pytest.approx(b["map_per_task"], abs=1e-6)
   assert config_base.apply_field_recipe(
       config_base.base_config(), "synthetic").model.head_rows == "fresh"
   assert config_base.base_config().model.head_rows == "kept"

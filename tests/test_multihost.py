@@ -38,9 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"data.image_size": 16, "data.synthetic.render_size": 16,
              "data.synthetic.num_train": 160, "data.synthetic.num_test": 64,
              "augment.randaugment_ops": 0,
-             # Task 2 long enough (24 steps) for a SIGTERM's notice to reach
+             # Task 2 long enough (16 steps) for a SIGTERM's notice to reach
              # both processes before it ends (it took ~7 steps here).
-             "train.epochs_later": 6}
+             "train.epochs_later": 4}
 
 
 def _config(**overrides):
@@ -133,7 +133,12 @@ def _launch(workdir, num_tasks, term_at_step=(-1, -1), code=0):
            "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
+           # Later launches reuse the first one's executables.
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(
+               os.path.dirname(str(workdir)), "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     procs.append(subprocess.Popen(
         args + [f"--config.debug.term_at_step={term_at_step[pid]}"],
         cwd=ROOT, env=env, text=True,

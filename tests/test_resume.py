@@ -13,6 +13,7 @@ only the first one compiles.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,9 @@ def child_env(cache_dir=None):
 def run_cli(workdir, *overrides, cache_dir=None, timeout=300):
   cmd = [sys.executable, "-m", "rebll_jax.main", "--config=configs/test.py",
          f"--workdir={workdir}", "--config.protocol.num_tasks=2",
-         f"--config.train.checkpoint_every={EVERY}", *overrides]
+         f"--config.train.checkpoint_every={EVERY}",
+         # Head rows drawn at each task's start: a resume must not redraw.
+         "--config.model.head_rows=fresh", *overrides]
   return subprocess.run(cmd, cwd=ROOT, env=child_env(cache_dir),
                         capture_output=True, text=True, timeout=timeout)
 
@@ -141,3 +144,21 @@ def test_sigterm_saves_at_the_next_step_and_resumes_exactly(tmp_path,
   resumed = json.load(open(workdir / "results.json"))
   assert_close(metrics_of(resumed), metrics_of(expected),
                f"results (SIGTERM at {term})")
+
+
+def test_finished_run_refuses_fewer_tasks(tmp_path, uninterrupted):
+  # Rerun with num_tasks=1, the 2-task run rewrote results.json with both
+  # tasks' rows under a config naming one (exit 0).
+  _, _, base_dir = uninterrupted
+  workdir = tmp_path / "copy"
+  shutil.copytree(base_dir, workdir)
+  before = (workdir / "results.json").read_text()
+  result = run_cli(workdir, "--config.protocol.num_tasks=1")
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1] == (
+      f"error: the run in {workdir} has finished 2 tasks; "
+      "protocol.num_tasks=1 asks for 1. Rerun it with protocol.num_tasks >= 2 "
+      "(or -1) to write its results again, or use a new --workdir for a "
+      "shorter run"), result.stderr[-2000:]
+  assert (workdir / "results.json").read_text() == before
