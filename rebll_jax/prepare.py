@@ -278,6 +278,8 @@ def prepare(args) -> dict:
   if os.path.isfile(info_json):
     try:
       old = prepared.read_metadata(out)
+      for split in ("train", "test"):  # a lost shard is no finished output
+        prepared.check_shards(out, split)
     except UserError as e:
       if not args.overwrite:
         raise UserError(f"{e}; pass --overwrite to rebuild it") from None

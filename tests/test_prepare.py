@@ -1,5 +1,6 @@
 """Tests for ``python -m rebll_jax.prepare`` on tiny archives built here."""
 
+import glob
 import json
 import os
 import re
@@ -403,3 +404,37 @@ def test_same_train_and_test_json_is_refused(tmp_path, capsys):
     assert err.startswith("error: --train_json and --test_json are the same "
                           "file") and len(err.splitlines()) == 1
   assert not out.exists()
+
+
+def test_a_lost_shard_is_damage_not_a_finished_dataset(tmp_path, capsys):
+  # A shard deleted after prepare finished: prepare said "already prepared"
+  # (exit 0) and the run's reader failed with a traceback, even a dry run.
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
+  out = str(tmp_path / "out")
+  argv = ["coco_format", "--train_json", tr, "--test_json", te, "--images",
+          images, "--data_dir", out]
+  assert _run(*argv) == 0
+  path = prepare.output_dir("coco_format", out, "custom")
+  (shard,) = glob.glob(os.path.join(path, "*-train.array_record-*"))
+  os.remove(shard)
+  capsys.readouterr()
+  assert _run(*argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "the train split has no array_record" in err
+  assert "--overwrite" in err
+  with pytest.raises(prepared.UserError, match="train split has no "
+                     "array_record files: re-prepare it"):
+    _source(out, "coco_format")
+  assert _run(*argv, "--overwrite") == 0
+  assert len(_source(out, "coco_format").train) > 0
+
+
+def test_check_shards_names_the_first_missing_one(tmp_path):
+  for i in (0, 2):
+    (tmp_path / f"x-train.array_record-{i:05d}-of-00004").write_bytes(b"")
+  with pytest.raises(prepared.UserError, match=r"2 of the 4 train shard "
+                     r"files are missing \(shard 00001 first\)"):
+    prepared.check_shards(str(tmp_path), "train")
+  for i in (1, 3):
+    (tmp_path / f"x-train.array_record-{i:05d}-of-00004").write_bytes(b"")
+  prepared.check_shards(str(tmp_path), "train")

@@ -222,6 +222,22 @@ def _dataset_ids(kind, s, ids) -> list:
   return [f"{int(i):06d}" for i in ids]  # VOC 2007's stems: six digits
 
 
+def check_shards(path: str, split: str):
+  """UserError unless every array_record shard of ``split`` is in ``path``
+  (a file lost after prepare finished: the reader would fail mid-run)."""
+  names = glob.glob(os.path.join(path, f"*-{split}.array_record-*-of-*"))
+  if not names:
+    raise UserError(f"{path}: the {split} split has no array_record files: "
+                    "re-prepare it (prepare ... --overwrite)")
+  total = int(names[0].rsplit("-of-", 1)[1])
+  have = {int(n.rsplit("-of-", 1)[0].rsplit("-", 1)[1]) for n in names}
+  missing = sorted(set(range(total)) - have)
+  if missing:
+    raise UserError(f"{path}: {len(missing)} of the {total} {split} shard "
+                    f"files are missing (shard {missing[0]:05d} first): "
+                    "re-prepare it (prepare ... --overwrite)")
+
+
 def build_prepared(cfg, kind: str) -> Source:
   """A Source over a dataset written by ``python -m rebll_jax.prepare``."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -245,6 +261,7 @@ def build_prepared(cfg, kind: str) -> Source:
   for split in ("train", "test"):
     s = meta["splits"][split]
     ids = np.asarray(s["image_ids"], np.int64)
+    check_shards(path, split)
     reader = _Reader(builder, [split], int(cfg.image_size), pool)
     if len(reader) != len(ids):
       raise UserError(f"{path}: {split} has {len(reader)} records but its "
