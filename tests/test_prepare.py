@@ -327,15 +327,21 @@ def test_garbage_voc_tar_is_one_line(tmp_path, capsys):
   assert "cannot read tar archive" in err and "VOCtest" in err
 
 
-def test_corrupt_metadata_rerun_read_and_train(tmp_path, capsys):
-  from rebll_jax import train  # pylint: disable=g-import-not-at-top
-  from tests.helpers import make_config  # pylint: disable=g-import-not-at-top
+def _prepared_coco_format(tmp_path):
+  """(prepare's argv, its --data_dir, the dataset folder) of a small
+  coco_format dataset prepared under ``tmp_path``."""
   tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
   out = str(tmp_path / "out")
   argv = ["coco_format", "--train_json", tr, "--test_json", te, "--images",
           images, "--data_dir", out]
   assert _run(*argv) == 0
-  path = prepare.output_dir("coco_format", out, "custom")
+  return argv, out, prepare.output_dir("coco_format", out, "custom")
+
+
+def test_corrupt_metadata_rerun_read_and_train(tmp_path, capsys):
+  from rebll_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.helpers import make_config  # pylint: disable=g-import-not-at-top
+  argv, out, path = _prepared_coco_format(tmp_path)
   meta_path = os.path.join(path, "metadata.json")
   good = _meta(path)
   capsys.readouterr()
@@ -409,12 +415,7 @@ def test_same_train_and_test_json_is_refused(tmp_path, capsys):
 def test_a_lost_shard_is_damage_not_a_finished_dataset(tmp_path, capsys):
   # A shard deleted after prepare finished: prepare said "already prepared"
   # (exit 0) and the run's reader failed with a traceback, even a dry run.
-  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
-  out = str(tmp_path / "out")
-  argv = ["coco_format", "--train_json", tr, "--test_json", te, "--images",
-          images, "--data_dir", out]
-  assert _run(*argv) == 0
-  path = prepare.output_dir("coco_format", out, "custom")
+  argv, out, path = _prepared_coco_format(tmp_path)
   (shard,) = glob.glob(os.path.join(path, "*-train.array_record-*"))
   os.remove(shard)
   capsys.readouterr()
