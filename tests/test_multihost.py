@@ -4,12 +4,12 @@ The installed JAX runs cross-process collectives on CPU (gloo), so a real
 2-process ``jax.distributed`` run is tested here: ``rebll_jax.main`` with
 ``--config.distributed=True`` in two processes with 2 CPU devices each (the
 coordinator, process count and id from the environment variables), sharing
-one workdir. Task 1 runs, the processes exit, and a second launch resumes
-from the orbax checkpoint they wrote together and trains task 2 until a
-SIGTERM to one process stops both at one step (JAX's preemption sync
-point, a collective save, exit 143); a third launch finishes task 2. The
-result must equal a single-process run on 4 devices: parameters within
-1e-5, the same mAPs; only process 0 wrote metrics, results and plots.
+one workdir. A SIGTERM to one process in task 1 stops both at one step
+(JAX's preemption sync point, a collective save, exit 143); a second launch
+resumes from the orbax checkpoint they wrote together and trains both
+tasks to the end. The result must equal a single-process run on 4 devices:
+parameters within 1e-5, the same mAPs; only process 0 wrote metrics,
+results and plots.
 
 Unit tests cover what the launch relies on: the config/environment
 precedence of ``parallel.distributed_kwargs``, each process loading only
@@ -38,9 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"data.image_size": 16, "data.synthetic.render_size": 16,
              "data.synthetic.num_train": 160, "data.synthetic.num_test": 64,
              "augment.randaugment_ops": 0,
-             # Task 2 long enough (16 steps) for a SIGTERM's notice to reach
+             # Task 1 long enough (16 steps) for a SIGTERM's notice to reach
              # both processes before it ends (it took ~7 steps here).
-             "train.epochs_later": 4}
+             "train.epochs_first": 4}
 
 
 def _config(**overrides):
@@ -162,26 +162,20 @@ def _launch(workdir, num_tasks, term_at_step=(-1, -1), code=0):
 
 
 def test_two_processes_equal_one_and_resume_across_processes(tmp_path):
+  # A SIGTERM to process 1 alone at the first step stops both at the step
+  # JAX's preemption sync point names, after a collective save (exit 143
+  # each); the second launch resumes from that shared checkpoint.
   multi = str(tmp_path / "multi")
-  _launch(multi, num_tasks=1)
-  with open(os.path.join(multi, "results.json")) as f:
-    first = json.load(f)
-  assert first["devices"] == {**first["devices"], "count": 4, "processes": 2}
-  # Task 2 resumes from the shared checkpoint; a SIGTERM to process 1 alone
-  # stops both at the step JAX's preemption sync point names, after a
-  # collective save (exit 143 each); the third launch finishes task 2.
-  steps_1 = first["tasks"][0]["train_steps"]
-  stopped = _launch(multi, num_tasks=2, term_at_step=(-1, steps_1),
-                    code=143)
+  stopped = _launch(multi, num_tasks=2, term_at_step=(-1, 0), code=143)
   for out in stopped:
-    assert "stopped by SIGTERM at task 2, step " in out, out[-3000:]
-  _launch(multi, num_tasks=2)
+    assert "stopped by SIGTERM at task 1, step " in out, out[-3000:]
+  resumed = _launch(multi, num_tasks=2)
+  assert "resumed from checkpoint at task 1 step " in resumed[0]
   with open(os.path.join(multi, "results.json")) as f:
     results = json.load(f)
+  assert results["devices"] == {**results["devices"], "count": 4,
+                                "processes": 2}
   assert len(results["tasks"]) == 2
-  # Task 1 came from the checkpoint, not from training it again.
-  assert results["tasks"][0]["train_seconds"] == first["tasks"][0][
-      "train_seconds"]
 
   single = str(tmp_path / "single")
   reference = train.run(_config(num_devices=4, **{"protocol.num_tasks": 2}),
@@ -199,7 +193,7 @@ def test_two_processes_equal_one_and_resume_across_processes(tmp_path):
   with open(os.path.join(multi, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert len(steps) == len(set(steps)) > 0
-  assert len(os.listdir(os.path.join(multi, "tensorboard"))) == 3
+  assert len(os.listdir(os.path.join(multi, "tensorboard"))) == 2
   for name in ("seen_map.png", "map_matrix.png", "config.json"):
     assert os.path.exists(os.path.join(multi, name))
 

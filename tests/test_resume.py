@@ -1,13 +1,12 @@
-"""Exact mid-task resume: SIGKILL in task 1 and in task 2, same results.
+"""Exact mid-task resume: SIGKILL in task 1, SIGTERM in task 2, same results.
 
 Every run is a subprocess of the CLI on 8 virtual CPU devices. The process
 is killed by ``--config.debug.kill_at_step`` (SIGKILL from inside, at a
 step chosen at random per test session, between mid-task saves), restarted
-with the same command, killed again in task 2, restarted again, and must end
-with the results of an uninterrupted run to 1e-6. A SIGTERM
-(``--config.debug.term_at_step``) must save at the next step and resume to
-the same results. The runs share a persistent compilation cache so that
-only the first one compiles.
+with the same command, stopped in task 2 by ``--config.debug.term_at_step``
+(SIGTERM: it saves at the next step), restarted again, and must end with the
+results of an uninterrupted run to 1e-6. The runs share a persistent
+compilation cache so that only the first one compiles.
 """
 
 import json
@@ -90,60 +89,43 @@ def uninterrupted(tmp_path_factory):
   return cache, expected, root / "uninterrupted"
 
 
-def test_sigkill_in_task_1_and_2_resumes_exactly(tmp_path, uninterrupted):
+def test_sigkill_in_task_1_and_sigterm_in_task_2_resume_exactly(
+    tmp_path, uninterrupted):
+  # SIGKILL at a random step of task 1 (resumed from the last mid-task
+  # save), then a scheduler's SIGTERM at a random step of task 2 with the
+  # mid-task saves off: the run saves after the step it is in and exits 143
+  # with one line (it used to die at once, exit -15, and start task 2 over).
   cache, expected, base_dir = uninterrupted
-
+  steps_1, steps_2 = (t["train_steps"] for t in expected["tasks"])
   workdir = tmp_path / "killed"
   seed = random.randrange(2**32)
-  k1, k2 = kill_steps(random.Random(seed),
-                      [t["train_steps"] for t in expected["tasks"]])
-  print(f"kill steps {k1}, {k2} (seed {seed})")
+  k1, k2 = kill_steps(random.Random(seed), [steps_1, steps_2])
+  print(f"kill step {k1}, SIGTERM step {k2} (seed {seed})")
   first = run_cli(workdir, f"--config.debug.kill_at_step={k1}",
                   cache_dir=cache)
   assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
   assert not (workdir / "results.json").exists()
-  second = run_cli(workdir, f"--config.debug.kill_at_step={k2}",
-                   cache_dir=cache)
-  assert second.returncode == -signal.SIGKILL, second.stderr[-2000:]
+  second = run_cli(workdir, f"--config.debug.term_at_step={k2}",
+                   "--config.train.checkpoint_every=0", cache_dir=cache)
+  assert second.returncode == 143, second.stderr[-2000:]
   assert "resumed from checkpoint at task 1" in second.stderr
+  stopped_at = k2 - steps_1 + 1
+  assert second.stderr.strip().splitlines()[-1] == (
+      f"stopped by SIGTERM at task 2, step {stopped_at} of {steps_2}; "
+      f"checkpoint saved in {workdir}: the same command resumes")
+  assert "Traceback" not in second.stderr
   third = run_cli(workdir, cache_dir=cache)
   assert third.returncode == 0, third.stderr[-2000:]
-  assert "resumed from checkpoint at task 2" in third.stderr
+  assert f"resumed from checkpoint at task 2 step {stopped_at}" in third.stderr
   resumed = json.load(open(workdir / "results.json"))
   assert_close(metrics_of(resumed), metrics_of(expected),
-               f"results (kills at {k1}, {k2})")
-  # The killed runs' metrics.jsonl tails were dropped: no duplicated steps.
+               f"results (SIGKILL at {k1}, SIGTERM at {k2})")
+  # The killed run's metrics.jsonl tail was dropped: no duplicated steps.
   steps = [json.loads(l)["step"]
            for l in open(workdir / "metrics.jsonl").read().splitlines()]
   assert steps == sorted(set(steps))
   assert steps == [json.loads(l)["step"] for l in open(
       base_dir / "metrics.jsonl").read().splitlines()]
-
-
-def test_sigterm_saves_at_the_next_step_and_resumes_exactly(tmp_path,
-                                                             uninterrupted):
-  # A scheduler's SIGTERM: the run saves after the step it is in and exits
-  # 143 with one line. Mid-task saves are off, so without that save the
-  # resume would start task 1 over (it used to die at once, exit -15).
-  cache, expected, _ = uninterrupted
-  steps_1 = expected["tasks"][0]["train_steps"]
-  term = random.randrange(1, steps_1 - 1)
-  workdir = tmp_path / "terminated"
-  first = run_cli(workdir, f"--config.debug.term_at_step={term}",
-                  "--config.train.checkpoint_every=0", cache_dir=cache)
-  assert first.returncode == 143, first.stderr[-2000:]
-  last_line = first.stderr.strip().splitlines()[-1]
-  assert last_line == (
-      f"stopped by SIGTERM at task 1, step {term + 1} of {steps_1}; "
-      f"checkpoint saved in {workdir}: the same command resumes")
-  assert "Traceback" not in first.stderr
-  assert not (workdir / "results.json").exists()
-  second = run_cli(workdir, cache_dir=cache)
-  assert second.returncode == 0, second.stderr[-2000:]
-  assert f"resumed from checkpoint at task 1 step {term + 1}" in second.stderr
-  resumed = json.load(open(workdir / "results.json"))
-  assert_close(metrics_of(resumed), metrics_of(expected),
-               f"results (SIGTERM at {term})")
 
 
 def test_finished_run_refuses_fewer_tasks(tmp_path, uninterrupted):
