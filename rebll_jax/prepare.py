@@ -248,10 +248,26 @@ def _fingerprint(args) -> list:
   return coco.fingerprint_format(args.train_json, args.test_json, args.images)
 
 
+# Options that only some datasets read: given for another, they would be
+# silently ignored.
+_OPTIONS_OF = {"src": ("voc2007", "coco2014"), "train_json": ("coco_format",),
+               "test_json": ("coco_format",), "images": ("coco_format",),
+               "name": ("coco_format",)}
+
+
 def prepare(args) -> dict:
   """Run one prepare command; returns a summary dict (also printed)."""
   t0 = time.time()
+  unread = [k for k, kinds in _OPTIONS_OF.items()
+            if getattr(args, k) is not None and args.dataset not in kinds]
+  if unread:
+    owners = sorted({d for k in unread for d in _OPTIONS_OF[k]})
+    raise UserError(f"{args.dataset} does not read "
+                    f"{', '.join('--' + k for k in unread)} (for "
+                    f"{' and '.join(owners)}: see --help); drop them")
   if args.dataset == "coco_format":
+    if args.name is None:
+      args.name = "custom"
     if not re.fullmatch(r"[a-z][a-z0-9_]*", args.name or ""):
       raise UserError(f"--name {args.name!r}: use lower-case letters, digits "
                       "and '_', starting with a letter")
@@ -380,7 +396,7 @@ DATA_DIR/rebll_coco_format/NAME/1.0.0; train with --config.data.data_dir=DATA_DI
   p.add_argument("--train_json", help="coco_format: train annotations")
   p.add_argument("--test_json", help="coco_format: test annotations")
   p.add_argument("--images", help="coco_format: image folder")
-  p.add_argument("--name", default="custom",
+  p.add_argument("--name", default=None,
                  help="coco_format: dataset name (default: custom)")
   p.add_argument("--workers", type=_int_in(1),
                  default=min(8, os.cpu_count() or 1),

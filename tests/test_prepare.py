@@ -439,3 +439,21 @@ def test_check_shards_names_the_first_missing_one(tmp_path):
   for i in (1, 3):
     (tmp_path / f"x-train.array_record-{i:05d}-of-00004").write_bytes(b"")
   prepared.check_shards(str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["voc2007", "--src", "S", "--name", "foo", "--train_json", "x"],
+     "voc2007 does not read --train_json, --name (for coco_format: see "
+     "--help); drop them"),
+    (["coco2014", "--src", "S", "--images", "I"],
+     "coco2014 does not read --images (for coco_format"),
+    (["coco_format", "--src", "S", "--train_json", "a", "--test_json", "b",
+      "--images", "c"],
+     "coco_format does not read --src (for coco2014 and voc2007"),
+])
+def test_options_of_another_dataset_are_refused(tmp_path, capsys, argv, why):
+  # They were ignored: a --name given to voc2007 named nothing (exit 0).
+  assert _run(*argv, "--data_dir", str(tmp_path / "out")) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and why in err
+  assert not (tmp_path / "out").exists()
