@@ -62,7 +62,8 @@ RULES = (
 )
 
 
-def _value(config, dotted: str):
+def field_value(config, dotted: str):
+  """``config``'s value at ``dotted`` ("a.b.c"), lists as tuples."""
   for part in dotted.split("."):
     config = config[part]
   return tuple(config) if isinstance(config, list) else config
@@ -78,6 +79,7 @@ def unread_overrides(config, setting) -> dict[str, str]:
     if not rule.applies(config):
       continue
     for name in rule.fields:
-      if name not in unread and _value(config, name) != _value(setting, name):
+      if name not in unread and (field_value(config, name)
+                                 != field_value(setting, name)):
         unread[name] = rule.why(config)
   return unread

@@ -22,6 +22,7 @@ import signal
 import threading
 
 import jax
+from jax.experimental import multihost_utils
 
 
 class Preempted(Exception):
@@ -68,7 +69,6 @@ class StopOnSigterm:
 
   def due(self, global_step: int) -> bool:
     if self._multi:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       try:
         return multihost_utils.reached_preemption_sync_point(global_step)
       except RuntimeError:  # the preemption service is turned off

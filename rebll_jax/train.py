@@ -424,7 +424,7 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
   state.task_schedule = task_schedule(config, t)
   total = state.task_schedule["epochs"] * batches.steps_per_epoch
   if state.task_step == 0:  # optimizer and schedule rebuilt for every task
-    if config.model.get("head_rows", "kept") == "fresh":
+    if config.model.head_rows == "fresh":
       state.train = state.train.replace(params=parallel.replicate(
           mesh, steps.fresh_head_rows(
               state.train.params, jnp.asarray(task.classes),

@@ -47,12 +47,6 @@ def _registries() -> dict:
           "model.head_rows": steps.HEAD_ROWS}
 
 
-def _field(config, dotted: str):
-  for part in dotted.split("."):
-    config = config[part]
-  return config
-
-
 def check_config(config, setting=None):
   """Checks that need no data and no devices.
 
@@ -71,7 +65,7 @@ def check_config(config, setting=None):
          "the train step does not do (small gradients underflow to 0 and the "
          "run goes on); use bfloat16, which has float32's range")
   for name, registry in _registries().items():
-    value = _field(config, name)
+    value = config_reads.field_value(config, name)
     valid = sorted(registry) if isinstance(registry, dict) else list(registry)
     _check(value in registry,
            f"unknown {name} {value!r}; valid: {valid}")

@@ -88,7 +88,7 @@ def test_every_rule_names_fields_of_the_base_config():
   config = make_config()
   for rule in config_reads.RULES:
     for name in rule.fields:
-      config_reads._value(config, name)  # pylint: disable=protected-access
+      config_reads.field_value(config, name)
 
 
 def test_several_reasons_are_one_line():
