@@ -20,8 +20,9 @@ annotations and difficult objects, and a fingerprint of the inputs.
 Atomic: TFDS writes into ``incomplete.*`` and renames the folder at the end,
 so a half-written output never looks prepared. Idempotent: rerunning with the
 same inputs finds the finished dataset and returns at once; other inputs are
-refused unless ``--overwrite``. Refused (one line naming the first bad entry,
-exit 2): malformed annotation files (``coco.load_json``, ``voc.split_items``),
+refused unless ``--overwrite``. Clean: whatever TFDS puts in the temp dir
+goes in a private folder removed at the end (success, error or Ctrl-C).
+Refused (one line naming the first bad entry, exit 2): malformed annotation files (``coco.load_json``, ``voc.split_items``),
 an archive that cannot be opened, an output whose ``metadata.json`` is
 unreadable (unless ``--overwrite``). Skipped (a warning after the progress
 bars, counted and listed in ``metadata.json``): images that are missing or
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import errno
 import io
 import json
@@ -320,35 +322,53 @@ def prepare(args) -> dict:
   cls = _builder_class()
   cls.name = BUILDER_NAMES[args.dataset]
   os.makedirs(args.data_dir, exist_ok=True)
-  builder = cls(plan=plan, data_dir=args.data_dir,
-                file_format="array_record", **kwargs)
-  dl_tmp = tempfile.mkdtemp(prefix="rebll_prepare_dl_")
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  if args.overwrite and os.path.isdir(out):
-    # Build next to the old one, then swap: never a moment without either.
-    old_dir = out + f".old{os.getpid()}"
-    os.rename(out, old_dir)
-  else:
-    old_dir = None
-  try:
-    builder.download_and_prepare(
-        download_dir=dl_tmp,
-        download_config=tfds.download.DownloadConfig(
-            download_mode=mode,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  except BaseException:
-    if old_dir is not None and not os.path.isdir(out):
-      os.rename(old_dir, out)
+  with _scratch_tempdir() as scratch:
+    builder = cls(plan=plan, data_dir=args.data_dir,
+                  file_format="array_record", **kwargs)
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    if args.overwrite and os.path.isdir(out):
+      # Build next to the old one, then swap: never a moment without either.
+      old_dir = out + f".old{os.getpid()}"
+      os.rename(out, old_dir)
+    else:
       old_dir = None
-    raise
-  finally:
-    shutil.rmtree(dl_tmp, ignore_errors=True)
-    if old_dir is not None:
-      shutil.rmtree(old_dir, ignore_errors=True)
+    try:
+      builder.download_and_prepare(
+          download_dir=os.path.join(scratch, "downloads"),
+          download_config=tfds.download.DownloadConfig(
+              download_mode=mode,
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    except BaseException:
+      if old_dir is not None and not os.path.isdir(out):
+        os.rename(old_dir, out)
+        old_dir = None
+      raise
+    finally:
+      if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
   _print_warnings(plan["warnings"], os.path.join(out, "metadata.json"))
   meta = prepared.read_metadata(out)
   return _summary(out, meta, time.time() - t0, done_before=False)
+
+
+@contextlib.contextmanager
+def _scratch_tempdir():
+  """A private temp folder, the process's default temp dir while TFDS runs.
+
+  TFDS leaves a folder behind per builder (``DatasetInfo.
+  initialize_from_bucket`` makes ``$TMPDIR/tmp*tfds`` and returns without
+  removing it when the dataset is not on GCS). Whatever it, or the download
+  folder, makes goes in here and is removed on success, error or Ctrl-C.
+  """
+  scratch = tempfile.mkdtemp(prefix="rebll_prepare_")
+  saved = tempfile.tempdir
+  tempfile.tempdir = scratch  # what mkdtemp() without dir= uses
+  try:
+    yield scratch
+  finally:
+    tempfile.tempdir = saved
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _print_warnings(warnings: list, where: str):

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import ml_collections
@@ -457,3 +458,24 @@ def test_options_of_another_dataset_are_refused(tmp_path, capsys, argv, why):
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and why in err
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stop", [None, RuntimeError, KeyboardInterrupt])
+def test_prepare_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch, stop):
+  # TFDS made one $TMPDIR/tmp*tfds folder per run and never removed it.
+  src = fx.make_voc_tars(str(tmp_path / "src"))
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  monkeypatch.setenv("TMPDIR", str(tmp))
+  monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+  argv = ("voc2007", "--src", src, "--data_dir", str(tmp_path / "out"))
+  if stop is None:
+    assert _run(*argv) == 0
+  else:  # an error, or Ctrl-C, while the images are being written
+    def dies(raw):
+      raise stop("stopped")
+    monkeypatch.setattr(prepare, "_check_image", dies)
+    with pytest.raises(stop):
+      _run(*argv)
+  assert os.listdir(tmp) == []
+  assert tempfile.gettempdir() == str(tmp)  # the default is given back
