@@ -59,6 +59,21 @@ def test_bad_input_is_a_usage_error(tmp_path, capsys):
   assert not os.listdir(tmp_path)  # nothing started
 
 
+def test_a_method_named_twice_is_a_usage_error(tmp_path, capsys):
+  # It printed the same row twice. (--report_only: never trains, fix or not.)
+  _write(str(tmp_path), "b0c4", "ft", 0, 50.0, {})
+  with pytest.raises(SystemExit) as exit_info:
+    method_table.main(["--methods", "ft,rebll,ft", "--settings", "b0c4",
+                       "--seeds", "0", "--out", str(tmp_path),
+                       "--report_only"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.splitlines()[-1].endswith(
+      "error: --methods names ft more than once; give each method once")
+  assert "Traceback" not in err
+  assert os.listdir(tmp_path) == ["b0c4"]  # no table written
+
+
 def test_report_only_without_runs_is_an_error(tmp_path):
   with pytest.raises(SystemExit, match="no finished run"):
     method_table.main(["--out", str(tmp_path), "--report_only"])
