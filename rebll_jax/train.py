@@ -571,13 +571,28 @@ def run(config, workdir: str, setting=None) -> dict:
           writer.close()
     finally:
       ckpt.close()
-    results = summarise(setup, state.results, compiled.trace_counts)
+    counts = compiled.trace_counts
+    if not any(counts.values()):  # a rerun of a finished run: trained nothing
+      counts = _previous_compilations(workdir) or counts
+    results = summarise(setup, state.results, counts)
     if setup.is_chief:
       write_results(workdir, results)
     return results
   finally:
     if setup.lock is not None:
       setup.lock.release()
+
+
+def _previous_compilations(workdir: str) -> dict | None:
+  """``compilations`` of the results.json already in ``workdir`` (None if
+  there is none): the counts of the process that trained, which a rerun that
+  trains nothing keeps rather than its own zeros."""
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      counts = json.load(f).get("compilations")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return counts if isinstance(counts, dict) else None
 
 
 def write_results(workdir: str, results: dict):

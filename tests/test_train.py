@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -71,6 +72,19 @@ def test_resume_after_task_equals_uninterrupted(eight_devices, tmp_path):
       "train_seconds"]
   np.testing.assert_allclose(_maps(resumed), _maps(eight_devices[1]),
                              atol=1e-6)
+
+
+def test_rerun_of_a_finished_run_keeps_its_compilations(eight_devices,
+                                                        tmp_path):
+  # The rerun trains nothing; results.json, rewritten, said 0 and 0 (the
+  # rerun's own counts) instead of the counts of the process that trained.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(eight_devices[0], workdir)
+  again = train.run(_config(), workdir)
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  assert again["compilations"] == on_disk["compilations"] == {
+      "first": 1, "later": 1}
+  assert again["tasks"] == eight_devices[1]["tasks"]  # nothing retrained
 
 
 def test_state_helpers_equal_the_eager_construction():
