@@ -121,6 +121,7 @@ RULES: dict[str, Rule] = {
     "optim.momentum": _UNIT_BELOW_ONE,
     "optim.grad_clip": _NON_NEGATIVE,  # 0 = off
     "train.global_batch": _COUNT,
+    "train.ddp_processes": _COUNT,
     "train.epochs_first": _COUNT,
     "train.epochs_later": _COUNT,
     "train.eval_batch": _COUNT,

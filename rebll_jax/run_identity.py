@@ -44,6 +44,7 @@ MAY_CHANGE_ON_RESUME = (
 # lacks the field matches a run with this value (and no other).
 VALUE_BEFORE_THE_FIELD = {
     "model.head_rows": "kept",
+    "train.ddp_processes": 1,
 }
 
 

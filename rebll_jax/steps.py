@@ -109,14 +109,21 @@ def objective(*, method: Method, config, out, old_out, labels, mask,
   """The method's loss on one batch: (scalar loss, logged terms).
 
   ``L_cls`` (asymmetric BCE on ``mask``, reduced over examples as the method
-  says) plus its distillation toward the past model's outputs ``old_out``
+  says; a sum over ``train.ddp_processes`` emulated processes is their
+  mean) plus its distillation toward the past model's outputs ``old_out``
   (None in the first task): logit distillation weighted by
   ``loss.lambda_kd``, or POD-flat on pooled features.
   """
   logits = out["logits"]
   cls = losses.asymmetric_bce(logits=logits, labels=labels, mask=mask,
                               **method.cls_loss_params(config.loss))
-  loss = losses.reduce_examples(cls, reduction=method.reduction(config.loss))
+  reduction = method.reduction(config.loss)
+  loss = losses.reduce_examples(cls, reduction=reduction)
+  processes = config.train.get("ddp_processes", 1)
+  if reduction == "sum" and processes > 1:
+    # DDP averages the processes' gradients of their own sums: a mean
+    # is the same either way, a sum is divided by the process count.
+    loss = loss / processes
   terms = {"loss_cls": loss}
   if old_out is None:
     return loss, terms

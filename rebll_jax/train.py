@@ -119,7 +119,8 @@ def _set_up_locked(config, workdir, lock, setting) -> Setup:
     pretrained.check_init_from_file(init_from, config.model.arch)
   elif init_from:
     pretrained.check_init_from(init_from, config.model.arch)
-  model = models.build_model(config.model, source.num_classes)
+  model = models.build_model(config.model, source.num_classes,
+                             norm_groups=config.train.get("ddp_processes", 1))
   # Process-wide, before the first step allocates (rebll_jax/host_malloc.py).
   host_malloc.apply(config.get("host_malloc", "retain"), log)
   return Setup(config=config, workdir=workdir, method=method, source=source,

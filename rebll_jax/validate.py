@@ -102,6 +102,7 @@ def check_config(config, setting=None):
       check_memory_fraction(config.memory.fraction,
                             config.train.global_batch)
   _check(config.train.global_batch > 0, "train.global_batch must be > 0")
+  check_ddp_processes(config.train)
   _check(config.train.epochs_first > 0 and config.train.epochs_later > 0,
          "train.epochs_first and train.epochs_later must be > 0")
   _check(config.train.eval_batch > 0, "train.eval_batch must be > 0")
@@ -172,6 +173,18 @@ def _memory_rows(fraction: float, batch: int) -> int:
   """Memory rows of each batch with memory.mix=fraction (the rounding of
   ``loader.TaskBatches``, over the global batch)."""
   return int(round(fraction * batch))
+
+
+def check_ddp_processes(train_cfg):
+  """Each emulated DDP process gets an equal share of at least 2 rows
+  (BatchNorm statistics of one row are the row itself)."""
+  processes = train_cfg.get("ddp_processes", 1)
+  batch = train_cfg.global_batch
+  _check(processes == 1 or (batch % processes == 0
+                            and batch // processes >= 2),
+         f"train.ddp_processes={processes} must split train.global_batch="
+         f"{batch} into equal shares of at least 2 rows (each emulated "
+         "process normalises its own rows)")
 
 
 def check_memory_fraction(fraction: float, batch: int):

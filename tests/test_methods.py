@@ -140,13 +140,14 @@ def _baseline_batch(seed, task=1):
       old_features=np.abs(rng.normal(size=(n, dim))).astype(np.float32))
 
 
-def _krt_baseline_objective(b, logits, features):
+def _krt_baseline_objective(b, logits, features, ddp_processes=1):
   """The krt_baseline method's own loss (steps.objective) on our batch
   layout: seen columns read, unknown entries as 0 targets."""
   from rebll_jax import steps  # pylint: disable=g-import-not-at-top
   method = methods.METHODS["krt_baseline"]
   config = _config(method="krt_baseline", **{
-      "protocol.increment": int(b["current_mask"].sum())})
+      "protocol.increment": int(b["current_mask"].sum()),
+      "train.ddp_processes": ddp_processes})
   context = {"seen_mask": b["seen_mask"], "current_mask": b["current_mask"],
              "old_mask": b["seen_mask"] * (1 - b["current_mask"])}
   y, mask = method.loss_targets(b["labels"], b["known"],
@@ -159,13 +160,16 @@ def _krt_baseline_objective(b, logits, features):
   return loss
 
 
-def _torch_baseline_loss(torch, b, logits, features):
-  """The baseline's compute_loss, from the description (torch autograd)."""
+def _torch_baseline_loss(torch, b, logits, features, rows=None):
+  """The baseline's compute_loss, from the description (torch autograd);
+  ``rows``: one DDP process's rows of the batch (default: all)."""
   high = b["high"]
-  target = torch.zeros(logits.shape[0], 9)
-  for i, row in enumerate(b["true"]):
+  rows = np.arange(logits.shape[0]) if rows is None else rows
+  logits, features = logits[rows], features[rows]
+  target = torch.zeros(len(rows), 9)
+  for i, row in enumerate(b["true"][rows]):
     for c in np.flatnonzero(row):
-      if b["own_low"][i] <= c < high:  # the dataset's visible classes
+      if b["own_low"][rows[i]] <= c < high:  # the dataset's visible classes
         target[i, c] = 1
   target = target[:, :high]
   z = logits[:, :high]  # the baseline's head has exactly `high` outputs
@@ -176,7 +180,7 @@ def _torch_baseline_loss(torch, b, logits, features):
   with torch.no_grad():
     w = torch.pow(1 - (p * target + p_neg * (1 - target)), 4 * (1 - target))
   cls = -(loss * w).sum()
-  old = torch.from_numpy(b["old_features"])
+  old = torch.from_numpy(b["old_features"][rows])
   flat = torch.nn.functional.cosine_embedding_loss(
       old, features, torch.ones(features.shape[0]))
   return cls + 180. * np.sqrt(high / 3) * flat
@@ -206,3 +210,27 @@ def test_krt_baseline_objective_matches_the_baseline_trainer(task):
   new_rows = b["own_low"] == b["low"]
   assert np.all(y[new_rows][:, :b["low"]] == 0)
   assert b["true"][new_rows][:, :b["low"]].sum() > 0  # hidden positives
+
+
+def test_krt_baseline_objective_matches_the_baseline_under_ddp():
+  """train.ddp_processes=2: the gradient is DDP's, the mean of two
+  processes' gradients of their own losses (each process's rows: every
+  other row, as DistributedSampler deals them)."""
+  torch = pytest.importorskip("torch", reason="torch is in the test extra")
+  import jax  # pylint: disable=g-import-not-at-top
+  b = _baseline_batch(3, 2)
+  z_t = torch.tensor(b["logits"], requires_grad=True)
+  f_t = torch.tensor(b["features"], requires_grad=True)
+  n = len(b["logits"])
+  for process in range(2):  # backward() adds the processes' gradients up
+    _torch_baseline_loss(torch, b, z_t, f_t, np.arange(process, n, 2)
+                         ).backward()
+  (g_z1, _), (g_z, g_f) = (
+      jax.grad(lambda z, f, p=p: _krt_baseline_objective(b, z, f, p),
+               argnums=(0, 1))(b["logits"], b["features"]) for p in (1, 2))
+  high = b["high"]
+  np.testing.assert_allclose(g_z[:, :high], z_t.grad[:, :high].numpy() / 2,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g_f, f_t.grad.numpy() / 2, rtol=1e-4, atol=1e-5)
+  # One process: the summed ASL (the logits' only loss) counts twice.
+  np.testing.assert_allclose(g_z1, 2 * np.asarray(g_z), rtol=1e-5, atol=1e-7)

@@ -40,35 +40,29 @@ def _norm_impl(cfg) -> str:
 def _small_resnet(cfg, num_classes, dtype):
   return small_resnet.SmallResNet(num_classes=num_classes, width=cfg.width,
                                   stage_sizes=tuple(cfg.stage_sizes),
-                                  stem_stride=cfg.stem_stride, dtype=dtype,
-                                  conv_impl=_conv_impl(cfg),
-                                  norm_impl=_norm_impl(cfg))
-
-
-def _backbone(arch: str):
-  def factory(cfg, num_classes, dtype):
-    model = pretrained.arch_factory(arch)(cfg, num_classes, dtype)
-    return model.clone(conv_impl=_conv_impl(cfg),
-                       norm_impl=_norm_impl(cfg))
-  return factory
+                                  stem_stride=cfg.stem_stride, dtype=dtype)
 
 
 # name -> factory(model_config, num_classes, dtype) -> nn.Module
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "small_resnet": _small_resnet,
-    "resnet18": _backbone("resnet18"),
-    "resnet50": _backbone("resnet50"),
-    "resnet101": _backbone("resnet101"),
-    "tresnet_m": _backbone("tresnet_m"),
+    "resnet18": pretrained.arch_factory("resnet18"),
+    "resnet50": pretrained.arch_factory("resnet50"),
+    "resnet101": pretrained.arch_factory("resnet101"),
+    "tresnet_m": pretrained.arch_factory("tresnet_m"),
 }
 
 
-def build_model(cfg, num_classes: int) -> nn.Module:
+def build_model(cfg, num_classes: int, norm_groups: int = 1) -> nn.Module:
+  """``norm_groups``: train-mode BatchNorm statistics per group of rows
+  (``train.ddp_processes``; rebll_jax.models.norm)."""
   if cfg.arch not in ARCHS:
     raise ValueError(f"unknown model.arch {cfg.arch!r}; valid: {sorted(ARCHS)}")
   if cfg.dtype not in DTYPES:
     raise ValueError(f"unknown model.dtype {cfg.dtype!r}; valid: {sorted(DTYPES)}")
-  return ARCHS[cfg.arch](cfg, num_classes, DTYPES[cfg.dtype])
+  model = ARCHS[cfg.arch](cfg, num_classes, DTYPES[cfg.dtype])
+  return model.clone(conv_impl=_conv_impl(cfg), norm_impl=_norm_impl(cfg),
+                     norm_groups=norm_groups)
 
 
 def init_variables(model: nn.Module, key, image_size: int) -> dict:

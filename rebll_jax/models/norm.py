@@ -16,6 +16,14 @@ Same function to float32 rounding (``tests/test_norm.py`` checks values and
 all gradients against ``nn.BatchNorm``). Statistics over the batch axes are
 global on a sharded batch (the compiler inserts the cross-device sums).
 
+``groups`` > 1 emulates PyTorch DistributedDataParallel over ``groups``
+processes without SyncBatchNorm (``train.ddp_processes``): each process
+normalises its own rows with its own statistics. Torch's
+``DistributedSampler`` deals the rows of a global batch out in turn, so
+group g is rows g, g + groups, g + 2 * groups, ...; the running averages
+follow group 0's statistics (process 0's, the model the baseline saves and
+evaluates).
+
 ``norm_act`` builds either implementation for the models, so that every
 backbone takes ``model.norm_impl`` the same way.
 """
@@ -41,10 +49,28 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def _stats(x):
-  axes = tuple(range(x.ndim - 1))
-  mean = jnp.mean(x, axes)
-  var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+def _group_rows(x, groups: int):
+  """[B, ...] -> [B / groups, groups, ...]: group g is rows g, g + groups,
+  ... of the batch (torch's DistributedSampler deals rows out in turn)."""
+  return x.reshape((x.shape[0] // groups, groups) + x.shape[1:])
+
+
+def _stat_axes(x, groups: int) -> tuple:
+  """The axes one set of statistics reduces over: all but the channels
+  (and, with groups, the group axis of ``_group_rows``)."""
+  if groups == 1:
+    return tuple(range(x.ndim - 1))
+  return (0,) + tuple(range(2, x.ndim - 1))
+
+
+def _stats(x, groups: int = 1):
+  """Biased batch mean and variance per channel ([C]; per group and
+  channel, shaped to broadcast against ``_group_rows(x)``, with groups)."""
+  keep = groups > 1
+  axes = _stat_axes(x, groups)
+  mean = jnp.mean(x, axes, keepdims=keep)
+  var = jnp.maximum(jnp.mean(jnp.square(x), axes, keepdims=keep)
+                    - jnp.square(mean), 0.0)
   return mean, var
 
 
@@ -56,40 +82,47 @@ def _normalize(x, mean, var, scale, bias, epsilon, slope):
   return jnp.maximum(y, 0.0) if slope == 0 else jnp.where(y > 0, y, slope * y)
 
 
-def _fused_batch_norm(x, scale, bias, epsilon, slope):
-  mean, var = _stats(x)
+def _fused_batch_norm(x, scale, bias, epsilon, slope, groups=1):
+  """(y, mean, var); with groups, x is ``_group_rows``' [B / G, G, ...] and
+  the statistics are per group."""
+  mean, var = _stats(x, groups)
   return _normalize(x, mean, var, scale, bias, epsilon, slope), mean, var
 
 
-def _train_norm_fwd(x, scale, bias, epsilon, slope):
-  y, mean, var = _fused_batch_norm(x, scale, bias, epsilon, slope)
+def _train_norm_fwd(x, scale, bias, epsilon, slope, groups):
+  y, mean, var = _fused_batch_norm(x, scale, bias, epsilon, slope, groups)
   return (y, mean, var), (x, mean, var, scale, y)
 
 
-def _train_norm_bwd(epsilon, slope, residuals, cotangents):
+def _train_norm_bwd(epsilon, slope, groups, residuals, cotangents):
   # The batch statistics feed only the running averages, never the loss:
   # their cotangents are dropped.
   x, mean, var, scale, y = residuals
   g = cotangents[0]
   if slope is not None:  # y > 0 exactly where the pre-activation is > 0
     g = jnp.where(y > 0, g, slope * g)
-  axes = tuple(range(x.ndim - 1))
+  axes = _stat_axes(x, groups)
+  keep = groups > 1
   inv = jax.lax.rsqrt(var + epsilon)
   xhat = (x - mean) * inv
-  g_sum = jnp.sum(g, axes)
-  gx_sum = jnp.sum(g * xhat, axes)
-  count = x.size // x.shape[-1]
+  g_sum = jnp.sum(g, axes, keepdims=keep)
+  gx_sum = jnp.sum(g * xhat, axes, keepdims=keep)
+  count = x.size // (x.shape[-1] * groups)
   dx = (scale * inv) * (g - g_sum / count - xhat * (gx_sum / count))
+  if keep:  # scale and bias are shared by the groups: their sums add up
+    to_channels = tuple(range(x.ndim - 1))
+    gx_sum, g_sum = jnp.sum(gx_sum, to_channels), jnp.sum(g_sum, to_channels)
   return dx, gx_sum, g_sum
 
 
-_train_norm = jax.custom_vjp(_fused_batch_norm, nondiff_argnums=(3, 4))
+_train_norm = jax.custom_vjp(_fused_batch_norm, nondiff_argnums=(3, 4, 5))
 _train_norm.defvjp(_train_norm_fwd, _train_norm_bwd)
 
 
 class BatchNorm(nn.Module):
   """``nn.BatchNorm`` over the last axis, then a leaky ReLU of negative
-  slope ``slope`` (0: ReLU; None: no activation)."""
+  slope ``slope`` (0: ReLU; None: no activation). ``groups``: train-mode
+  statistics per group of rows (module docstring)."""
 
   use_running_average: bool = False
   momentum: float = 0.9
@@ -98,6 +131,7 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
   scale_init: Callable = nn.initializers.ones
   bias_init: Callable = nn.initializers.zeros
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -112,8 +146,20 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       y = _normalize(x32, ra_mean.value, ra_var.value, scale, bias,
                      self.epsilon, self.slope)
+    elif self.groups == 1:
+      y, mean, var = _train_norm(x32, scale, bias, self.epsilon, self.slope,
+                                 1)
     else:
-      y, mean, var = _train_norm(x32, scale, bias, self.epsilon, self.slope)
+      if x.shape[0] % self.groups:
+        raise ValueError(f"a batch of {x.shape[0]} rows does not split into "
+                         f"{self.groups} BatchNorm groups")
+      y, mean, var = _train_norm(_group_rows(x32, self.groups), scale, bias,
+                                 self.epsilon, self.slope, self.groups)
+      y = y.reshape(x.shape)
+      # Group 0's statistics: process 0's running averages.
+      mean, var = mean.reshape(self.groups, -1)[0], var.reshape(
+          self.groups, -1)[0]
+    if not self.use_running_average:
       if not self.is_initializing():
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * mean
@@ -122,17 +168,20 @@ class BatchNorm(nn.Module):
 
 
 def norm_act(impl: str, train: bool, dtype, name: str,
-             slope: Optional[float] = None, zero_scale: bool = False):
+             slope: Optional[float] = None, zero_scale: bool = False,
+             groups: int = 1):
   """BatchNorm (torch's momentum and epsilon) + optional leaky ReLU, as
   ``impl`` ("auto" | "flax" | "fused") computes it; returns a function of
   the activations. ``zero_scale`` starts the scale at 0 (a block's last
-  norm)."""
+  norm). ``groups`` > 1 (statistics per group of rows, module docstring)
+  is the fused module's whatever ``impl`` says: nn.BatchNorm has no such
+  mode."""
   kw = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5,
             dtype=dtype, name=name,
             scale_init=nn.initializers.zeros if zero_scale
             else nn.initializers.ones)
-  if resolve_impl(impl) == "fused":
-    return BatchNorm(slope=slope, **kw)
+  if groups > 1 or resolve_impl(impl) == "fused":
+    return BatchNorm(slope=slope, groups=groups, **kw)
   module = nn.BatchNorm(**kw)
   if slope is None:
     return module

@@ -38,9 +38,10 @@ class _Layers:
   """Conv / norm factories bound to one module's dtype and train flag."""
 
   def __init__(self, dtype, train: bool, conv_impl: str = "auto",
-               norm_impl: str = "auto"):
+               norm_impl: str = "auto", norm_groups: int = 1):
     self.dtype, self.train = dtype, train
     self.conv_impl, self.norm_impl = conv_impl, norm_impl
+    self.norm_groups = norm_groups
 
   def conv(self, features, k, stride=1, name=None):
     return Conv(features, (k, k), (stride, stride), padding=_pad(k),
@@ -50,7 +51,8 @@ class _Layers:
   def norm(self, name, zero=False, relu=False):
     # torch momentum 0.1 == Flax momentum 0.9; eps as in torch.
     return norm_act(self.norm_impl, self.train, self.dtype, name,
-                    0.0 if relu else None, zero_scale=zero)
+                    0.0 if relu else None, zero_scale=zero,
+                    groups=self.norm_groups)
 
 
 class BasicBlock(nn.Module):
@@ -60,11 +62,13 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   norm_impl: str = "auto"
+  norm_groups: int = 1
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl)
+    L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl,
+                self.norm_groups)
     y = L.conv(self.planes, 3, self.stride, "conv1")(x)
     y = L.norm("bn1", relu=True)(y)
     y = L.conv(self.planes, 3, 1, "conv2")(y)
@@ -82,11 +86,13 @@ class Bottleneck(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   norm_impl: str = "auto"
+  norm_groups: int = 1
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl)
+    L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl,
+                self.norm_groups)
     out = self.planes * self.expansion
     y = L.norm("bn1", relu=True)(L.conv(self.planes, 1, 1, "conv1")(x))
     y = L.conv(self.planes, 3, self.stride, "conv2")(y)
@@ -114,12 +120,14 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # see rebll_jax.models.conv
   norm_impl: str = "auto"  # see rebll_jax.models.norm
+  norm_groups: int = 1  # train-mode BatchNorm groups (models.norm)
 
   head_name = "fc"  # top-level params the converter leaves out
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl)
+    L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl,
+                self.norm_groups)
     x = images.astype(self.dtype)
     x = L.norm("bn1", relu=True)(L.conv(64, 7, 2, "conv1")(x))
     # XLA's own gradient with XLA's convolutions; the CPU formulations take
@@ -131,7 +139,7 @@ class ResNet(nn.Module):
       for i in range(num_blocks):
         stride = 2 if stage > 0 and i == 0 else 1
         x = block(64 * 2**stage, stride, self.zero_init_residual, self.dtype,
-                  self.conv_impl, self.norm_impl,
+                  self.conv_impl, self.norm_impl, self.norm_groups,
                   name=f"layer{stage + 1}_{i}")(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes == 0:

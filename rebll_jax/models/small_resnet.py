@@ -22,11 +22,13 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # see rebll_jax.models.conv
   norm_impl: str = "auto"  # see rebll_jax.models.norm
+  norm_groups: int = 1  # train-mode BatchNorm groups (models.norm)
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = lambda name, slope=None, zero_scale=False: norm_act(
-        self.norm_impl, train, self.dtype, name, slope, zero_scale)
+        self.norm_impl, train, self.dtype, name, slope, zero_scale,
+        self.norm_groups)
     residual = x
     y = Conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)),
              use_bias=False, dtype=self.dtype, impl=self.conv_impl,
@@ -55,6 +57,7 @@ class SmallResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # see rebll_jax.models.conv
   norm_impl: str = "auto"  # see rebll_jax.models.norm
+  norm_groups: int = 1  # train-mode BatchNorm groups (models.norm)
   head_name = "head"  # the classifier's params (steps.fresh_head_rows)
 
   @nn.compact
@@ -63,12 +66,13 @@ class SmallResNet(nn.Module):
     x = Conv(self.width, (3, 3), self.stem_stride,
              padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
              impl=self.conv_impl, name="stem_conv")(x)
-    x = norm_act(self.norm_impl, train, self.dtype, "stem_bn", 0.0)(x)
+    x = norm_act(self.norm_impl, train, self.dtype, "stem_bn", 0.0,
+                 groups=self.norm_groups)(x)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.width * 2**stage, strides, self.dtype,
-                       self.conv_impl, self.norm_impl,
+                       self.conv_impl, self.norm_impl, self.norm_groups,
                        name=f"stage{stage + 1}_block{block + 1}")(x, train)
     features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)

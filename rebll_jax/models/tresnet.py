@@ -66,6 +66,7 @@ class ConvNormAct(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   norm_impl: str = "auto"
+  norm_groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -74,7 +75,7 @@ class ConvNormAct(nn.Module):
              padding=((p, p), (p, p)), use_bias=False, kernel_init=conv_init,
              dtype=self.dtype, impl=self.conv_impl, name="conv")(x)
     x = norm_act(self.norm_impl, train, self.dtype, "bn", self.slope,
-                 zero_scale=self.zero_norm)(x)
+                 zero_scale=self.zero_norm, groups=self.norm_groups)(x)
     return blur_downsample(x) if self.blur else x
 
 
@@ -98,7 +99,7 @@ class SqueezeExcite(nn.Module):
 def _kernels(module) -> dict:
   """The dtype and kernel choices a block hands to its layers."""
   return dict(dtype=module.dtype, conv_impl=module.conv_impl,
-              norm_impl=module.norm_impl)
+              norm_impl=module.norm_impl, norm_groups=module.norm_groups)
 
 
 class Shortcut(nn.Module):
@@ -109,6 +110,7 @@ class Shortcut(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   norm_impl: str = "auto"
+  norm_groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -128,6 +130,7 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   norm_impl: str = "auto"
+  norm_groups: int = 1
   expansion = 1
 
   @nn.compact
@@ -153,6 +156,7 @@ class Bottleneck(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   norm_impl: str = "auto"
+  norm_groups: int = 1
   expansion = 4
 
   @nn.compact
@@ -185,6 +189,7 @@ class TResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # see rebll_jax.models.conv
   norm_impl: str = "auto"  # see rebll_jax.models.norm
+  norm_groups: int = 1  # train-mode BatchNorm groups (models.norm)
 
   head_name = "head_fc"  # top-level params the converter leaves out
 
