@@ -29,4 +29,14 @@ def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
     parser.error(f"--seeds must be comma-separated integers, got {text!r}")
   if any(not 0 <= s < 2**32 for s in seeds):
     parser.error(f"--seeds must be in [0, 2**32-1], got {text!r}")
+  refuse_repeats(parser, "--seeds", seeds)
   return seeds
+
+
+def refuse_repeats(parser: argparse.ArgumentParser, flag: str, values):
+  """parser.error when a list option names a value twice: the run would
+  count it twice (a seed in a mean ± std) or print its row twice."""
+  twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+  if twice:
+    parser.error(f"{flag} names {', '.join(twice)} more than once; give "
+                 "each once")

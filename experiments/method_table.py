@@ -289,10 +289,8 @@ def main(argv=None):
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     parser.error(f"unknown methods {unknown}; valid: {list(METHODS)}")
-  twice = sorted({m for m in methods if methods.count(m) > 1})
-  if twice:  # each would be run once but printed as two rows
-    parser.error(f"--methods names {', '.join(twice)} more than once; give "
-                 "each method once")
+  cli_checks.refuse_repeats(parser, "--methods", methods)
+  cli_checks.refuse_repeats(parser, "--settings", settings)
   seeds = cli_checks.parse_seeds(parser, args.seeds)
   _check_settings(parser, settings)
   for override in args.set:

@@ -59,17 +59,23 @@ def test_bad_input_is_a_usage_error(tmp_path, capsys):
   assert not os.listdir(tmp_path)  # nothing started
 
 
-def test_a_method_named_twice_is_a_usage_error(tmp_path, capsys):
-  # It printed the same row twice. (--report_only: never trains, fix or not.)
+@pytest.mark.parametrize("flag,value,twice", [
+    ("--methods", "ft,rebll,ft", "ft"), ("--settings", "b0c4,b0c4", "b0c4"),
+    ("--seeds", "0,1,0", "0")])
+def test_a_value_named_twice_is_a_usage_error(tmp_path, capsys, flag, value,
+                                              twice):
+  # Methods and settings printed their rows twice; a seed counted one run
+  # twice in the mean ± std. (--report_only: never trains, fix or not.)
   _write(str(tmp_path), "b0c4", "ft", 0, 50.0, {})
+  argv = {"--methods": "ft", "--settings": "b0c4", "--seeds": "0"}
+  argv[flag] = value
   with pytest.raises(SystemExit) as exit_info:
-    method_table.main(["--methods", "ft,rebll,ft", "--settings", "b0c4",
-                       "--seeds", "0", "--out", str(tmp_path),
-                       "--report_only"])
+    method_table.main([a for kv in argv.items() for a in kv] +
+                      ["--out", str(tmp_path), "--report_only"])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert err.splitlines()[-1].endswith(
-      "error: --methods names ft more than once; give each method once")
+      f"error: {flag} names {twice} more than once; give each once")
   assert "Traceback" not in err
   assert os.listdir(tmp_path) == ["b0c4"]  # no table written
 
