@@ -22,9 +22,10 @@ so a half-written output never looks prepared. Idempotent: rerunning with the
 same inputs finds the finished dataset and returns at once; other inputs are
 refused unless ``--overwrite``. Clean: whatever TFDS puts in the temp dir
 goes in a private folder removed at the end (success, error or Ctrl-C).
-Refused (one line naming the first bad entry, exit 2): malformed annotation files (``coco.load_json``, ``voc.split_items``),
-an archive that cannot be opened, an output whose ``metadata.json`` is
-unreadable (unless ``--overwrite``). Skipped (a warning after the progress
+Refused (one line naming the first bad entry, exit 2): malformed annotation
+files (``coco.load_json``, ``voc.split_items``), an archive that cannot
+be opened, an output whose ``metadata.json`` is unreadable (unless
+``--overwrite``). Skipped (a warning after the progress
 bars, counted and listed in ``metadata.json``): images that are missing or
 that PIL cannot decode. A full disk ends with one line and exit 1.
 """
