@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -453,14 +454,36 @@ def _one_line(error) -> str:
   return " ".join(str(error).split())
 
 
+class _Terminated(Exception):
+  """SIGTERM, raised in the main thread so that the cleanup runs."""
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise _Terminated()
+
+
+STOPPED = ("nothing half-written is taken as prepared; the same command "
+           "prepares it again")
+
+
 def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.squash and not args.store_size:
     parser.error("--squash needs --store_size N (the side it squashes to)")
   logging.getLogger("absl").setLevel(logging.ERROR)
+  # Python's default SIGTERM ends the process without running cleanup (the
+  # temp folder, an --overwrite's old output moved aside).
+  previous = signal.signal(signal.SIGTERM, _raise_terminated)
   try:
     s = prepare(args)
+  except KeyboardInterrupt:
+    print(f"interrupted: {STOPPED}", file=sys.stderr)
+    return 130
+  except _Terminated:
+    print(f"stopped by SIGTERM: {STOPPED}", file=sys.stderr)
+    return 143
   except UserError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
@@ -473,6 +496,8 @@ def main(argv=None) -> int:
     where = f"{e.filename}: " if e.filename else ""
     print(f"error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
     return 2
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   print(json.dumps(s))
   data_dir = args.data_dir
   extra = (f" --config.data.data_dir={s['path']}" if args.dataset ==

@@ -4,9 +4,11 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 
 import ml_collections
@@ -460,8 +462,10 @@ def test_options_of_another_dataset_are_refused(tmp_path, capsys, argv, why):
   assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("stop", [None, RuntimeError, KeyboardInterrupt])
-def test_prepare_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch, stop):
+@pytest.mark.parametrize("stop", [None, RuntimeError, KeyboardInterrupt,
+                                  "SIGTERM"])
+def test_prepare_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch, capsys,
+                                                stop):
   # TFDS made one $TMPDIR/tmp*tfds folder per run and never removed it.
   src = fx.make_voc_tars(str(tmp_path / "src"))
   tmp = tmp_path / "tmp"
@@ -469,13 +473,29 @@ def test_prepare_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch, stop):
   monkeypatch.setenv("TMPDIR", str(tmp))
   monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
   argv = ("voc2007", "--src", src, "--data_dir", str(tmp_path / "out"))
+  handler = signal.getsignal(signal.SIGTERM)
   if stop is None:
     assert _run(*argv) == 0
-  else:  # an error, or Ctrl-C, while the images are being written
+  elif stop is RuntimeError:  # an error while the images are being written
     def dies(raw):
       raise stop("stopped")
     monkeypatch.setattr(prepare, "_check_image", dies)
     with pytest.raises(stop):
       _run(*argv)
+  else:  # Ctrl-C or SIGTERM there: one line, the shell's exit code
+    def stopped(raw):
+      if stop == "SIGTERM":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in this thread first
+      raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "_check_image", stopped)
+    assert _run(*argv) == (143 if stop == "SIGTERM" else 130)
+    err = capsys.readouterr().err  # the progress bars, then one line
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM: " if stop == "SIGTERM"
+                           else "interrupted: ")
+    assert last.endswith("the same command prepares it again")
+    assert "Traceback" not in err
   assert os.listdir(tmp) == []
   assert tempfile.gettempdir() == str(tmp)  # the default is given back
+  assert signal.getsignal(signal.SIGTERM) == handler
