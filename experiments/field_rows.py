@@ -1,10 +1,10 @@
-r"""How much two rows of the field-exact mode move the default experiment.
+r"""How much rows of the field-exact mode move the default experiment.
 
   python experiments/field_rows.py --seeds 0,1,2 --out workdirs/field_rows \
-      [--variants ours,field_augment,widened] [--workers 2]
+      [--variants ours,field_augment,widened,ddp2] [--workers 2]
 
-RebLL on synthetic B0-C4 (``configs/synthetic.py``, every default), three
-variants, each one flag set apart from ``ours``:
+RebLL on synthetic B0-C4 (``configs/synthetic.py``, every default), each
+variant one row apart from ``ours``:
 
 - ``ours``: the default experiment as it is;
 - ``field_augment``: the baseline's augmentation row (issue 11): the host
@@ -36,6 +36,7 @@ VARIANTS = {
     "field_augment": ["augment.policy=field", "augment.flip=False",
                       "augment.cutout=0.5", "augment.cutout_fill=random"],
     "widened": ["protocol.memory_future_labels=ground_truth"],
+    "ddp2": ["train.ddp_processes=2"],
 }
 COLUMNS = (("avg mAP", "avg_map"), ("last mAP", "last_map"), ("CF1", "cf1"),
            ("OF1", "of1"), ("forgetting", "forgetting"))
