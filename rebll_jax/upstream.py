@@ -32,6 +32,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -137,6 +138,15 @@ def resolve_init_from(config) -> str:
   return ensure(config)
 
 
+def _staging_dirs(directory: str) -> list[str]:
+  """``directory``'s half-written copies (``DIR.tmpPID``)."""
+  parent, name = os.path.split(directory)
+  if not os.path.isdir(parent):
+    return []
+  return [os.path.join(parent, entry) for entry in os.listdir(parent)
+          if re.fullmatch(re.escape(name) + r"\.tmp\d+", entry)]
+
+
 def ensure(config, out_dir: str | None = None) -> str:
   """The checkpoint directory of ``config``'s upstream backbone; trains and
   writes it (atomically, under a lock) unless it is already there."""
@@ -149,12 +159,18 @@ def ensure(config, out_dir: str | None = None) -> str:
     if os.path.exists(directory):
       raise UserError(f"{directory} exists but holds no info.json; remove it "
                       "or choose another --out")
+    # Only the lock holder writes a staging copy: any there now is a killed
+    # run's (SIGKILL, SIGTERM, power), which nothing else would remove.
+    for stale in _staging_dirs(directory):
+      shutil.rmtree(stale, ignore_errors=True)
     log.info("pretraining the upstream backbone (once, cached): %s",
              directory)
     staging = f"{directory}.tmp{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    pretrain(config, staging)
-    os.replace(staging, directory)
+    try:
+      pretrain(config, staging)
+      os.replace(staging, directory)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)  # gone after the rename
   return directory
 
 

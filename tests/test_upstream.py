@@ -124,6 +124,37 @@ def test_pretrain_cache_and_load(tmp_path, monkeypatch):
                                "small_resnet")
 
 
+def test_a_killed_runs_staging_copy_is_removed(tmp_path, monkeypatch):
+  # A run killed while pretraining left DIR.tmpPID behind for good.
+  monkeypatch.setenv(upstream.CACHE_ENV, str(tmp_path))
+  config = _tiny_config()
+  directory = upstream.cache_dir(config)
+  stale = f"{directory}.tmp4242"
+  os.makedirs(os.path.join(stale, "half"))
+  unrelated = f"{directory}.tmp4242x"  # not a staging name: kept
+  os.makedirs(unrelated)
+
+  def fails(config, out_dir):
+    os.makedirs(out_dir)
+    raise RuntimeError("diverged")
+
+  monkeypatch.setattr(upstream, "pretrain", fails)
+  with pytest.raises(RuntimeError, match="diverged"):
+    upstream.ensure(config)
+  # The stale copy and this run's own half-written one are gone.
+  assert sorted(os.listdir(os.path.dirname(directory))) == sorted(
+      [os.path.basename(directory) + ".lock", os.path.basename(unrelated)])
+
+  def writes(config, out_dir):
+    os.makedirs(out_dir)
+    with open(os.path.join(out_dir, "info.json"), "w") as f:
+      f.write("{}")
+
+  monkeypatch.setattr(upstream, "pretrain", writes)
+  assert upstream.ensure(config) == directory
+  assert os.path.isfile(os.path.join(directory, "info.json"))
+
+
 def test_resolve_errors_and_passthrough():
   assert upstream.resolve_init_from(make_config()) == ""
   assert upstream.resolve_init_from(
