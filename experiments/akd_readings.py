@@ -70,6 +70,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   by_slug = {_slug(name): name for name in READINGS}
   chosen = args.readings.split(",")
+  method_table.cli_checks.refuse_repeats(parser, "--readings", chosen)
   unknown = sorted(set(chosen) - set(by_slug))
   if unknown:
     parser.error(f"unknown readings {unknown}; valid: {sorted(by_slug)}")

@@ -62,6 +62,8 @@ def main(argv=None):
   for v in variants:
     if v not in VARIANTS:
       parser.error(f"unknown variant {v!r}; valid: {list(VARIANTS)}")
+  # Twice: two concurrent runs in one workdir (the second refused).
+  method_table.cli_checks.refuse_repeats(parser, "--variants", variants)
   jobs = [(v, s) for s in seeds for v in variants]
   with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
     futures = {pool.submit(method_table.run_one, os.path.join(args.out, v),

@@ -95,3 +95,18 @@ def test_field_rows_refused_or_damaged_run_is_one_error(tmp_path):
   with pytest.raises(SystemExit) as exit_info:
     field_rows.main(argv)
   assert "results.json is unreadable" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("script,argv,why", [
+    ("field_rows", ["--variants", "ours,ddp2,ours"], "--variants names ours"),
+    ("akd_readings", ["--readings", "default,default"],
+     "--readings names default"),
+])
+def test_a_variant_named_twice_is_a_usage_error(tmp_path, capsys, script,
+                                                argv, why):
+  # field_rows started two runs in one workdir at once.
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f"experiments.{script}")
+  assert why in _usage_error(module.main, argv + ["--out", str(tmp_path)],
+                             capsys)
+  assert not os.listdir(tmp_path)
