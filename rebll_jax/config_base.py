@@ -127,6 +127,11 @@ def base_config() -> ml_collections.ConfigDict:
   # processes' gradients). 1: statistics over the whole global batch.
   # Independent of num_devices (README "Field-exact mode").
   c.train.ddp_processes = 1
+  # An epoch's last, short batch: "drop" (static batches; a task smaller
+  # than a batch wraps around) | "keep" (trained, padded to the batch size
+  # with rows of weight 0 in every loss and BatchNorm statistic: the
+  # baseline's DataLoader(drop_last=False), one more step per epoch).
+  c.train.last_batch = "drop"
   c.train.epochs_first = 8
   c.train.epochs_later = 8
   c.train.eval_batch = 256
@@ -224,7 +229,8 @@ def apply_field_recipe(c: ml_collections.ConfigDict, dataset: str
   cycled with the one-cycle lr), memory (the iCaRL code's herding; dedup by
   image id except on VOC), each task's head rows drawn fresh, and on COCO
   and VOC the shipped scripts' two DDP processes (per-process BatchNorm
-  statistics, the summed ASL halved). The strict ``> 0.8`` F1 threshold and torch's
+  statistics, the summed ASL halved), and every epoch's short last batch
+  trained (``drop_last=False``). The strict ``> 0.8`` F1 threshold and torch's
   one-cycle step boundaries are already the defaults. Not emulated:
   the baseline's fp16 autocast with loss scaling (README, "Field-exact
   mode"). Returns ``c`` (modified in place).
@@ -249,6 +255,7 @@ def apply_field_recipe(c: ml_collections.ConfigDict, dataset: str
   c.model.head_rows = "fresh"
   if dataset != "synthetic":  # the shipped COCO and VOC scripts: 2 x 64
     c.train.ddp_processes = 2
+  c.train.last_batch = "keep"
   c.eval.threshold = 0.8
   return c
 

@@ -62,8 +62,11 @@ REDUCTIONS = ("none", "mean", "sum")
 POD_FLAT_EPS = 1e-12  # added to squared norms, as torch's cosine_embedding_loss
 
 
-def reduce_examples(values, *, reduction):
+def reduce_examples(values, *, reduction, weight=None):
   """Per-example values [N] -> themselves ("none"), their mean or their sum.
+
+  ``weight`` ([N] 0/1, or None for all 1): the rows that count; rows of
+  weight 0 pad a short batch (``train.last_batch=keep``) and add nothing.
 
   "sum" is the PyTorch baseline trainer's reduction of ASL (``-loss.sum()``
   over batch and classes). Inside a data-parallel jit the sum and the mean
@@ -72,9 +75,15 @@ def reduce_examples(values, *, reduction):
   """
   if reduction == "none":
     return values
-  if reduction == "mean":
+  if weight is not None:
+    weighted = jnp.sum(values * weight)
+    if reduction == "mean":
+      return weighted / jnp.maximum(jnp.sum(weight), 1.0)
+    if reduction == "sum":
+      return weighted
+  elif reduction == "mean":
     return jnp.mean(values)
-  if reduction == "sum":
+  elif reduction == "sum":
     return jnp.sum(values)
   raise ValueError(f"reduction={reduction!r}; valid: {REDUCTIONS}")
 

@@ -45,6 +45,7 @@ MAY_CHANGE_ON_RESUME = (
 VALUE_BEFORE_THE_FIELD = {
     "model.head_rows": "kept",
     "train.ddp_processes": 1,
+    "train.last_batch": "drop",
 }
 
 

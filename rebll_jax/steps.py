@@ -7,7 +7,10 @@ task (no past model) has its own. The old model is an input under
 ``stop_gradient``.
 
 A batch holds ``images`` (uint8 NHWC), ``labels`` and ``known`` ([B, C]:
-what the trainer may see) and ``is_memory`` ([B] bool). ``truth`` (the
+what the trainer may see) and ``is_memory`` ([B] bool); with
+``train.last_batch=keep`` also ``row_weight`` ([B] float 0/1: an epoch's
+short last batch is padded to B with rows of weight 0, which count in no
+loss, statistic or diagnostic). ``truth`` (the
 hidden full ground truth, [B, C]) is a separate argument, passed only when
 label diagnostics are on (``None`` otherwise); no loss ever reads it.
 
@@ -105,20 +108,22 @@ def task_context(task, *, task_start, total_steps, lr_peak) -> dict:
 
 
 def objective(*, method: Method, config, out, old_out, labels, mask,
-              context):
+              context, row_weight=None):
   """The method's loss on one batch: (scalar loss, logged terms).
 
   ``L_cls`` (asymmetric BCE on ``mask``, reduced over examples as the method
   says; a sum over ``train.ddp_processes`` emulated processes is their
   mean) plus its distillation toward the past model's outputs ``old_out``
   (None in the first task): logit distillation weighted by
-  ``loss.lambda_kd``, or POD-flat on pooled features.
+  ``loss.lambda_kd``, or POD-flat on pooled features. ``row_weight`` ([B]
+  0/1 or None): the rows every term reduces over (a short batch's padding
+  has 0).
   """
   logits = out["logits"]
   cls = losses.asymmetric_bce(logits=logits, labels=labels, mask=mask,
                               **method.cls_loss_params(config.loss))
   reduction = method.reduction(config.loss)
-  loss = losses.reduce_examples(cls, reduction=reduction)
+  loss = losses.reduce_examples(cls, reduction=reduction, weight=row_weight)
   processes = config.train.get("ddp_processes", 1)
   if reduction == "sum" and processes > 1:
     # DDP averages the processes' gradients of their own sums: a mean
@@ -130,17 +135,22 @@ def objective(*, method: Method, config, out, old_out, labels, mask,
   kd_params = method.distill_params(config.loss)
   if kd_params is not None:
     kd_mask = jnp.broadcast_to(context["old_mask"], logits.shape)
+    if row_weight is not None:  # out of the adaptive decay's batch mean too
+      kd_mask = kd_mask * row_weight[:, None]
     kd = losses.asymmetric_distillation(
         logits=logits, old_logits=jax.lax.stop_gradient(old_out["logits"]),
         mask=kd_mask, **kd_params)
-    terms["loss_kd"] = jnp.mean(kd)
+    terms["loss_kd"] = losses.reduce_examples(kd, reduction="mean",
+                                              weight=row_weight)
     loss = loss + config.loss.lambda_kd * terms["loss_kd"]
   elif method.distill == "pod_flat":
     terms["loss_pod_flat"] = losses.pod_flat(
         features=out["features"], old_features=old_out["features"],
         n_seen=jnp.sum(context["seen_mask"]),
         task_size=config.protocol.increment,
-        weight=config.loss.pod_flat_weight, reduction="mean")
+        weight=config.loss.pod_flat_weight)
+    terms["loss_pod_flat"] = losses.reduce_examples(
+        terms["loss_pod_flat"], reduction="mean", weight=row_weight)
     loss = loss + terms["loss_pod_flat"]
   return loss, terms
 
@@ -163,6 +173,11 @@ def make_train_step(*, model: nn.Module, method: Method, config,
     labels, known = batch["labels"], batch["known"].astype(bool)
     given_known = known
     label_counts = {}
+    row_weight = batch.get("row_weight")
+    counted = None if row_weight is None else row_weight > 0
+    only_counted = lambda rows: rows if counted is None else rows & counted  # noqa: E731
+    train_model = (model if row_weight is None
+                   else model.clone(norm_row_weight=row_weight))
 
     old_out = old_logits = None
     if has_old:
@@ -177,7 +192,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
         if truth is not None:
           label_counts["new"] = diagnostics.relabel_counts(
               known_before=given_known, known_after=known, labels=labels,
-              truth=truth, rows=~is_memory)
+              truth=truth, rows=only_counted(~is_memory))
 
     columns = method.loss_columns(context)
     warm = relabel.warmup_active(step=task_step,
@@ -185,7 +200,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
                                  warmup_frac=config.relabel.warmup_frac)
 
     def loss_fn(params):
-      out, updates = model.apply(
+      out, updates = train_model.apply(
           {"params": params, "batch_stats": state.batch_stats}, images,
           train=True, mutable=["batch_stats"])
       logits = out["logits"]
@@ -202,13 +217,14 @@ def make_train_step(*, model: nn.Module, method: Method, config,
         if truth is not None:
           extra["memory"] = diagnostics.relabel_counts(
               known_before=before, known_after=k, labels=y, truth=truth,
-              rows=is_memory)
+              rows=only_counted(is_memory))
       y, mask = method.loss_targets(y, k, columns)
       loss, terms = objective(
           method=method, config=config, out=out, old_out=old_out, labels=y,
-          mask=mask, context=context)
-      positives = jnp.sum(mask * y)
-      terms["cls_positives"] = positives
+          mask=mask, context=context, row_weight=row_weight)
+      if row_weight is not None:
+        mask = mask * row_weight[:, None]
+      terms["cls_positives"] = jnp.sum(mask * y)
       terms["cls_negatives"] = jnp.sum(mask * (1 - y))
       return loss, (updates["batch_stats"], terms, extra)
 

@@ -392,7 +392,9 @@ def _task_batches(setup: Setup, state: RunState, task, view):
       seed=config.seed, task=task.index, mix=config.memory.mix,
       fraction=config.memory.fraction,
       host_augment=field_augment.from_config(
-          config.augment, workers=config.data.num_workers))
+          config.augment, workers=config.data.num_workers),
+      last_batch=config.train.get("last_batch", "drop"),
+      processes=config.train.get("ddp_processes", 1))
   note = batches.wrap_note()
   if note:
     log.warning(note)

@@ -44,7 +44,8 @@ def _registries() -> dict:
           "loss.reduction": ("",) + methods.CLS_REDUCTIONS,
           "loss.decay_on": losses.DECAY_ON,
           "protocol.memory_future_labels": replay.MEMORY_FUTURE_LABELS,
-          "model.head_rows": steps.HEAD_ROWS}
+          "model.head_rows": steps.HEAD_ROWS,
+          "train.last_batch": loader.LAST_BATCH}
 
 
 def check_config(config, setting=None):
@@ -103,6 +104,7 @@ def check_config(config, setting=None):
                             config.train.global_batch)
   _check(config.train.global_batch > 0, "train.global_batch must be > 0")
   check_ddp_processes(config.train)
+  check_last_batch(config)
   _check(config.train.epochs_first > 0 and config.train.epochs_later > 0,
          "train.epochs_first and train.epochs_later must be > 0")
   _check(config.train.eval_batch > 0, "train.eval_batch must be > 0")
@@ -173,6 +175,17 @@ def _memory_rows(fraction: float, batch: int) -> int:
   """Memory rows of each batch with memory.mix=fraction (the rounding of
   ``loader.TaskBatches``, over the global batch)."""
   return int(round(fraction * batch))
+
+
+def check_last_batch(config):
+  """``keep`` batches one shuffled order of new and memory rows, as the
+  baseline's ConcatDataset does: with a fixed memory share per batch there
+  is no one last batch to keep."""
+  _check(config.train.get("last_batch", "drop") != "keep"
+         or config.memory.mix == "uniform",
+         "train.last_batch=keep needs memory.mix=uniform (one shuffled order "
+         "of new and memory rows, as the baseline's DataLoader has; "
+         f"memory.mix={config.memory.mix!r} takes a fixed share per batch)")
 
 
 def check_ddp_processes(train_cfg):

@@ -136,26 +136,31 @@ def test_every_norm_of_a_backbone_is_per_process():
 @pytest.mark.parametrize("arch", ["small_resnet", "resnet50", "tresnet_m"])
 def test_every_batchnorm_of_every_arch_gets_the_groups(arch):
   """Traced only (no compile): each train-mode norm of the model built with
-  norm_groups=2 is our grouped BatchNorm, and there is one per norm of the
-  parameter tree."""
+  norm_groups=2 (and given row weights, train.last_batch=keep) is our
+  grouped, weighted BatchNorm, and there is one per norm of the parameter
+  tree."""
   c = config_base.base_config()
   c.model.arch = arch
   c.model.norm_impl = "flax"  # groups must override it
   model = build_model(c.model, 3, norm_groups=2)
   images = jnp.zeros((4, 32, 32, 3))
+  weighted = model.clone(norm_row_weight=jnp.asarray([1., 1., 1., 0.]))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
   seen = []
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, (norm.BatchNorm, nn.BatchNorm)):
-      seen.append(getattr(context.module, "groups", 1))
+    if (context.method_name == "__call__" and
+        isinstance(context.module, (norm.BatchNorm, nn.BatchNorm))):
+      seen.append((getattr(context.module, "groups", 1),
+                   getattr(context.module, "row_weight", None) is not None))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda v: model.apply(v, images, train=True,
-                                         mutable=["batch_stats"]), variables)
+    jax.eval_shape(lambda v: weighted.apply(v, images, train=True,
+                                            mutable=["batch_stats"]),
+                   variables)
   norms = len(jax.tree.leaves(variables["batch_stats"])) // 2
-  assert norms > 0 and seen == [2] * norms
+  assert norms > 0 and seen == [(2, True)] * norms
 
 
 @pytest.mark.parametrize("processes,batch,ok", [

@@ -6,7 +6,14 @@ the same batches from s on. Each process reads only its slice of the global
 batch (multi-host); a background thread keeps a few batches ready.
 
 The last partial batch of an epoch is dropped (static shapes, no recompile);
-a task smaller than one batch wraps around its permutation instead.
+a task smaller than one batch wraps around its permutation instead. With
+``last_batch="keep"`` (the PyTorch baseline's ``drop_last=False``) it
+trains: an epoch is ceil(rows / B) batches, and the last one is padded to B
+with copies of its rows under ``row_weight`` 0 (one static shape). With
+``processes`` P (``train.ddp_processes``) the epoch's order is first padded
+to a multiple of P with its own first rows, as torch's
+``DistributedSampler`` pads it, so each emulated process's share of the
+last batch (rows p, p + P, ...) is as large as the others'.
 
 With ``host_augment`` (``augment.policy=field``) each image of a batch is
 augmented here, in the producer thread, by a transform whose randomness is
@@ -28,6 +35,7 @@ from rebll_jax.protocol import TaskView
 
 
 MIXES = ("uniform", "fraction")  # memory.mix: how replay joins batches
+LAST_BATCH = ("drop", "keep")  # train.last_batch: an epoch's short batch
 
 
 @dataclasses.dataclass
@@ -59,7 +67,8 @@ class TaskBatches:
   def __init__(self, *, split: Split, view: TaskView, memory: MemoryRows,
                global_batch: int, local_rows: slice, seed: int, task: int,
                mix: str = "uniform", fraction: float = 0.25,
-               host_augment: Callable[..., np.ndarray] | None = None):
+               host_augment: Callable[..., np.ndarray] | None = None,
+               last_batch: str = "drop", processes: int = 1):
     self.split, self.view, self.memory = split, view, memory
     # (images, *, seed, task, step, rows) -> images, e.g.
     # field_augment.HostAugment; None = raw images (augmented on device).
@@ -68,7 +77,16 @@ class TaskBatches:
     self.seed, self.task = seed, task
     self.mix = mix if len(memory) else "uniform"
     num_new, num_mem = len(view), len(memory)
-    if self.mix == "fraction":
+    if last_batch not in LAST_BATCH:
+      raise ValueError(f"last_batch={last_batch!r}; valid: {LAST_BATCH}")
+    # Keep: the epoch's order padded to a multiple of the processes.
+    self.keep_rows = None
+    if last_batch == "keep":
+      if self.mix != "uniform":
+        raise ValueError("last_batch='keep' needs mix='uniform'")
+      self.keep_rows = -(-(num_new + num_mem) // processes) * processes
+      self.steps_per_epoch = -(-self.keep_rows // global_batch)
+    elif self.mix == "fraction":
       self.mem_per_batch = int(round(fraction * global_batch))
       self.new_per_batch = global_batch - self.mem_per_batch
       self.steps_per_epoch = max(1, num_new // self.new_per_batch)
@@ -79,6 +97,8 @@ class TaskBatches:
     """Why one epoch repeats rows (a source shorter than its share of a
     batch; the loader wraps its permutation), or None."""
     num_new, num_mem = len(self.view), len(self.memory)
+    if self.keep_rows is not None:
+      return None  # a short batch is padded with rows of weight 0
     if self.mix == "fraction":
       short = [f"{n} {what} rows for {k} per batch" for n, k, what in (
           (num_new, self.new_per_batch, "new"),
@@ -107,9 +127,20 @@ class TaskBatches:
                              -1 - mem[m0:m0 + self.mem_per_batch]])
     order = np.resize(_epoch_order(self.seed, self.task, epoch,
                                    num_new + num_mem),
+                      self.keep_rows or
                       self.steps_per_epoch * self.global_batch)
     rows = order[within * self.global_batch:(within + 1) * self.global_batch]
+    # keep: a short last batch repeats its rows (weight 0, _row_weight).
+    rows = np.resize(rows, self.global_batch)
     return np.where(rows < num_new, rows, -1 - (rows - num_new))
+
+  def _row_weight(self, step) -> np.ndarray:
+    """[B] float32: 1 for the rows of global batch ``step`` that count, 0
+    for the padding of an epoch's short last batch (keep only)."""
+    within = step % self.steps_per_epoch
+    real = min(self.global_batch,
+               self.keep_rows - within * self.global_batch)
+    return (np.arange(self.global_batch) < real).astype(np.float32)
 
   def batch(self, step: int) -> dict:
     """This process's rows of global batch ``step`` as numpy arrays."""
@@ -138,8 +169,11 @@ class TaskBatches:
       rows_in_global = np.arange(self.global_batch)[self.local_rows]
       images = self.host_augment(images, seed=self.seed, task=self.task,
                                  step=step, rows=rows_in_global)
-    return {"images": images, "labels": labels, "known": known,
-            "is_memory": is_mem, "true_labels": true}
+    batch = {"images": images, "labels": labels, "known": known,
+             "is_memory": is_mem, "true_labels": true}
+    if self.keep_rows is not None:
+      batch["row_weight"] = self._row_weight(step)[self.local_rows]
+    return batch
 
   def _image_shape(self):
     if not hasattr(self, "_shape"):

@@ -24,6 +24,10 @@ group g is rows g, g + groups, g + 2 * groups, ...; the running averages
 follow group 0's statistics (process 0's, the model the baseline saves and
 evaluates).
 
+``row_weight`` ([B] 0/1, ``train.last_batch=keep``) takes the rows of
+weight 0, which pad an epoch's short last batch to the static batch size,
+out of the statistics; they get no gradient either.
+
 ``norm_act`` builds either implementation for the models, so that every
 backbone takes ``model.norm_impl`` the same way.
 """
@@ -119,6 +123,59 @@ _train_norm = jax.custom_vjp(_fused_batch_norm, nondiff_argnums=(3, 4, 5))
 _train_norm.defvjp(_train_norm_fwd, _train_norm_bwd)
 
 
+# Row weights (``train.last_batch=keep``): a batch padded to its static size
+# with rows of weight 0, which must not move the statistics. ``w`` is shaped
+# to broadcast against x (1 on every axis but the rows'). With weights 0/1:
+#   mean = sum(w x) / N,  var = sum(w x^2) / N - mean^2,  N = sum(w) * H * W
+#   dx_i = scale * inv * (g_i - w_i sum(g) / N - w_i xhat_i sum(g xhat) / N)
+# (a weight-0 row's output depends on the statistics, not they on it).
+
+def _weighted_stats(x, w, groups):
+  keep = groups > 1
+  axes = _stat_axes(x, groups)
+  count = jnp.sum(jnp.broadcast_to(w, x.shape[:-1] + (1,)), axes,
+                  keepdims=keep)
+  mean = jnp.sum(w * x, axes, keepdims=keep) / count
+  var = jnp.maximum(jnp.sum(w * jnp.square(x), axes, keepdims=keep) / count
+                    - jnp.square(mean), 0.0)
+  return mean, var, count
+
+
+def _weighted_batch_norm(x, w, scale, bias, epsilon, slope, groups):
+  mean, var, _ = _weighted_stats(x, w, groups)
+  return _normalize(x, mean, var, scale, bias, epsilon, slope), mean, var
+
+
+def _weighted_fwd(x, w, scale, bias, epsilon, slope, groups):
+  mean, var, count = _weighted_stats(x, w, groups)
+  y = _normalize(x, mean, var, scale, bias, epsilon, slope)
+  return (y, mean, var), (x, w, count, mean, var, scale, y)
+
+
+def _weighted_bwd(epsilon, slope, groups, residuals, cotangents):
+  x, w, count, mean, var, scale, y = residuals
+  g = cotangents[0]
+  if slope is not None:
+    g = jnp.where(y > 0, g, slope * g)
+  axes = _stat_axes(x, groups)
+  keep = groups > 1
+  inv = jax.lax.rsqrt(var + epsilon)
+  xhat = (x - mean) * inv
+  g_sum = jnp.sum(g, axes, keepdims=keep)
+  gx_sum = jnp.sum(g * xhat, axes, keepdims=keep)
+  dx = (scale * inv) * (g - w * (g_sum / count)
+                        - w * xhat * (gx_sum / count))
+  to_channels = tuple(range(x.ndim - 1))
+  if keep:
+    gx_sum, g_sum = jnp.sum(gx_sum, to_channels), jnp.sum(g_sum, to_channels)
+  return dx, jnp.zeros_like(w), gx_sum, g_sum
+
+
+_weighted_train_norm = jax.custom_vjp(_weighted_batch_norm,
+                                      nondiff_argnums=(4, 5, 6))
+_weighted_train_norm.defvjp(_weighted_fwd, _weighted_bwd)
+
+
 class BatchNorm(nn.Module):
   """``nn.BatchNorm`` over the last axis, then a leaky ReLU of negative
   slope ``slope`` (0: ReLU; None: no activation). ``groups``: train-mode
@@ -132,6 +189,9 @@ class BatchNorm(nn.Module):
   scale_init: Callable = nn.initializers.ones
   bias_init: Callable = nn.initializers.zeros
   groups: int = 1
+  # [B] 0/1 weights of the batch's rows for train-mode statistics (rows of
+  # weight 0 pad a short batch); None: every row counts.
+  row_weight: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -146,6 +206,8 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       y = _normalize(x32, ra_mean.value, ra_var.value, scale, bias,
                      self.epsilon, self.slope)
+    elif self.row_weight is not None:
+      y, mean, var = self._weighted(x32, scale, bias)
     elif self.groups == 1:
       y, mean, var = _train_norm(x32, scale, bias, self.epsilon, self.slope,
                                  1)
@@ -166,22 +228,37 @@ class BatchNorm(nn.Module):
         ra_var.value = m * ra_var.value + (1 - m) * var
     return y.astype(self.dtype)
 
+  def _weighted(self, x, scale, bias):
+    """(y, mean, var) with row weights (and groups): group 0's statistics."""
+    g = self.groups
+    rows = (1,) * (x.ndim - 1)
+    w = self.row_weight.astype(jnp.float32)
+    if g == 1:
+      y, mean, var = _weighted_train_norm(x, w.reshape((-1,) + rows), scale,
+                                          bias, self.epsilon, self.slope, 1)
+      return y, mean.reshape(-1), var.reshape(-1)
+    y, mean, var = _weighted_train_norm(
+        _group_rows(x, g), w.reshape((-1, g) + rows), scale, bias,
+        self.epsilon, self.slope, g)
+    return (y.reshape(x.shape), mean.reshape(g, -1)[0],
+            var.reshape(g, -1)[0])
+
 
 def norm_act(impl: str, train: bool, dtype, name: str,
              slope: Optional[float] = None, zero_scale: bool = False,
-             groups: int = 1):
+             groups: int = 1, row_weight=None):
   """BatchNorm (torch's momentum and epsilon) + optional leaky ReLU, as
   ``impl`` ("auto" | "flax" | "fused") computes it; returns a function of
   the activations. ``zero_scale`` starts the scale at 0 (a block's last
   norm). ``groups`` > 1 (statistics per group of rows, module docstring)
-  is the fused module's whatever ``impl`` says: nn.BatchNorm has no such
-  mode."""
+  and ``row_weight`` ([B] 0/1: rows that count in the statistics) are the
+  fused module's whatever ``impl`` says: nn.BatchNorm has neither."""
   kw = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5,
             dtype=dtype, name=name,
             scale_init=nn.initializers.zeros if zero_scale
             else nn.initializers.ones)
-  if groups > 1 or resolve_impl(impl) == "fused":
-    return BatchNorm(slope=slope, groups=groups, **kw)
+  if groups > 1 or row_weight is not None or resolve_impl(impl) == "fused":
+    return BatchNorm(slope=slope, groups=groups, row_weight=row_weight, **kw)
   module = nn.BatchNorm(**kw)
   if slope is None:
     return module

@@ -38,10 +38,11 @@ class _Layers:
   """Conv / norm factories bound to one module's dtype and train flag."""
 
   def __init__(self, dtype, train: bool, conv_impl: str = "auto",
-               norm_impl: str = "auto", norm_groups: int = 1):
+               norm_impl: str = "auto", norm_groups: int = 1,
+               norm_row_weight=None):
     self.dtype, self.train = dtype, train
     self.conv_impl, self.norm_impl = conv_impl, norm_impl
-    self.norm_groups = norm_groups
+    self.norm_groups, self.norm_row_weight = norm_groups, norm_row_weight
 
   def conv(self, features, k, stride=1, name=None):
     return Conv(features, (k, k), (stride, stride), padding=_pad(k),
@@ -52,7 +53,7 @@ class _Layers:
     # torch momentum 0.1 == Flax momentum 0.9; eps as in torch.
     return norm_act(self.norm_impl, self.train, self.dtype, name,
                     0.0 if relu else None, zero_scale=zero,
-                    groups=self.norm_groups)
+                    groups=self.norm_groups, row_weight=self.norm_row_weight)
 
 
 class BasicBlock(nn.Module):
@@ -63,12 +64,13 @@ class BasicBlock(nn.Module):
   conv_impl: str = "auto"
   norm_impl: str = "auto"
   norm_groups: int = 1
+  norm_row_weight: Any = None
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl,
-                self.norm_groups)
+                self.norm_groups, self.norm_row_weight)
     y = L.conv(self.planes, 3, self.stride, "conv1")(x)
     y = L.norm("bn1", relu=True)(y)
     y = L.conv(self.planes, 3, 1, "conv2")(y)
@@ -87,12 +89,13 @@ class Bottleneck(nn.Module):
   conv_impl: str = "auto"
   norm_impl: str = "auto"
   norm_groups: int = 1
+  norm_row_weight: Any = None
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
     L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl,
-                self.norm_groups)
+                self.norm_groups, self.norm_row_weight)
     out = self.planes * self.expansion
     y = L.norm("bn1", relu=True)(L.conv(self.planes, 1, 1, "conv1")(x))
     y = L.conv(self.planes, 3, self.stride, "conv2")(y)
@@ -121,13 +124,14 @@ class ResNet(nn.Module):
   conv_impl: str = "auto"  # see rebll_jax.models.conv
   norm_impl: str = "auto"  # see rebll_jax.models.norm
   norm_groups: int = 1  # train-mode BatchNorm groups (models.norm)
+  norm_row_weight: Any = None  # [B] rows that count in them (models.norm)
 
   head_name = "fc"  # top-level params the converter leaves out
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     L = _Layers(self.dtype, train, self.conv_impl, self.norm_impl,
-                self.norm_groups)
+                self.norm_groups, self.norm_row_weight)
     x = images.astype(self.dtype)
     x = L.norm("bn1", relu=True)(L.conv(64, 7, 2, "conv1")(x))
     # XLA's own gradient with XLA's convolutions; the CPU formulations take
@@ -140,7 +144,7 @@ class ResNet(nn.Module):
         stride = 2 if stage > 0 and i == 0 else 1
         x = block(64 * 2**stage, stride, self.zero_init_residual, self.dtype,
                   self.conv_impl, self.norm_impl, self.norm_groups,
-                  name=f"layer{stage + 1}_{i}")(x, train)
+                  self.norm_row_weight, name=f"layer{stage + 1}_{i}")(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes == 0:
       return {"logits": jnp.zeros((x.shape[0], 0), jnp.float32),

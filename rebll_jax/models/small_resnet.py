@@ -23,12 +23,13 @@ class BasicBlock(nn.Module):
   conv_impl: str = "auto"  # see rebll_jax.models.conv
   norm_impl: str = "auto"  # see rebll_jax.models.norm
   norm_groups: int = 1  # train-mode BatchNorm groups (models.norm)
+  norm_row_weight: Any = None  # [B] rows that count in them (models.norm)
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = lambda name, slope=None, zero_scale=False: norm_act(
         self.norm_impl, train, self.dtype, name, slope, zero_scale,
-        self.norm_groups)
+        self.norm_groups, self.norm_row_weight)
     residual = x
     y = Conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)),
              use_bias=False, dtype=self.dtype, impl=self.conv_impl,
@@ -58,6 +59,7 @@ class SmallResNet(nn.Module):
   conv_impl: str = "auto"  # see rebll_jax.models.conv
   norm_impl: str = "auto"  # see rebll_jax.models.norm
   norm_groups: int = 1  # train-mode BatchNorm groups (models.norm)
+  norm_row_weight: Any = None  # [B] rows that count in them (models.norm)
   head_name = "head"  # the classifier's params (steps.fresh_head_rows)
 
   @nn.compact
@@ -67,12 +69,14 @@ class SmallResNet(nn.Module):
              padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
              impl=self.conv_impl, name="stem_conv")(x)
     x = norm_act(self.norm_impl, train, self.dtype, "stem_bn", 0.0,
-                 groups=self.norm_groups)(x)
+                 groups=self.norm_groups,
+                 row_weight=self.norm_row_weight)(x)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.width * 2**stage, strides, self.dtype,
                        self.conv_impl, self.norm_impl, self.norm_groups,
+                       self.norm_row_weight,
                        name=f"stage{stage + 1}_block{block + 1}")(x, train)
     features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)

@@ -67,6 +67,7 @@ class ConvNormAct(nn.Module):
   conv_impl: str = "auto"
   norm_impl: str = "auto"
   norm_groups: int = 1
+  norm_row_weight: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -75,7 +76,8 @@ class ConvNormAct(nn.Module):
              padding=((p, p), (p, p)), use_bias=False, kernel_init=conv_init,
              dtype=self.dtype, impl=self.conv_impl, name="conv")(x)
     x = norm_act(self.norm_impl, train, self.dtype, "bn", self.slope,
-                 zero_scale=self.zero_norm, groups=self.norm_groups)(x)
+                 zero_scale=self.zero_norm, groups=self.norm_groups,
+                 row_weight=self.norm_row_weight)(x)
     return blur_downsample(x) if self.blur else x
 
 
@@ -99,7 +101,8 @@ class SqueezeExcite(nn.Module):
 def _kernels(module) -> dict:
   """The dtype and kernel choices a block hands to its layers."""
   return dict(dtype=module.dtype, conv_impl=module.conv_impl,
-              norm_impl=module.norm_impl, norm_groups=module.norm_groups)
+              norm_impl=module.norm_impl, norm_groups=module.norm_groups,
+              norm_row_weight=module.norm_row_weight)
 
 
 class Shortcut(nn.Module):
@@ -111,6 +114,7 @@ class Shortcut(nn.Module):
   conv_impl: str = "auto"
   norm_impl: str = "auto"
   norm_groups: int = 1
+  norm_row_weight: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -131,6 +135,7 @@ class BasicBlock(nn.Module):
   conv_impl: str = "auto"
   norm_impl: str = "auto"
   norm_groups: int = 1
+  norm_row_weight: Any = None
   expansion = 1
 
   @nn.compact
@@ -157,6 +162,7 @@ class Bottleneck(nn.Module):
   conv_impl: str = "auto"
   norm_impl: str = "auto"
   norm_groups: int = 1
+  norm_row_weight: Any = None
   expansion = 4
 
   @nn.compact
@@ -190,6 +196,7 @@ class TResNet(nn.Module):
   conv_impl: str = "auto"  # see rebll_jax.models.conv
   norm_impl: str = "auto"  # see rebll_jax.models.norm
   norm_groups: int = 1  # train-mode BatchNorm groups (models.norm)
+  norm_row_weight: Any = None  # [B] rows that count in them (models.norm)
 
   head_name = "head_fc"  # top-level params the converter leaves out
 
