@@ -1,7 +1,8 @@
 r"""How much rows of the field-exact mode move the default experiment.
 
   python experiments/field_rows.py --seeds 0,1,2 --out workdirs/field_rows \
-      [--variants ours,field_augment,widened,ddp2] [--workers 2]
+      [--variants ours,field_augment,widened,ddp2,last_batch] \
+      [--workers 2]
 
 RebLL on synthetic B0-C4 (``configs/synthetic.py``, every default), each
 variant one row apart from ``ours``:
@@ -12,7 +13,12 @@ variant one row apart from ``ours``:
   flip, cutout 0.5 with a random colour;
 - ``widened``: ``protocol.memory_future_labels=ground_truth`` (replay
   exemplars get ground truth on their own block and every later one up to
-  the current task).
+  the current task);
+- ``ddp2``: ``train.ddp_processes=2``, the shipped scripts' two DDP
+  processes: BatchNorm statistics over each half of a batch (RebLL's L_cls
+  is a mean, which DDP leaves as it is);
+- ``last_batch``: ``train.last_batch=keep``, the baseline's
+  ``drop_last=False``: each epoch's short last batch trains.
 
 Runs go through ``experiments/method_table.py``'s ``run_one`` (one
 subprocess each, workdir ``OUT/VARIANT/b0c4/rebll/seedS``; a finished run is
@@ -37,6 +43,7 @@ VARIANTS = {
                       "augment.cutout=0.5", "augment.cutout_fill=random"],
     "widened": ["protocol.memory_future_labels=ground_truth"],
     "ddp2": ["train.ddp_processes=2"],
+    "last_batch": ["train.last_batch=keep"],
 }
 COLUMNS = (("avg mAP", "avg_map"), ("last mAP", "last_map"), ("CF1", "cf1"),
            ("OF1", "of1"), ("forgetting", "forgetting"))

@@ -98,11 +98,9 @@ def _train_norm_fwd(x, scale, bias, epsilon, slope, groups):
   return (y, mean, var), (x, mean, var, scale, y)
 
 
-def _train_norm_bwd(epsilon, slope, groups, residuals, cotangents):
-  # The batch statistics feed only the running averages, never the loss:
-  # their cotangents are dropped.
-  x, mean, var, scale, y = residuals
-  g = cotangents[0]
+def _backward_terms(epsilon, slope, groups, x, mean, var, y, g):
+  """The output cotangent through the activation, inv, xhat and the two
+  sums (per channel, and per group with groups) of the closed form."""
   if slope is not None:  # y > 0 exactly where the pre-activation is > 0
     g = jnp.where(y > 0, g, slope * g)
   axes = _stat_axes(x, groups)
@@ -111,12 +109,26 @@ def _train_norm_bwd(epsilon, slope, groups, residuals, cotangents):
   xhat = (x - mean) * inv
   g_sum = jnp.sum(g, axes, keepdims=keep)
   gx_sum = jnp.sum(g * xhat, axes, keepdims=keep)
+  return g, inv, xhat, g_sum, gx_sum
+
+
+def _per_channel(group_sums, groups, x):
+  """scale's and bias's gradients: shared by the groups, their sums add."""
+  if groups == 1:
+    return group_sums
+  return jnp.sum(group_sums, tuple(range(x.ndim - 1)))
+
+
+def _train_norm_bwd(epsilon, slope, groups, residuals, cotangents):
+  # The batch statistics feed only the running averages, never the loss:
+  # their cotangents are dropped.
+  x, mean, var, scale, y = residuals
+  g, inv, xhat, g_sum, gx_sum = _backward_terms(epsilon, slope, groups, x,
+                                                mean, var, y, cotangents[0])
   count = x.size // (x.shape[-1] * groups)
   dx = (scale * inv) * (g - g_sum / count - xhat * (gx_sum / count))
-  if keep:  # scale and bias are shared by the groups: their sums add up
-    to_channels = tuple(range(x.ndim - 1))
-    gx_sum, g_sum = jnp.sum(gx_sum, to_channels), jnp.sum(g_sum, to_channels)
-  return dx, gx_sum, g_sum
+  return (dx, _per_channel(gx_sum, groups, x),
+          _per_channel(g_sum, groups, x))
 
 
 _train_norm = jax.custom_vjp(_fused_batch_norm, nondiff_argnums=(3, 4, 5))
@@ -154,21 +166,12 @@ def _weighted_fwd(x, w, scale, bias, epsilon, slope, groups):
 
 def _weighted_bwd(epsilon, slope, groups, residuals, cotangents):
   x, w, count, mean, var, scale, y = residuals
-  g = cotangents[0]
-  if slope is not None:
-    g = jnp.where(y > 0, g, slope * g)
-  axes = _stat_axes(x, groups)
-  keep = groups > 1
-  inv = jax.lax.rsqrt(var + epsilon)
-  xhat = (x - mean) * inv
-  g_sum = jnp.sum(g, axes, keepdims=keep)
-  gx_sum = jnp.sum(g * xhat, axes, keepdims=keep)
+  g, inv, xhat, g_sum, gx_sum = _backward_terms(epsilon, slope, groups, x,
+                                                mean, var, y, cotangents[0])
   dx = (scale * inv) * (g - w * (g_sum / count)
                         - w * xhat * (gx_sum / count))
-  to_channels = tuple(range(x.ndim - 1))
-  if keep:
-    gx_sum, g_sum = jnp.sum(gx_sum, to_channels), jnp.sum(g_sum, to_channels)
-  return dx, jnp.zeros_like(w), gx_sum, g_sum
+  return (dx, jnp.zeros_like(w), _per_channel(gx_sum, groups, x),
+          _per_channel(g_sum, groups, x))
 
 
 _weighted_train_norm = jax.custom_vjp(_weighted_batch_norm,
