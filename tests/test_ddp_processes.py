@@ -67,10 +67,10 @@ def test_grouped_norm_is_flax_batchnorm_per_group(slope):
       upds.append(upd)
     return total, (ys, upds)
 
-  (l1, (y1, u1)), g1 = jax.value_and_grad(loss_ours, argnums=(0, 1),
-                                          has_aux=True)(variables, x)
-  (l0, (y0, u0)), g0 = jax.value_and_grad(loss_groups, argnums=(0, 1),
-                                          has_aux=True)(variables, x)
+  grad = lambda f: jax.jit(jax.value_and_grad(  # noqa: E731
+      f, argnums=(0, 1), has_aux=True))
+  (l1, (y1, u1)), g1 = grad(loss_ours)(variables, x)
+  (l0, (y0, u0)), g0 = grad(loss_groups)(variables, x)
   np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-4)
   for g in range(groups):
     np.testing.assert_allclose(y1[g::groups], y0[g], rtol=1e-5, atol=1e-5)
