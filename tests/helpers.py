@@ -65,3 +65,12 @@ def params_after_task(workdir, task):
   finally:
     ckpt.close()
   return tree["train"]["params"], tree["train"]["batch_stats"]
+
+
+def norm_variables(rng, channels: int) -> dict:
+  """A BatchNorm's variables: random scale and bias, fresh statistics."""
+  normal = lambda mean: np.asarray(  # noqa: E731
+      rng.normal(mean, .3, channels), np.float32)
+  return {"params": {"scale": normal(1.0), "bias": normal(0.0)},
+          "batch_stats": {"mean": np.zeros(channels, np.float32),
+                          "var": np.ones(channels, np.float32)}}

@@ -24,6 +24,7 @@ from rebll_jax import config_base, run_identity, validate
 from rebll_jax.errors import UserError
 from rebll_jax.models import build_model, init_variables, norm
 from rebll_jax.models import small_resnet
+from tests.helpers import make_config, norm_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -41,11 +42,7 @@ def test_grouped_norm_is_flax_batchnorm_per_group(slope):
   # Groups with different statistics, so that a global norm would differ.
   x = x * jnp.asarray([1.0, 3.0, 0.5] * 4)[:, None, None, None]
   weights = jnp.asarray(rng.normal(0, 1, x.shape), jnp.float32)
-  variables = {"params": {"scale": jnp.asarray(rng.normal(1, .3, 5),
-                                               jnp.float32),
-                          "bias": jnp.asarray(rng.normal(0, .3, 5),
-                                              jnp.float32)},
-               "batch_stats": {"mean": jnp.zeros(5), "var": jnp.ones(5)}}
+  variables = norm_variables(rng, 5)
   ours = norm.BatchNorm(momentum=0.9, epsilon=1e-5, slope=slope,
                         groups=groups)
   theirs = nn.BatchNorm(use_running_average=False, momentum=0.9,
@@ -199,7 +196,6 @@ def test_a_checkpoint_from_before_the_field_resumes_only_with_one():
 
 def test_a_run_builds_its_model_with_the_processes(tmp_path):
   from rebll_jax import train  # pylint: disable=g-import-not-at-top
-  from tests.helpers import make_config  # pylint: disable=g-import-not-at-top
   setup = train.set_up(make_config(**{"train.ddp_processes": 2}),
                        str(tmp_path))
   setup.lock.release()

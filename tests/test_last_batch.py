@@ -21,7 +21,7 @@ from rebll_jax import config_base
 from rebll_jax.data import loader
 from rebll_jax.errors import UserError
 from rebll_jax.models import build_model, init_variables, norm
-from tests.helpers import make_config
+from tests.helpers import make_config, norm_variables
 from tests.test_loader import _memory, _split
 
 
@@ -93,11 +93,7 @@ def test_weighted_norm_is_the_norm_of_the_counted_rows(groups, slope):
   x = jnp.asarray(rng.normal(1, 2, (8, 3, 3, 4)), jnp.float32)
   weight = jnp.asarray([1, 1, 1, 1, 1, 1, 0, 0], jnp.float32)
   targets = jnp.asarray(rng.normal(0, 1, x.shape), jnp.float32)
-  variables = {"params": {"scale": jnp.asarray(rng.normal(1, .3, 4),
-                                               jnp.float32),
-                          "bias": jnp.asarray(rng.normal(0, .3, 4),
-                                              jnp.float32)},
-               "batch_stats": {"mean": jnp.zeros(4), "var": jnp.ones(4)}}
+  variables = norm_variables(rng, 4)
 
   def run(module, x, t):
     def loss(v, x):
