@@ -14,19 +14,55 @@ save is collective, so every process must stop at the same step; JAX's
 preemption sync point (``multihost_utils.reached_preemption_sync_point``,
 driven by the coordination service, which catches SIGTERM itself) names
 that step, and no Python handler is installed.
+
+Outside the train loop (``prepare``), ``sigterm_raises`` turns SIGTERM into
+a ``Terminated`` exception instead, so that cleanup in ``finally`` blocks
+runs. Both install a handler only where nobody else handles SIGTERM (one
+rule, ``_install``). JAX is imported on use: ``prepare`` runs without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-
-import jax
-from jax.experimental import multihost_utils
 
 
 class Preempted(Exception):
   """The run stopped on SIGTERM after saving a checkpoint."""
+
+
+class Terminated(Exception):
+  """SIGTERM inside ``sigterm_raises``."""
+
+
+def _install(handler):
+  """Makes ``handler`` the SIGTERM handler; returns the one it replaces,
+  or None (nothing installed) outside the main thread or where SIGTERM is
+  not Python's default (the embedding program handles it its own way)."""
+  if threading.current_thread() is not threading.main_thread():
+    return None
+  previous = signal.getsignal(signal.SIGTERM)
+  if previous is not signal.SIG_DFL:  # a handler of its own, maybe in C
+    return None
+  signal.signal(signal.SIGTERM, handler)
+  return previous
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+  """While inside, SIGTERM raises ``Terminated`` in the main thread."""
+  previous = _install(_raise_terminated)
+  try:
+    yield
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
 
 
 class StopOnSigterm:
@@ -42,35 +78,31 @@ class StopOnSigterm:
 
   def __init__(self):
     self.requested = False
-    self._previous = None
-    self._installed = False
+    self._previous = None  # the handler ours replaced, while installed
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     self._multi = jax.process_count() > 1
+    self._sync_point = multihost_utils.reached_preemption_sync_point
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
   def __enter__(self):
-    if self._multi or threading.current_thread() is not threading.main_thread():
-      return self
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
-      return self  # the embedding program handles SIGTERM its own way
-    self._previous = previous
-    signal.signal(signal.SIGTERM, self._handle)
-    self._installed = True
+    if not self._multi:
+      self._previous = _install(self._handle)
     return self
 
   def __exit__(self, *exc):
-    if self._installed:
+    if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-      self._installed = False
+      self._previous = None
     return False
 
   def due(self, global_step: int) -> bool:
     if self._multi:
       try:
-        return multihost_utils.reached_preemption_sync_point(global_step)
+        return self._sync_point(global_step)
       except RuntimeError:  # the preemption service is turned off
         return False
     return self.requested

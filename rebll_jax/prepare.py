@@ -42,13 +42,13 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
 
 import numpy as np
 
+from rebll_jax import preemption
 from rebll_jax.data import coco, prepared, voc
 from rebll_jax.errors import UserError
 
@@ -454,15 +454,6 @@ def _one_line(error) -> str:
   return " ".join(str(error).split())
 
 
-class _Terminated(Exception):
-  """SIGTERM, raised in the main thread so that the cleanup runs."""
-
-
-def _raise_terminated(signum, frame):
-  del signum, frame
-  raise _Terminated()
-
-
 STOPPED = ("nothing half-written is taken as prepared; the same command "
            "prepares it again")
 
@@ -473,15 +464,15 @@ def main(argv=None) -> int:
   if args.squash and not args.store_size:
     parser.error("--squash needs --store_size N (the side it squashes to)")
   logging.getLogger("absl").setLevel(logging.ERROR)
-  # Python's default SIGTERM ends the process without running cleanup (the
-  # temp folder, an --overwrite's old output moved aside).
-  previous = signal.signal(signal.SIGTERM, _raise_terminated)
   try:
-    s = prepare(args)
+    # Python's default SIGTERM ends the process without running cleanup
+    # (the temp folder, an --overwrite's old output moved aside).
+    with preemption.sigterm_raises():
+      s = prepare(args)
   except KeyboardInterrupt:
     print(f"interrupted: {STOPPED}", file=sys.stderr)
     return 130
-  except _Terminated:
+  except preemption.Terminated:
     print(f"stopped by SIGTERM: {STOPPED}", file=sys.stderr)
     return 143
   except UserError as e:
@@ -496,8 +487,6 @@ def main(argv=None) -> int:
     where = f"{e.filename}: " if e.filename else ""
     print(f"error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
     return 2
-  finally:
-    signal.signal(signal.SIGTERM, previous)
   print(json.dumps(s))
   data_dir = args.data_dir
   extra = (f" --config.data.data_dir={s['path']}" if args.dataset ==

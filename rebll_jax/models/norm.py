@@ -209,40 +209,31 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       y = _normalize(x32, ra_mean.value, ra_var.value, scale, bias,
                      self.epsilon, self.slope)
-    elif self.row_weight is not None:
-      y, mean, var = self._weighted(x32, scale, bias)
-    elif self.groups == 1:
-      y, mean, var = _train_norm(x32, scale, bias, self.epsilon, self.slope,
-                                 1)
     else:
-      if x.shape[0] % self.groups:
-        raise ValueError(f"a batch of {x.shape[0]} rows does not split into "
-                         f"{self.groups} BatchNorm groups")
-      y, mean, var = _train_norm(_group_rows(x32, self.groups), scale, bias,
-                                 self.epsilon, self.slope, self.groups)
-      y = y.reshape(x.shape)
-      # Group 0's statistics: process 0's running averages.
-      mean, var = mean.reshape(self.groups, -1)[0], var.reshape(
-          self.groups, -1)[0]
-    if not self.use_running_average:
+      y, mean, var = self._train(x32, scale, bias)
       if not self.is_initializing():
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * mean
         ra_var.value = m * ra_var.value + (1 - m) * var
     return y.astype(self.dtype)
 
-  def _weighted(self, x, scale, bias):
-    """(y, mean, var) with row weights (and groups): group 0's statistics."""
+  def _train(self, x, scale, bias):
+    """(y, mean, var) in train mode: the statistics of the batch, of each
+    group of rows, counting only the rows of weight 1; the running averages
+    follow group 0's (process 0's)."""
     g = self.groups
-    rows = (1,) * (x.ndim - 1)
-    w = self.row_weight.astype(jnp.float32)
-    if g == 1:
-      y, mean, var = _weighted_train_norm(x, w.reshape((-1,) + rows), scale,
-                                          bias, self.epsilon, self.slope, 1)
-      return y, mean.reshape(-1), var.reshape(-1)
-    y, mean, var = _weighted_train_norm(
-        _group_rows(x, g), w.reshape((-1, g) + rows), scale, bias,
-        self.epsilon, self.slope, g)
+    if x.shape[0] % g:
+      raise ValueError(f"a batch of {x.shape[0]} rows does not split into "
+                       f"{g} BatchNorm groups")
+    rows = x if g == 1 else _group_rows(x, g)
+    if self.row_weight is None:
+      y, mean, var = _train_norm(rows, scale, bias, self.epsilon, self.slope,
+                                 g)
+    else:  # shaped to broadcast against the rows: [B, 1, ...] / [B/G, G, ...]
+      weight = self.row_weight.astype(jnp.float32).reshape(
+          rows.shape[:rows.ndim - x.ndim + 1] + (1,) * (x.ndim - 1))
+      y, mean, var = _weighted_train_norm(rows, weight, scale, bias,
+                                          self.epsilon, self.slope, g)
     return (y.reshape(x.shape), mean.reshape(g, -1)[0],
             var.reshape(g, -1)[0])
 
