@@ -294,6 +294,7 @@ def prepare(args) -> dict:
     store = (args.store_size, args.squash, args.store_quality)
     fp = fp + [f"store_size={store}"]  # another storage, another dataset
   out = output_dir(args.dataset, args.data_dir, args.name)
+  _recover_moved_aside(out)
   info_json = os.path.join(out, "dataset_info.json")
   if os.path.isfile(info_json):
     try:
@@ -352,6 +353,42 @@ def prepare(args) -> dict:
   _print_warnings(plan["warnings"], os.path.join(out, "metadata.json"))
   meta = prepared.read_metadata(out)
   return _summary(out, meta, time.time() - t0, done_before=False)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def _recover_moved_aside(out: str) -> None:
+  """Cleans up after an ``--overwrite`` run killed mid-build (SIGKILL,
+  power): it had moved the old output aside to ``OUT.old<pid>``, which no
+  later run looked at. Where ``out`` is gone, the newest such copy is put
+  back (it was a finished dataset); otherwise they are removed. Copies of a
+  live process are its own and left alone."""
+  parent, base = os.path.split(out)
+  try:
+    names = os.listdir(parent)
+  except FileNotFoundError:
+    return
+  stale = []
+  for name in names:
+    match = re.fullmatch(re.escape(base) + r"\.old(\d+)", name)
+    if match and not _pid_alive(int(match.group(1))):
+      path = os.path.join(parent, name)
+      stale.append((os.path.getmtime(path), path))
+  for _, path in sorted(stale, reverse=True):
+    if not os.path.exists(out):
+      os.rename(path, out)
+      print(f"put back {out} from {path}: an --overwrite run was killed "
+            "before its new output was finished", file=sys.stderr)
+    else:
+      shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ import time
 import ml_collections
 import numpy as np
 
-from rebll_jax import host_malloc
+from rebll_jax import host_malloc, preemption
 from rebll_jax.errors import UserError
 
 log = logging.getLogger("rebll_jax")
@@ -327,6 +327,10 @@ def _check_key(directory: str, key: str, spec: str):
                     f"{key}); choose another directory")
 
 
+STOPPED = ("nothing half-written is kept; the same command pretrains it "
+           "again")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m rebll_jax.upstream", description=__doc__,
@@ -360,10 +364,19 @@ def main(argv=None) -> int:
     except ValueError as e:
       raise UserError(f"--config {args.config}: {e}") from None
     started = time.time()
-    directory = ensure(config, args.out or None)
+    # Python's default SIGTERM ends the process without the cleanup
+    # (this run's staging copy); raised, the ``finally`` blocks run.
+    with preemption.sigterm_raises():
+      directory = ensure(config, args.out or None)
   except UserError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"interrupted: {STOPPED}", file=sys.stderr)
+    return 130
+  except preemption.Terminated:
+    print(f"stopped by SIGTERM: {STOPPED}", file=sys.stderr)
+    return 143
   with open(os.path.join(directory, "info.json")) as f:
     info = json.load(f)
   print(f"upstream backbone ({info['content_key']}): {directory}\n"

@@ -146,6 +146,33 @@ def test_idempotent_and_changed_inputs(tmp_path, capsys):
   assert sorted(os.listdir(os.path.dirname(path))) == ["1.0.0"]
 
 
+def test_a_killed_overwrites_moved_aside_output_is_recovered(tmp_path,
+                                                             capsys):
+  # An --overwrite run killed mid-build (SIGKILL) left its OUT.old<pid>
+  # behind for good, and with OUT gone the next run prepared from scratch.
+  src = fx.make_voc_tars(str(tmp_path / "src"))
+  out = str(tmp_path / "out")
+  argv = ("voc2007", "--src", src, "--data_dir", out)
+  assert _run(*argv) == 0
+  path = prepare.output_dir("voc2007", out)
+  dead = 2 ** 22 + 7  # above Linux's largest pid: no such process
+  os.rename(path, f"{path}.old{dead}")
+  live = f"{path}.old{os.getpid()}"  # a running prepare's own: left alone
+  os.makedirs(live)
+  capsys.readouterr()
+  assert _run(*argv) == 0
+  err = capsys.readouterr().err
+  assert f"put back {path} from {path}.old{dead}" in err
+  assert "nothing to do" in err  # the finished dataset, not a rebuild
+  assert sorted(os.listdir(os.path.dirname(path))) == [
+      "1.0.0", f"1.0.0.old{os.getpid()}"]
+  os.rmdir(live)
+  # With the output there, a stale copy is only removed.
+  os.makedirs(f"{path}.old{dead}")
+  assert _run(*argv) == 0
+  assert sorted(os.listdir(os.path.dirname(path))) == ["1.0.0"]
+
+
 def test_half_written_output_is_not_done(tmp_path, monkeypatch):
   src = fx.make_coco2014_zips(str(tmp_path / "src"))
   out = str(tmp_path / "out")

@@ -4,8 +4,10 @@ pretrain -> save -> load round trip and the content-keyed cache."""
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import flax
 import jax
@@ -279,3 +281,36 @@ def test_cli_refuses_a_bad_config_file_and_another_configs_out(
       "upstream_test_map": 50.0, "steps": 3}))
   assert upstream.main(["--config", spec, "--out", str(other)]) == 0
   assert f"upstream backbone ({key})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", KeyboardInterrupt])
+def test_cli_stopped_while_pretraining_says_so_and_cleans_up(
+    tmp_path, monkeypatch, capsys, stop):
+  # SIGTERM killed the CLI at once: no message, its staging copy left
+  # behind; Ctrl-C printed a traceback.
+  monkeypatch.setenv(upstream.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(upstream.log, "handlers", list(upstream.log.handlers))
+  for attr in ("level", "propagate"):
+    monkeypatch.setattr(upstream.log, attr, getattr(upstream.log, attr))
+
+  def stopped(config, out_dir):
+    os.makedirs(os.path.join(out_dir, "half"))
+    if stop == "SIGTERM":
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)  # the handler raises in this thread first
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(upstream, "pretrain", stopped)
+  handler = signal.getsignal(signal.SIGTERM)
+  spec = "configs/synthetic.py:pretrained_b0c4"
+  assert upstream.main(["--config", spec]) == (143 if stop == "SIGTERM"
+                                               else 130)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert "Traceback" not in "\n".join(err)
+  assert err[-1] == ("stopped by SIGTERM: " if stop == "SIGTERM"
+                     else "interrupted: ") + upstream.STOPPED
+  directory = upstream.cache_dir(upstream.load_config(spec))
+  assert os.listdir(os.path.dirname(directory)) == [
+      os.path.basename(directory) + ".lock"]  # no staging copy, no result
+  assert signal.getsignal(signal.SIGTERM) == handler
