@@ -1,7 +1,7 @@
 r"""How much rows of the field-exact mode move the default experiment.
 
   python experiments/field_rows.py --seeds 0,1,2 --out workdirs/field_rows \
-      [--variants ours,field_augment,widened,ddp2,last_batch] \
+      [--variants ours,field_augment,widened,ddp2,last_batch,loss_scale] \
       [--workers 2]
 
 RebLL on synthetic B0-C4 (``configs/synthetic.py``, every default), each
@@ -18,7 +18,10 @@ variant one row apart from ``ours``:
   processes: BatchNorm statistics over each half of a batch (RebLL's L_cls
   is a mean, which DDP leaves as it is);
 - ``last_batch``: ``train.last_batch=keep``, the baseline's
-  ``drop_last=False``: each epoch's short last batch trains.
+  ``drop_last=False``: each epoch's short last batch trains;
+- ``loss_scale``: ``optim.loss_scale=torch_fp16``, the steps the
+  baseline's fp16 ``GradScaler`` skips are skipped (the table's last
+  column: skipped steps per task, summed over the tasks).
 
 Runs go through ``experiments/method_table.py``'s ``run_one`` (one
 subprocess each, workdir ``OUT/VARIANT/b0c4/rebll/seedS``; a finished run is
@@ -44,6 +47,7 @@ VARIANTS = {
     "widened": ["protocol.memory_future_labels=ground_truth"],
     "ddp2": ["train.ddp_processes=2"],
     "last_batch": ["train.last_batch=keep"],
+    "loss_scale": ["optim.loss_scale=torch_fp16"],
 }
 COLUMNS = (("avg mAP", "avg_map"), ("last mAP", "last_map"), ("CF1", "cf1"),
            ("OF1", "of1"), ("forgetting", "forgetting"))
@@ -87,8 +91,8 @@ def main(argv=None):
       print(f"{futures[future]}: {how} in {seconds:.0f} s ({workdir})",
             flush=True)
   print("\n| variant | seeds | " + " | ".join(c for c, _ in COLUMNS)
-        + " | train s/run |")
-  print("|---|---|" + "---|" * (len(COLUMNS) + 1))
+        + " | train s/run | skipped steps/run |")
+  print("|---|---|" + "---|" * (len(COLUMNS) + 2))
   for v in variants:
     rows = []
     for s in seeds:
@@ -101,8 +105,10 @@ def main(argv=None):
     cells = [_cell([r[key] for r in rows]) for _, key in COLUMNS]
     seconds = _cell([sum(t["train_seconds"] for t in r["tasks"])
                      for r in rows])
+    skipped = [sum(t.get("skipped_steps", 0) for t in r["tasks"])
+               for r in rows if "skipped_steps" in r["tasks"][0]]
     print(f"| {v} | {len(seeds)} | " + " | ".join(cells)
-          + f" | {seconds} |")
+          + f" | {seconds} | {_cell(skipped) if skipped else '–'} |")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   # torch's OneCycleLR(cycle_momentum=True) does (adam/adamw + one_cycle).
   c.optim.cycle_beta1 = False
   c.optim.grad_clip = 0.0  # >0 clips the global norm
+  # none | torch_fp16: skip steps as the baseline's fp16 GradScaler would
+  # (optim.skip_like_fp16_scaler; the compute stays float32).
+  c.optim.loss_scale = "none"
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch = 64
@@ -230,10 +233,11 @@ def apply_field_recipe(c: ml_collections.ConfigDict, dataset: str
   image id except on VOC), each task's head rows drawn fresh, and on COCO
   and VOC the shipped scripts' two DDP processes (per-process BatchNorm
   statistics, the summed ASL halved), and every epoch's short last batch
-  trained (``drop_last=False``). The strict ``> 0.8`` F1 threshold and torch's
-  one-cycle step boundaries are already the defaults. Not emulated:
-  the baseline's fp16 autocast with loss scaling (README, "Field-exact
-  mode"). Returns ``c`` (modified in place).
+  trained (``drop_last=False``), and the steps its fp16 ``GradScaler``
+  skips skipped (the compute stays float32). The strict ``> 0.8`` F1
+  threshold and torch's one-cycle step boundaries are already the defaults.
+  Not emulated: fp16 rounding (README, "Field-exact mode"). Returns ``c``
+  (modified in place).
   """
   if dataset not in FIELD_DATASETS:
     raise ValueError(f"apply_field_recipe: dataset must be one of "
@@ -250,6 +254,7 @@ def apply_field_recipe(c: ml_collections.ConfigDict, dataset: str
   c.optim.schedule = "one_cycle"
   c.optim.warmup_frac = 0.2
   c.optim.cycle_beta1 = True
+  c.optim.loss_scale = "torch_fp16"
   c.memory.selection = "herding_icarl"
   c.memory.dedup = dataset != "voc"
   c.model.head_rows = "fresh"

@@ -9,6 +9,12 @@ config, so it is built once per run.
 from ``tx``, Adam's beta1 of this step when ``optim.cycle_beta1`` is on, and
 the scaling by -lr(step).
 
+``optim.loss_scale=torch_fp16`` wraps ``tx`` in the skipping rule of the
+PyTorch baseline's ``GradScaler`` (``skip_like_fp16_scaler``): the baseline
+trains under fp16 autocast, where a step whose scaled gradients overflow
+float16 is skipped and the scale halves. Our gradients are float32; the
+rule asks whether they *would* overflow at the current scale.
+
 The one-cycle shape is PyTorch's ``OneCycleLR`` (cosine annealing,
 ``div_factor`` 25, ``final_div_factor`` 1e4, two phases) step for step: with
 ``T`` steps and warm-up fraction ``p``, phase 1 ends at the (float) step
@@ -22,6 +28,8 @@ along the same phases the other way: 0.95 -> 0.85 -> 0.95.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -30,6 +38,16 @@ from rebll_jax.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("one_cycle", "cosine", "constant")
+LOSS_SCALES = ("none", "torch_fp16")  # optim.loss_scale
+
+# torch.amp.GradScaler's defaults (the baseline passes none).
+SCALE_INIT = 2.0 ** 16
+SCALE_GROWTH = 2.0
+SCALE_BACKOFF = 0.5
+SCALE_GROWTH_INTERVAL = 2000
+# float16's largest finite value is 65504; casting rounds to nearest, so
+# anything from halfway to the next power of two (65520) up becomes inf.
+FP16_OVERFLOW = 65520.0
 
 # torch OneCycleLR's defaults.
 DIV_FACTOR = 25.0  # first lr = peak / DIV_FACTOR
@@ -69,6 +87,76 @@ def scale_by_adam_beta1_arg(b2: float = 0.999, eps: float = 1e-8
   return optax.GradientTransformationExtraArgs(init, update)
 
 
+class LossScaleState(NamedTuple):
+  """``skip_like_fp16_scaler``'s state around the inner optimizer's."""
+  inner: Any
+  scale: jax.Array  # float32, GradScaler's scale
+  good_steps: jax.Array  # int32, steps since the last overflow or growth
+  skipped: jax.Array  # int32, steps skipped since init (the task's)
+
+
+def fp16_overflow(grads, scale) -> jax.Array:
+  """Would ``scale`` x ``grads`` overflow where autocast computes fp16?
+
+  Under fp16 autocast, convolutions and matmuls (our kernels: every param
+  of 2 or more dims) produce their weight gradients in float16, from the
+  scaled loss. Our reading: a step overflows when one of those, times the
+  scale, rounds to inf, or when any gradient is not finite. Activation
+  gradients and the head's bias are not checked (they are sums over fewer
+  terms than the weight gradients they feed)."""
+  leaves = jax.tree.leaves(grads)
+  biggest = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in leaves
+                               if g.ndim > 1] or [jnp.zeros(())]))
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
+  return ~finite | (biggest * scale >= FP16_OVERFLOW)
+
+
+def skip_like_fp16_scaler(inner, growth_interval: int = SCALE_GROWTH_INTERVAL
+                          ) -> optax.GradientTransformationExtraArgs:
+  """``inner``, skipped on steps ``fp16_overflow`` flags, with torch
+  ``GradScaler``'s dynamic scale: starts at 2^16, halves on an overflow,
+  doubles after ``growth_interval`` (torch: 2000) steps in a row without
+  one.
+
+  A skipped step is torch's skipped ``optimizer.step()``: zero update and
+  ``inner``'s state (Adam's moments and count) unchanged; the caller's
+  learning-rate schedule still advances, as the baseline's scheduler steps
+  regardless. A new task's fresh optimizer state is a new ``GradScaler``,
+  as the baseline makes one per task."""
+
+  def init(params):
+    return LossScaleState(inner=inner.init(params),
+                          scale=jnp.asarray(SCALE_INIT, jnp.float32),
+                          good_steps=jnp.zeros((), jnp.int32),
+                          skipped=jnp.zeros((), jnp.int32))
+
+  def update(grads, state, params=None, **extra):
+    overflow = fp16_overflow(grads, state.scale)
+    updates, inner_state = inner.update(grads, state.inner, params, **extra)
+    inner_state = jax.tree.map(lambda new, old: jnp.where(overflow, old, new),
+                               inner_state, state.inner)
+    updates = jax.tree.map(lambda u: jnp.where(overflow, 0, u), updates)
+    good = jnp.where(overflow, 0, state.good_steps + 1)
+    grow = good >= growth_interval
+    scale = jnp.where(overflow, state.scale * SCALE_BACKOFF,
+                      jnp.where(grow, state.scale * SCALE_GROWTH,
+                                state.scale))
+    return updates, LossScaleState(
+        inner=inner_state, scale=scale, good_steps=jnp.where(grow, 0, good),
+        skipped=state.skipped + overflow.astype(jnp.int32))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def loss_scale_metrics(opt_state) -> dict:
+  """{"loss_scale", "skipped_steps"} under ``skip_like_fp16_scaler``, else
+  {}: the scale after this step and the task's skipped steps so far."""
+  if not isinstance(opt_state, LossScaleState):
+    return {}
+  return {"loss_scale": opt_state.scale,
+          "skipped_steps": opt_state.skipped}
+
+
 def make_transform(cfg) -> optax.GradientTransformation:
   """The direction of the update; ``step_updates`` scales it by -lr(step)."""
   if cfg.name not in OPTIMIZERS:
@@ -90,7 +178,12 @@ def make_transform(cfg) -> optax.GradientTransformation:
     parts += [adam, decay]
   else:
     parts += [decay, optax.trace(decay=cfg.momentum)]
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  loss_scale = cfg.get("loss_scale", "none")
+  if loss_scale not in LOSS_SCALES:
+    raise UserError(f"unknown optim.loss_scale {loss_scale!r}; valid: "
+                    f"{list(LOSS_SCALES)}")
+  return skip_like_fp16_scaler(tx) if loss_scale == "torch_fp16" else tx
 
 
 def _cosine_anneal(start, end, frac):

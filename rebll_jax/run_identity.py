@@ -46,6 +46,7 @@ VALUE_BEFORE_THE_FIELD = {
     "model.head_rows": "kept",
     "train.ddp_processes": 1,
     "train.last_batch": "drop",
+    "optim.loss_scale": "none",
 }
 
 

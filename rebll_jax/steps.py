@@ -241,7 +241,8 @@ def make_train_step(*, model: nn.Module, method: Method, config,
                               batch_stats=batch_stats, opt_state=opt_state)
     label_counts.update(extra)
     metrics = {"loss": loss, "lr": lr, "grad_norm": optax.tree.norm(grads),
-               **terms, "labels": label_counts}
+               **optim.loss_scale_metrics(opt_state), **terms,
+               "labels": label_counts}
     return new_state, metrics
 
   return train_step

@@ -501,6 +501,16 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
 
 # ------------------------------------------------------------- after task --
 
+def _skipped_steps(opt_state) -> dict:
+  """{"skipped_steps": n} of the task under ``optim.loss_scale=torch_fp16``
+  (the steps the baseline's GradScaler would have skipped), else {}."""
+  metrics = optim.loss_scale_metrics(opt_state)
+  if not metrics:
+    return {}
+  return {"skipped_steps": int(np.asarray(
+      metrics["skipped_steps"].addressable_data(0)))}
+
+
 def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
   """Evaluates, updates the replay memory, records the task's results row
   and moves ``state`` to the next task's boundary."""
@@ -530,6 +540,7 @@ def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
       "f1": {k: scores[k] for k in
              ("cf1", "cf1_cp_cr", "of1", "cp", "cr", "op", "or")},
       "calibration": scores["calibration"],
+      **_skipped_steps(state.train.opt_state),
   })
   state.task, state.task_step = task.index + 1, 0
   state.label_sums, state.task_seconds = {}, 0.0

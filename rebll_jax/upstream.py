@@ -186,10 +186,29 @@ def _upstream_data(up, image_size: int):
           for images, labels in (train, test)]
 
 
+# Model fields pretraining takes from the run config besides the keyed ones
+# (``_pretrain_inputs``): kernel choices, which change no value beyond
+# float32 rounding.
+_KERNEL_CHOICES = ("conv_impl", "norm_impl", "cpu_library_fusion",
+                   "cpu_scheduler")
+
+
 def _train_config(config):
-  """The run config the jitted train step reads, set for pretraining."""
+  """The config the jitted train step reads while pretraining: the base
+  config with the keyed inputs of ``config`` and the pretraining recipe.
+
+  Nothing else of ``config`` reaches it. It used to be ``config`` itself,
+  so that a ``_field`` setting's augmentation, Adam beta1 cycle or loss
+  scaling trained another backbone under the same cache key as the plain
+  setting's, and whichever ran first was reused by the other."""
+  from rebll_jax import config_base  # pylint: disable=g-import-not-at-top
   up = config.get("upstream") or default_config()
-  c = ml_collections.ConfigDict(config.to_dict())
+  c = config_base.base_config()
+  for field in ("arch", "width", "stage_sizes", "stem_stride", "dtype",
+                *_KERNEL_CHOICES):
+    c.model[field] = config.model[field]
+  c.data.image_size = config.data.image_size
+  c.data.normalize = config.data.normalize
   c.method = "joint"
   c.optim.name = "adam"
   c.optim.lr_first = up.lr

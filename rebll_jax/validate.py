@@ -38,6 +38,7 @@ def _registries() -> dict:
           "host_malloc": host_malloc.HOST_MALLOCS,
           "model.dtype": models.DTYPES, "optim.name": optim.OPTIMIZERS,
           "optim.schedule": optim.SCHEDULES,
+          "optim.loss_scale": optim.LOSS_SCALES,
           "memory.selection": memory.SELECTIONS, "memory.mix": loader.MIXES,
           "augment.policy": augment.POLICIES,
           "augment.cutout_fill": augment.CUTOUT_FILLS,

@@ -224,7 +224,7 @@ FIELD_ROWS = {
     "optim.weight_decay": 1e-4, "optim.cycle_beta1": True,
     "memory.selection": "herding_icarl", "eval.threshold": 0.8,
     "data.normalize": False, "model.head_rows": "fresh",
-    "train.last_batch": "keep",
+    "train.last_batch": "keep", "optim.loss_scale": "torch_fp16",
 }
 
 

@@ -314,3 +314,26 @@ def test_cli_stopped_while_pretraining_says_so_and_cleans_up(
   assert os.listdir(os.path.dirname(directory)) == [
       os.path.basename(directory) + ".lock"]  # no staging copy, no result
   assert signal.getsignal(signal.SIGTERM) == handler
+
+
+def test_pretraining_reads_only_what_its_cache_key_holds():
+  # A _field setting's augmentation, Adam beta1 cycle and loss scaling
+  # used to reach pretraining under the plain setting's cache key: the
+  # first of the two to run decided the backbone both then loaded.
+  from rebll_jax import run_identity  # pylint: disable=g-import-not-at-top
+  plain = upstream.load_config(os.path.join(
+      ROOT, "configs/synthetic.py:pretrained_b0c4"))
+  field = upstream.load_config(os.path.join(
+      ROOT, "configs/synthetic.py:pretrained_b0c4_field"))
+  field.optim.grad_clip = 1.0  # any other run knob too
+  field.loss.g_neg = 1.0
+  assert upstream.content_key(plain) == upstream.content_key(field)
+  flat = lambda c: run_identity.flatten(upstream._train_config(c)[0])  # noqa: E731,SLF001
+  assert flat(plain) == flat(field)
+  # A keyed input changes both the key and what pretraining reads.
+  field.model.width += 8
+  assert upstream.content_key(plain) != upstream.content_key(field)
+  assert flat(plain)["model.width"] != flat(field)["model.width"]
+  # Kernel choices (float32 rounding only) are the run's.
+  field.model.conv_impl = "gemm"
+  assert flat(field)["model.conv_impl"] == "gemm"

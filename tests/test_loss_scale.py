@@ -1,0 +1,141 @@
+"""optim.loss_scale=torch_fp16: the steps the baseline's GradScaler skips."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rebll_jax import config_base, optim
+from tests.helpers import make_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params():
+  return {"conv": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones((2,))}
+
+
+def _grads(kernel, bias=0.5):
+  return {"conv": jnp.full((3, 3, 2, 2), kernel, jnp.float32),
+          "bias": jnp.full((2,), bias, jnp.float32)}
+
+
+def test_overflow_is_where_a_float16_cast_gives_inf():
+  torch = pytest.importorskip("torch")
+  scale = jnp.float32(2.0 ** 16)
+  for scaled in (65504.0, 65519.0, 65520.0, 65536.0, 1e6):
+    g = scaled / 2.0 ** 16
+    inf = bool(torch.isinf(torch.tensor(g * 2.0 ** 16).half()))
+    assert bool(optim.fp16_overflow(_grads(g), scale)) == inf, scaled
+  # Only kernels are checked against the range; any non-finite value counts.
+  assert not optim.fp16_overflow(_grads(0.1, bias=1e6), scale)
+  assert optim.fp16_overflow(_grads(0.1, bias=np.nan), scale)
+  assert optim.fp16_overflow(_grads(-np.inf), scale)
+
+
+def test_scale_and_skips_follow_torch_grad_scaler():
+  # The same overflow pattern through torch.amp.GradScaler and ours.
+  torch = pytest.importorskip("torch")
+  pattern = [1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0]
+  interval = 3
+  p = torch.nn.Parameter(torch.zeros(2, 2))
+  opt = torch.optim.SGD([p], lr=1.0)
+  scaler = torch.amp.GradScaler("cpu", growth_interval=interval)
+  want_scale, want_skip = [], []
+  for overflow in pattern:
+    before = p.detach().clone()
+    x = torch.full((2, 2), float("inf") if overflow else 1.0)
+    opt.zero_grad()
+    scaler.scale((p * x).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    want_scale.append(scaler.get_scale())
+    want_skip.append(bool(torch.equal(before, p.detach())))
+
+  tx = optim.skip_like_fp16_scaler(optax.sgd(1.0), growth_interval=interval)
+  params = {"w": jnp.zeros((2, 2))}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  got_scale, got_skip = [], []
+  for overflow in pattern:
+    g = {"w": jnp.full((2, 2), jnp.inf if overflow else 1.0 / 2 ** 16)}
+    updates, state = update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    got_scale.append(float(state.scale))
+    got_skip.append(bool(jnp.all(updates["w"] == 0)))
+  assert got_scale == want_scale
+  assert got_skip == want_skip == [bool(o) for o in pattern]
+  assert int(state.skipped) == sum(pattern)
+
+
+def test_a_skipped_step_leaves_parameters_and_adam_untouched():
+  cfg = make_config().optim
+  cfg.loss_scale = "torch_fp16"
+  tx = optim.make_transform(cfg)
+  plain = optim.make_transform(make_config().optim)
+  params = _params()
+  state, plain_state = tx.init(params), plain.init(params)
+  assert isinstance(state, optim.LossScaleState)
+  # 1.0 x 2^16 overflows float16: skipped, the scale halves.
+  updates, after = tx.update(_grads(1.0), state, params)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, after.inner, state.inner))
+  assert float(after.scale) == 2.0 ** 15 and int(after.skipped) == 1
+  # Then a step that fits: the plain optimizer's first step, Adam's count 1.
+  small = _grads(0.25)
+  got, later = tx.update(small, after, params)
+  want, _ = plain.update(small, plain_state, params)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, got, want))
+  assert int(later.skipped) == 1 and int(later.good_steps) == 1
+  metrics = optim.loss_scale_metrics(later)
+  assert float(metrics["loss_scale"]) == 2.0 ** 15
+  assert optim.loss_scale_metrics(plain_state) == {}
+
+
+def test_field_recipe_sets_it_and_bad_values_are_refused(tmp_path):
+  for dataset in config_base.FIELD_DATASETS:
+    c = config_base.apply_field_recipe(make_config(), dataset)
+    assert c.optim.loss_scale == "torch_fp16"
+  assert config_base.base_config().optim.loss_scale == "none"
+  r = subprocess.run(
+      [sys.executable, "-m", "rebll_jax.main", "--config=configs/test.py",
+       f"--workdir={tmp_path / 'w'}", "--config.optim.loss_scale=fp16"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert r.returncode == 2, r.stderr
+  assert "unknown optim.loss_scale 'fp16'" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_a_run_counts_each_tasks_skipped_steps(tmp_path):
+  # krt_baseline's summed ASL: the first steps of every task overflow at
+  # 2^16, and each task starts again from 2^16 (a new GradScaler).
+  workdir = tmp_path / "w"
+  r = subprocess.run(
+      [sys.executable, "-m", "rebll_jax.main", "--config=configs/test.py",
+       f"--workdir={workdir}", "--config.method=krt_baseline",
+       "--config.optim.loss_scale=torch_fp16", "--config.train.log_every=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  rows = results["tasks"]
+  skipped = [row["skipped_steps"] for row in rows]
+  assert all(0 < s < row["train_steps"] for s, row in zip(skipped, rows))
+  lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+  lines = [x for x in lines if "loss_scale" in x]
+  for task, row in enumerate(rows, 1):
+    mine = [x for x in lines if x.get("task") == task]
+    assert len(mine) == row["train_steps"]
+    # Halved once per skipped step from 2^16 (no growth in so few steps).
+    assert mine[-1]["loss_scale"] == 2.0 ** (16 - row["skipped_steps"])
+    assert mine[-1]["skipped_steps"] == row["skipped_steps"]
+    # The skipped steps come first: the scale only falls until it fits.
+    counts = [x["skipped_steps"] for x in mine]
+    assert counts[:row["skipped_steps"]] == list(range(1, skipped[task - 1]
+                                                       + 1))
