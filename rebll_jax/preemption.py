@@ -15,7 +15,8 @@ preemption sync point (``multihost_utils.reached_preemption_sync_point``,
 driven by the coordination service, which catches SIGTERM itself) names
 that step, and no Python handler is installed.
 
-Outside the train loop (``prepare``), ``sigterm_raises`` turns SIGTERM into
+Outside the train loop (``prepare``, the upstream pretraining CLI: both through
+``call_stoppable``), ``sigterm_raises`` turns SIGTERM into
 a ``Terminated`` exception instead, so that cleanup in ``finally`` blocks
 runs. Both install a handler only where nobody else handles SIGTERM (one
 rule, ``_install``). JAX is imported on use: ``prepare`` runs without it.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 
@@ -63,6 +65,24 @@ def sigterm_raises():
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
+
+
+def call_stoppable(fn, after: str):
+  """``(fn(), None)``, or ``(None, exit code)`` when Ctrl-C or SIGTERM
+  stopped it: one line on stderr (``interrupted: AFTER`` or ``stopped by
+  SIGTERM: AFTER``) and the shell's code, 130 or 143. For the CLIs outside
+  the train loop (prepare, upstream pretraining): SIGTERM raises inside
+  ``fn``, so its ``finally`` blocks clean up, instead of Python's default
+  (the process ends on the spot)."""
+  try:
+    with sigterm_raises():
+      return fn(), None
+  except KeyboardInterrupt:
+    print(f"interrupted: {after}", file=sys.stderr)
+    return None, 130
+  except Terminated:
+    print(f"stopped by SIGTERM: {after}", file=sys.stderr)
+    return None, 143
 
 
 class StopOnSigterm:

@@ -502,16 +502,8 @@ def main(argv=None) -> int:
     parser.error("--squash needs --store_size N (the side it squashes to)")
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:
-    # Python's default SIGTERM ends the process without running cleanup
-    # (the temp folder, an --overwrite's old output moved aside).
-    with preemption.sigterm_raises():
-      s = prepare(args)
-  except KeyboardInterrupt:
-    print(f"interrupted: {STOPPED}", file=sys.stderr)
-    return 130
-  except preemption.Terminated:
-    print(f"stopped by SIGTERM: {STOPPED}", file=sys.stderr)
-    return 143
+    # (the temp folder and an --overwrite's old output are cleaned up)
+    s, stopped = preemption.call_stoppable(lambda: prepare(args), STOPPED)
   except UserError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
@@ -524,6 +516,8 @@ def main(argv=None) -> int:
     where = f"{e.filename}: " if e.filename else ""
     print(f"error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
     return 2
+  if stopped:
+    return stopped
   print(json.dumps(s))
   data_dir = args.data_dir
   extra = (f" --config.data.data_dir={s['path']}" if args.dataset ==

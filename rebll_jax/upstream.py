@@ -383,19 +383,14 @@ def main(argv=None) -> int:
     except ValueError as e:
       raise UserError(f"--config {args.config}: {e}") from None
     started = time.time()
-    # Python's default SIGTERM ends the process without the cleanup
-    # (this run's staging copy); raised, the ``finally`` blocks run.
-    with preemption.sigterm_raises():
-      directory = ensure(config, args.out or None)
+    # (this run's staging copy is removed on the way out)
+    directory, stopped = preemption.call_stoppable(
+        lambda: ensure(config, args.out or None), STOPPED)
   except UserError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print(f"interrupted: {STOPPED}", file=sys.stderr)
-    return 130
-  except preemption.Terminated:
-    print(f"stopped by SIGTERM: {STOPPED}", file=sys.stderr)
-    return 143
+  if stopped:
+    return stopped
   with open(os.path.join(directory, "info.json")) as f:
     info = json.load(f)
   print(f"upstream backbone ({info['content_key']}): {directory}\n"
