@@ -19,12 +19,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _params():
-  return {"conv": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones((2,))}
+  return {"conv": {"kernel": jnp.ones((3, 3, 2, 2))},
+          "bn": {"scale": jnp.ones((2,)), "bias": jnp.ones((2,))},
+          "head": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}}
 
 
-def _grads(kernel, bias=0.5):
-  return {"conv": jnp.full((3, 3, 2, 2), kernel, jnp.float32),
-          "bias": jnp.full((2,), bias, jnp.float32)}
+def _grads(kernel, norm=0.5, head_bias=0.5):
+  return {"conv": {"kernel": jnp.full((3, 3, 2, 2), kernel, jnp.float32)},
+          "bn": {"scale": jnp.full((2,), norm, jnp.float32),
+                 "bias": jnp.full((2,), norm, jnp.float32)},
+          "head": {"kernel": jnp.full((2, 3), 0.1, jnp.float32),
+                   "bias": jnp.full((3,), head_bias, jnp.float32)}}
 
 
 def test_overflow_is_where_a_float16_cast_gives_inf():
@@ -34,10 +39,29 @@ def test_overflow_is_where_a_float16_cast_gives_inf():
     g = scaled / 2.0 ** 16
     inf = bool(torch.isinf(torch.tensor(g * 2.0 ** 16).half()))
     assert bool(optim.fp16_overflow(_grads(g), scale)) == inf, scaled
-  # Only kernels are checked against the range; any non-finite value counts.
-  assert not optim.fp16_overflow(_grads(0.1, bias=1e6), scale)
-  assert optim.fp16_overflow(_grads(0.1, bias=np.nan), scale)
+  # Conv and dense layers (kernel and bias) are checked against the range,
+  # batch norms not (their weight gradients stay float32 under autocast);
+  # any non-finite value counts.
+  assert optim.fp16_overflow(_grads(0.1, head_bias=1.0), scale)
+  assert not optim.fp16_overflow(_grads(0.1, norm=1e6), scale)
+  assert optim.fp16_overflow(_grads(0.1, norm=np.nan), scale)
   assert optim.fp16_overflow(_grads(-np.inf), scale)
+
+
+def test_the_rule_predicts_torchs_fp16_autocast_skips():
+  # A real torch fp16 autocast + GradScaler run (CPU) of the small ResNet
+  # with the baseline's summed ASL; the scale grows every 3 steps, so it
+  # keeps probing the limit (experiments/loss_scale_check.py).
+  pytest.importorskip("torch")
+  from experiments import loss_scale_check  # pylint: disable=g-import-not-at-top
+  r = loss_scale_check.run(batch=8, steps=30, growth_interval=3, size=32)
+  assert r["torch_skipped"] >= 5
+  # Measured 28 of 30: the misses are close calls (torch overflowed in a
+  # float16 activation gradient at 0.82 and 0.98 of the limit).
+  assert r["rule_agreed"] >= 27, r
+  assert all(x >= 0.75 for x in r["missed_ratios"]), r
+  # Never a skip torch does not make, but at the edge of the limit.
+  assert all(x < 1.01 for x in r["false_alarm_ratios"]), r
 
 
 def test_scale_and_skips_follow_torch_grad_scaler():
@@ -113,7 +137,7 @@ def test_field_recipe_sets_it_and_bad_values_are_refused():
 
 
 def test_a_run_counts_each_tasks_skipped_steps(tmp_path):
-  # krt_baseline's summed ASL: the first steps of every task overflow at
+  # krt_baseline's summed ASL: the first step of every task overflows at
   # 2^16, and each task starts again from 2^16 (a new GradScaler).
   workdir = tmp_path / "w"
   r = subprocess.run(
@@ -135,7 +159,8 @@ def test_a_run_counts_each_tasks_skipped_steps(tmp_path):
     # Halved once per skipped step from 2^16 (no growth in so few steps).
     assert mine[-1]["loss_scale"] == 2.0 ** (16 - row["skipped_steps"])
     assert mine[-1]["skipped_steps"] == row["skipped_steps"]
-    # The skipped steps come first: the scale only falls until it fits.
-    counts = [x["skipped_steps"] for x in mine]
-    assert counts[:row["skipped_steps"]] == list(range(1, skipped[task - 1]
-                                                       + 1))
+    # The summed ASL overflows at 2^16 on a task's first step; the count
+    # then grows by at most one a step.
+    counts = [0] + [x["skipped_steps"] for x in mine]
+    assert counts[1] == 1
+    assert set(np.diff(counts)) <= {0, 1}
