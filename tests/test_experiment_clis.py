@@ -110,3 +110,13 @@ def test_a_variant_named_twice_is_a_usage_error(tmp_path, capsys, script,
   assert why in _usage_error(module.main, argv + ["--out", str(tmp_path)],
                              capsys)
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--growth_interval", "-3"], "--growth_interval must be >= 1, got -3"),
+    (["--size", "30"], "--size must be a multiple of 8, got 30"),
+])
+def test_loss_scale_check_refuses_bad_sizes(capsys, argv, why):
+  from experiments import loss_scale_check  # pylint: disable=g-import-not-at-top
+  assert why in _usage_error(loss_scale_check.main, argv, capsys)
