@@ -113,8 +113,9 @@ def fp16_overflow(grads, scale) -> jax.Array:
 
   Under fp16 autocast, convolutions and dense layers produce their weight
   and bias gradients in float16, from the scaled loss. A step overflows
-  when one of those, times the scale, rounds to inf (``_fp16_computed``),
-  or when any gradient is not finite. Activation gradients are not
+  when one of those, times the scale, rounds to inf (``_fp16_computed``;
+  in a tree with no such layer, every leaf), or when any gradient is not
+  finite. Activation gradients are not
   checked. Checked against torch's own fp16 autocast and ``GradScaler``
   on CPU (``experiments/loss_scale_check.py``): the same skip decision on
   279 of 280 steps of a small ResNet with the summed ASL, most of them at
