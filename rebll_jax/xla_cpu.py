@@ -24,7 +24,7 @@ different order). Other backends ignore the choice.
 ``"xla_default"``. Scheduling runs after fusion and changes no kernel, so
 every value is bit-identical either way (tests/test_xla_cpu.py); on the
 default experiment's step the memory-optimised order was 3-11% faster in 6
-of 7 interleaved pairs (2026-12-06, README), and it is the order the whole
+of 7 interleaved pairs (2026-12-06, docs/cpu_speed_log.md), and it is the order the whole
 run compiles with, CPU only. An XLA that does not
 know the option (a newer or older jaxlib) compiles with its defaults and
 says so once in the log.
