@@ -7,7 +7,9 @@ from rebll_jax import config_base
 
 
 def get_config(arg=None):
-  del arg
+  if arg:  # one setting only: a name after ':' would be silently ignored
+    raise ValueError(f"configs/test.py has no settings (got {arg!r}); use "
+                     "it without ':'")
   c = config_base.base_config()
   c.data.image_size = 32
   c.data.synthetic.num_train = 240

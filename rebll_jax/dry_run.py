@@ -22,7 +22,8 @@ import json
 import os
 
 from rebll_jax import memory as memory_lib
-from rebll_jax import methods, protocol, validate
+from rebll_jax import methods, protocol, run_identity, validate
+from rebll_jax.errors import UserError
 
 VOC_SOURCES = ("voc2007", "tfds_voc2007")
 
@@ -110,6 +111,7 @@ def run(config, workdir: str, setting=None) -> dict:
   ``workdir/protocol.json``; returns its content."""
   validate.check_config(config, setting)
   validate.check_workdir(workdir)
+  _check_no_other_run(config, workdir)
   method = methods.get_method(config.method)
   source = validate.build_source(config.data)
   validate.check_protocol(config, source.num_classes)
@@ -124,6 +126,32 @@ def run(config, workdir: str, setting=None) -> dict:
     f.write(_dumps(result))
   os.replace(tmp, path)
   return result
+
+
+def _check_no_other_run(config, workdir: str):
+  """Refuses a workdir whose run (its config.json) is another config: the
+  protocol.json written beside that run's results would not describe it.
+  The run's own workdir is fine (check a protocol before, or after)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    raise UserError(f"workdir {workdir} holds a config.json that cannot be "
+                    f"read ({' '.join(str(e).split())}); dry-run in another "
+                    "--workdir") from None
+  diffs = run_identity.differences(
+      {"config": run_identity.config_fields(saved)},
+      {"config": run_identity.config_fields(config)}, saved_name="the run")
+  if diffs:
+    raise UserError(
+        f"workdir {workdir} holds another run ({run_identity.listing(diffs)})"
+        "; its protocol.json would sit beside that run's results: dry-run "
+        "this config in another --workdir")
 
 
 def _classes_cell(names, width: int = 44) -> str:

@@ -86,19 +86,29 @@ class Memory:
     return int(self.valid.sum())
 
 
-def capacity_for(*, num_classes: int, per_class: int = 0,
-                 total: int = 0) -> int:
-  """The buffer's static capacity: ``total`` if > 0, else per_class * C.
+def capacity_for(*, num_classes: int, per_class: int = 0, total: int = 0,
+                 num_images: int = 0, dedup: bool = True) -> int:
+  """The buffer's static capacity: ``total`` if > 0, else per_class * C,
+  at most what ``num_images`` training images (if given) can fill.
 
   Both are upper bounds on the rows any task can need: quotas never exceed
   per_class per class (growing budget), or sum to at most ``total``, and
-  dedup only removes rows.
+  dedup only removes rows. And no class picks an image twice, so a buffer
+  never holds more rows than the training images (dedup: one row per image)
+  or than images x classes (without): a budget above that would only
+  allocate (and checkpoint) empty rows; memory.per_class=100000 once
+  allocated 6 GB and the kernel killed the run.
   """
   if total > 0:
-    return int(total)
-  if per_class <= 0:
+    capacity = int(total)
+  elif per_class <= 0:
     raise ValueError("need memory.per_class > 0 or memory.total > 0")
-  return int(per_class) * int(num_classes)
+  else:
+    capacity = int(per_class) * int(num_classes)
+  if num_images > 0:
+    capacity = min(capacity, int(num_images) * (1 if dedup
+                                                else int(num_classes)))
+  return capacity
 
 
 def empty(capacity: int, image_shape: Sequence[int],

@@ -40,7 +40,8 @@ def create(config, method, source) -> memory_lib.Memory:
   if method.replay:
     capacity = memory_lib.capacity_for(
         num_classes=source.num_classes, per_class=config.memory.per_class,
-        total=config.memory.total)
+        total=config.memory.total, num_images=len(source.train),
+        dedup=config.memory.dedup)
   return memory_lib.empty(capacity, (size, size, 3), source.num_classes)
 
 

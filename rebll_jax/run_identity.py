@@ -15,6 +15,7 @@ name is another dataset), the class order and the replay buffer's size.
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import numpy as np
@@ -55,6 +56,26 @@ def may_change(field: str) -> bool:
              for p in MAY_CHANGE_ON_RESUME)
 
 
+def may_change_values(config) -> dict:
+  """{field: value} of the fields on ``MAY_CHANGE_ON_RESUME``: what the
+  fingerprint leaves out, and so what a checkpoint records of the process
+  that saved it (see ``train.RunState.trained_with``)."""
+  return {k: v for k, v in flatten(config).items() if may_change(k)}
+
+
+def with_values(config_json: dict, values: dict) -> dict:
+  """``config_json`` (nested, as ``to_json_best_effort`` gives it) with the
+  dotted ``values`` put in; the input is not modified."""
+  out = json.loads(json.dumps(config_json))
+  for field, value in values.items():
+    *sections, key = field.split(".")
+    node = out
+    for name in sections:
+      node = node.setdefault(name, {})
+    node[key] = value
+  return out
+
+
 def flatten(config, prefix: str = "") -> dict:
   """{dotted field: value} of a ConfigDict (tuples as lists, JSON-like)."""
   out = {}
@@ -81,14 +102,16 @@ def data_digest(source) -> str:
 
 def fingerprint(config, source, memory_capacity: int) -> dict:
   """The identity a checkpoint must agree on to be resumed by this run."""
-  fields = {k: v for k, v in flatten(config).items() if not may_change(k)}
+  fields = config_fields(config)
   return {"dataset": source.name, "data_digest": data_digest(source),
           "class_order": list(source.class_names),
           "memory_capacity": int(memory_capacity), "config": fields}
 
 
-def differences(saved: dict, current: dict) -> list[str]:
-  """Human-readable differences, config fields one by one."""
+def differences(saved: dict, current: dict,
+                saved_name: str = "checkpoint") -> list[str]:
+  """Human-readable differences, config fields one by one (``saved_name``:
+  what the saved side is called in them)."""
   diffs = []
   for key, value in current.items():
     if key == "config":
@@ -96,21 +119,33 @@ def differences(saved: dict, current: dict) -> list[str]:
                 if k in value}, **saved.get("config", {})}
       for field in sorted(set(value) | set(old)):
         if old.get(field, "<absent>") != value.get(field, "<absent>"):
-          diffs.append(f"{field}: checkpoint {old.get(field, '<absent>')!r} "
+          diffs.append(f"{field}: {saved_name} {old.get(field, '<absent>')!r} "
                        f"vs config {value.get(field, '<absent>')!r}")
     elif saved.get(key) != value:
-      diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs config {value!r}")
+      diffs.append(f"{key}: {saved_name} {saved.get(key)!r} vs config "
+                   f"{value!r}")
   return diffs
+
+
+def listing(diffs: list[str], most: int = 6) -> str:
+  """The first ``most`` differences, then how many more."""
+  return "; ".join(diffs[:most]) + (f"; and {len(diffs) - most} more"
+                                    if len(diffs) > most else "")
+
+
+def config_fields(config) -> dict:
+  """The fingerprinted config fields of a ConfigDict or of its JSON (a
+  workdir's config.json)."""
+  return {k: v for k, v in flatten(config).items() if not may_change(k)}
 
 
 def check(saved: dict, current: dict, workdir: str):
   """UserError unless the checkpoint's fingerprint matches this run's."""
   diffs = differences(saved, current)
   if diffs:
-    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more"
-                                    if len(diffs) > 6 else "")
     raise UserError(
-        f"workdir {workdir} holds a checkpoint of another run ({shown}); "
+        f"workdir {workdir} holds a checkpoint of another run "
+        f"({listing(diffs)}); "
         "run this config in a new --workdir, or rerun with the checkpoint's "
         "settings to resume it (fields that may change on resume: "
         f"{', '.join(MAY_CHANGE_ON_RESUME)})")

@@ -82,7 +82,6 @@ class Setup:
   predictor: evaluation.Predictor
   root_key: jax.Array
   is_chief: bool
-  init_info: dict  # metadata of model.init_from, saved with checkpoints
   init_from: str  # model.init_from resolved ("upstream:auto" -> a folder)
   lock: workdir_lock.WorkdirLock | None  # held by process 0 while it runs
 
@@ -128,7 +127,7 @@ def _set_up_locked(config, workdir, lock, setting) -> Setup:
                tx=optim.make_transform(config.optim),
                predictor=evaluation.Predictor(model, config, mesh),
                root_key=jax.random.key(config.seed),
-               is_chief=jax.process_index() == 0, init_info={}, lock=lock,
+               is_chief=jax.process_index() == 0, lock=lock,
                init_from=init_from)
 
 
@@ -183,6 +182,13 @@ class RunState:
   label_sums: dict = dataclasses.field(default_factory=dict)
   task_seconds: float = 0.0
   task_schedule: dict = dataclasses.field(default_factory=dict)
+  # What loaded the backbone at init (pretrained.load_pretrained's record;
+  # {} = random init): the run's, whatever a resuming process's
+  # model.init_from says (it is not read on resume).
+  init_from: dict = dataclasses.field(default_factory=dict)
+  # The fields the fingerprint leaves out (run_identity.may_change_values),
+  # as the process that trained last had them: results.json's config.
+  trained_with: dict = dataclasses.field(default_factory=dict)
 
   def arrays(self) -> dict:
     # Orbax cannot save zero-size arrays: no buffer, no entry.
@@ -194,7 +200,9 @@ class RunState:
     return {"task": self.task, "task_step": self.task_step,
             "results": self.results, "global_step": int(self.train.step),
             "label_sums": self.label_sums, "task_seconds": self.task_seconds,
-            "task_schedule": self.task_schedule}
+            "task_schedule": self.task_schedule,
+            "trained_with": self.trained_with,
+            **({"init_from": self.init_from} if self.init_from else {})}
 
   def restored(self, arrays: dict, meta: dict) -> "RunState":
     """This state's shapes filled from a checkpoint's arrays and meta."""
@@ -205,16 +213,19 @@ class RunState:
                     results=meta["results"],
                     label_sums=meta.get("label_sums", {}),
                     task_seconds=meta.get("task_seconds", 0.0),
-                    task_schedule=meta.get("task_schedule", {}))
+                    task_schedule=meta.get("task_schedule", {}),
+                    init_from=meta.get("init_from", {}),
+                    trained_with=meta.get("trained_with", {}))
 
 
 def _initial_state(setup: Setup) -> RunState:
   config, size = setup.config, setup.config.data.image_size
   variables = models.init_variables(
       setup.model, jax.random.fold_in(setup.root_key, 0), size)
+  init_record = {}
   if setup.init_from:
     try:
-      variables, setup.init_info["init_from"] = pretrained.load_pretrained(
+      variables, init_record = pretrained.load_pretrained(
           variables, setup.init_from, config.model.arch)
     except (ValueError, OSError) as e:
       # One line, but keep the whole list of mismatches.
@@ -224,7 +235,8 @@ def _initial_state(setup: Setup) -> RunState:
   train_state = steps.initial_train_state(setup.tx, variables)
   return RunState(train=train_state,
                   old=steps.copy_tree(steps.variables_of(train_state)),
-                  memory=replay.create(config, setup.method, setup.source))
+                  memory=replay.create(config, setup.method, setup.source),
+                  init_from=init_record)
 
 
 def _open_checkpoints(setup: Setup) -> checkpoint.Checkpointer:
@@ -301,9 +313,11 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
             f"{len(setup.tasks)}. Rerun it with protocol.num_tasks >= "
             f"{state.task} (or -1) to write its results again, or use a new "
             "--workdir for a shorter run")
+      _warn_init_from_not_read(setup, state)
       if state.task >= len(setup.tasks):
         log.info("the run in %s is complete (%d tasks); writing its results "
                  "again", workdir, state.task)
+        _warn_values_not_applied(config, state)
       else:
         _check_task_schedule(config, state, workdir)
         log.info("resumed from checkpoint at task %d step %d", state.task + 1,
@@ -313,20 +327,64 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
     raise UserError(f"--config.resume=False but workdir {workdir} already "
                     "holds checkpoints of a run; pass a new --workdir to "
                     f"start fresh (or delete {ckpt.directory})")
+  if state.task < len(setup.tasks) or not state.trained_with:
+    # This process trains what is left (or a checkpoint from before the
+    # record): its values are the run's from here on.
+    state.trained_with = run_identity.may_change_values(config)
   # Only now, with the run's identity checked, does the workdir change.
   if setup.is_chief:
     _trim_metrics(workdir, resumed_step)  # a killed run's tail
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      json.dump(run_config(config, state), f, indent=2)
   state.train = parallel.replicate(setup.mesh, state.train)
   state.old = parallel.replicate(setup.mesh, state.old)
   return state, fingerprint
 
 
+def run_config(config, state: RunState) -> dict:
+  """The config the run trained with (config.json, results.json): this
+  process's, with the fields a resume may change as the process that trained
+  last had them. A rerun of a finished run trains nothing and changes
+  neither file's values."""
+  return run_identity.with_values(json.loads(config.to_json_best_effort()),
+                                  state.trained_with)
+
+
+# Fields a rerun of a finished run would silently not apply: they change
+# what the tasks train (init_from is warned about on every resume).
+_TRAINING_FIELDS = ("train.epochs_later", "optim.lr_later")
+
+
+def _warn_values_not_applied(config, state: RunState):
+  wanted = run_identity.may_change_values(config)
+  for field in _TRAINING_FIELDS:
+    if field in state.trained_with and \
+        state.trained_with[field] != wanted.get(field):
+      log.warning(
+          "%s=%r is not applied: the run is complete and trained its last "
+          "task with %r (results.json keeps that); raise protocol.num_tasks "
+          "to train more tasks with the new value", field, wanted.get(field),
+          state.trained_with[field])
+
+
+def _warn_init_from_not_read(setup: Setup, state: RunState):
+  """A resumed run keeps the backbone it was initialised with: say so when
+  this process's model.init_from names another."""
+  recorded = state.init_from.get("ckpt_dir") or state.init_from.get("source")
+  asked = os.path.abspath(setup.init_from) if setup.init_from else None
+  if asked == recorded or (asked is None and not state.init_from):
+    return
+  sha = state.init_from.get("source_sha256")
+  was = (f"from {recorded}" + (f" (sha256 {sha[:16]}...)" if sha else "")
+         if recorded else "at random (no model.init_from)")
+  log.warning("model.init_from=%r is not read on resume: the run in %s was "
+              "initialised %s", setup.config.model.init_from or "",
+              setup.workdir, was)
+
+
 def save(setup: Setup, ckpt: checkpoint.Checkpointer, state: RunState,
          fingerprint: dict):
-  ckpt.save(state.arrays(), {**state.meta(), "fingerprint": fingerprint,
-                             **setup.init_info})
+  ckpt.save(state.arrays(), {**state.meta(), "fingerprint": fingerprint})
 
 
 # ------------------------------------------------------------- train step --
@@ -531,6 +589,9 @@ def finish_task(setup: Setup, state: RunState, task, view) -> RunState:
       "map_seen": scores["map_seen"],
       "map_per_task": scores["map_per_task"],
       "train_steps": state.task_step, "train_seconds": state.task_seconds,
+      # What this task trained with (a resume may change later tasks').
+      "epochs": state.task_schedule.get("epochs"),
+      "lr_peak": state.task_schedule.get("lr_peak"),
       "num_train_images": len(view),
       "memory_rows": int(memory_lib.valid_rows(state.memory).size),
       "fpr_at_threshold": scores["fpr"],
@@ -588,7 +649,7 @@ def run(config, workdir: str, setting=None) -> dict:
     counts = compiled.trace_counts
     if not any(counts.values()):  # a rerun of a finished run: trained nothing
       counts = _previous_compilations(workdir) or counts
-    results = summarise(setup, state.results, counts)
+    results = summarise(setup, state, counts)
     if setup.is_chief:
       write_results(workdir, results)
     return results
@@ -617,8 +678,8 @@ def write_results(workdir: str, results: dict):
   reporting.save_plots(workdir, results)
 
 
-def summarise(setup: Setup, results_tasks: list, trace_counts: dict) -> dict:
-  config, tasks, mesh = setup.config, setup.tasks, setup.mesh
+def summarise(setup: Setup, state: RunState, trace_counts: dict) -> dict:
+  config, mesh, results_tasks = setup.config, setup.mesh, state.results
   matrix = [t["map_per_task"] for t in results_tasks]
   final_f1 = results_tasks[-1]["f1"]
   seen = [t["map_seen"] for t in results_tasks]
@@ -640,5 +701,6 @@ def summarise(setup: Setup, results_tasks: list, trace_counts: dict) -> dict:
                   "kind": jax.devices()[0].device_kind,
                   "platform": jax.devices()[0].platform},
       "compilations": trace_counts,
-      "config": json.loads(config.to_json_best_effort()),
+      "initialised_from": state.init_from or None,
+      "config": run_config(config, state),
   }

@@ -73,3 +73,12 @@ def test_every_setting_is_covered():
   assert ("synthetic", "pretrained_b10c2", 20) in SETTINGS
   assert ("coco", "b40c10_field", 80) in SETTINGS
   assert len(SETTINGS) >= 20
+
+
+def test_the_test_config_refuses_a_setting_it_would_ignore():
+  # configs/test.py:b10c2 used to run B0-C4 without a word.
+  from configs import test as test_config
+  with pytest.raises(ValueError, match="has no settings"):
+    test_config.get_config("b10c2")
+  assert test_config.get_config(None).protocol.increment == 4
+  assert test_config.get_config("").protocol.increment == 4

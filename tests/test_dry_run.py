@@ -204,3 +204,24 @@ def test_dry_run_on_a_coco_file_follows_cat_to_imgs(tmp_path,
     assert (77 in result["tasks"][1]["train_image_ids"]) == keep
     assert (42 in result["tasks"][1]["train_image_ids"]) == keep
     assert result["tasks"][1]["crowd_only_train_images"] == 2
+
+
+def test_a_dry_run_refuses_another_runs_workdir(tmp_path, nothing_compiles):
+  """protocol.json beside a run's results must describe that run: a dry run
+  of another config in its workdir used to write one there, exit 0."""
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(make_config().to_json_best_effort(indent=2))
+  same = dry_run.run(make_config(**{"dry_run": True}), workdir)  # its own
+  written = open(os.path.join(workdir, "protocol.json")).read()
+  assert json.loads(written)["setting"] == same["setting"]
+  other = make_config(**{"dry_run": True, "method": "ft",
+                         "protocol.increment": 2})
+  with pytest.raises(UserError, match="holds another run .*method: "
+                     "the run 'rebll' vs config 'ft'.*another --workdir"):
+    dry_run.run(other, workdir)
+  assert open(os.path.join(workdir, "protocol.json")).read() == written
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write("[1, 2]")
+  with pytest.raises(UserError, match="cannot be read"):
+    dry_run.run(make_config(**{"dry_run": True}), workdir)

@@ -70,6 +70,15 @@ def test_capacity():
   assert memory.capacity_for(num_classes=20, per_class=2, total=1000) == 1000
   with pytest.raises(ValueError):
     memory.capacity_for(num_classes=20)
+  # No buffer can hold more rows than the training images can fill.
+  assert memory.capacity_for(num_classes=20, per_class=2,
+                             num_images=240) == 40  # under the cap
+  assert memory.capacity_for(num_classes=20, per_class=100000,
+                             num_images=240) == 240
+  assert memory.capacity_for(num_classes=20, total=10**9,
+                             num_images=240) == 240
+  assert memory.capacity_for(num_classes=20, per_class=100000,
+                             num_images=240, dedup=False) == 240 * 20
   mem = memory.empty(12, SHAPE, C)
   assert mem.capacity == 12 and mem.size == 0 and mem.num_classes == C
   assert mem.images.dtype == np.uint8 and mem.images.shape == (12, *SHAPE)

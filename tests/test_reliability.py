@@ -109,6 +109,60 @@ def test_resume_false_does_not_overwrite_config_json(finished, tmp_path):
   assert open(os.path.join(workdir, "config.json")).read() == before
 
 
+# --- what results.json says the run trained with -----------------------
+
+
+def test_a_rerun_of_a_finished_run_keeps_the_values_it_trained_with(
+    finished, tmp_path, caplog):
+  """A rerun trains nothing: results.json and config.json used to take its
+  epochs_later / lr_later as if the tasks had trained with them."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished[0], workdir)
+  config_before = json.load(open(os.path.join(workdir, "config.json")))
+  before = finished[1]
+  again = train.run(_config(**{"train.epochs_later": 7,
+                               "optim.lr_later": 0.5}), workdir)
+  assert again["map_matrix"] == before["map_matrix"]
+  assert again["config"] == before["config"]
+  assert again["config"]["train"]["epochs_later"] != 7
+  assert json.load(open(os.path.join(workdir, "config.json"))) == (
+      config_before)
+  assert "train.epochs_later=7 is not applied" in caplog.text
+  assert "optim.lr_later=0.5 is not applied" in caplog.text
+  config = _config()
+  assert [(t["epochs"], t["lr_peak"]) for t in again["tasks"]] == [
+      (config.train.epochs_first, config.optim.lr_first)]
+
+
+def test_results_name_the_backbone_the_run_was_initialised_with(
+    tmp_path, caplog):
+  """model.init_from is not read on resume: results.json used to name the
+  resuming process's weights, not the ones the run loaded."""
+  from rebll_jax import models  # pylint: disable=g-import-not-at-top
+  from rebll_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+  config = _config()
+  model = models.build_model(config.model, 20)
+  folders = []
+  for seed in (1, 2):
+    variables = jax.device_get(models.init_variables(
+        model, jax.random.key(seed), config.data.image_size))
+    variables = dict(variables, params={
+        k: v for k, v in variables["params"].items() if k != "head"})
+    folder = str(tmp_path / f"weights{seed}")
+    pretrained.save_converted(folder, variables, {"arch": "small_resnet"})
+    folders.append(folder)
+  workdir = str(tmp_path / "run")
+  first = train.run(_config(**{"model.init_from": folders[0]}), workdir)
+  assert first["initialised_from"]["ckpt_dir"] == folders[0]
+  again = train.run(_config(**{"model.init_from": folders[1]}), workdir)
+  assert again["initialised_from"] == first["initialised_from"]
+  assert again["config"]["model"]["init_from"] == folders[0]
+  assert "is not read on resume" in caplog.text and folders[0] in caplog.text
+  assert train.run(_config(), str(tmp_path / "random"))[
+      "initialised_from"] is None
+
+
 # --- checkpoint metadata --------------------------------------------------
 
 
