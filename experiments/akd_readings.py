@@ -8,10 +8,14 @@ overrides (the table ``READINGS`` below), run on a validation split carved
 out of train (``data.val_fraction=0.2``: the test split is never scored), in
 its own workdir ``OUT/READING/SETTING/rebll/seedS``; ``lwf`` and
 ``krt_baseline`` run on the same split as the bars to clear. A run whose
-results.json exists is reused, so an interrupted sweep resumes.
+results.json exists is reused, so an interrupted sweep resumes (through
+``experiments/method_table.py``'s ``run_one``: a finished run whose config
+differs from the reading's is refused, not reported). Ctrl-C or SIGTERM
+stops the runs, keeping their checkpoints: exit 130 / 143.
 
 Prints (and writes ``OUT/readings.md``) one markdown row per reading: avg
-and last validation mAP (mean ± std over seeds), the relabeled buffer
+and last validation mAP (mean ± std over seeds, the population std as in
+method_table.py), the relabeled buffer
 entries' FPR / FNR against the hidden ground truth after the last task, and
 the mean validation score of positive entries of old and of current classes
 (calibration). Pick a reading by its validation mAP; report the test numbers
@@ -28,6 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import method_table  # noqa: E402  pylint: disable=g-import-not-at-top
+from method_table import child_runs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # name -> (method, overrides); "default" is the setting as shipped.
 READINGS = {
@@ -56,6 +61,39 @@ def _slug(name: str) -> str:
   return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")
 
 
+def _workdir(args, name, seed):
+  method = READINGS[name][0]
+  return method_table._workdir(os.path.join(args.out, _slug(name)),  # pylint: disable=protected-access
+                               args.setting, method, seed)
+
+
+def _summary(args, name, seed):
+  """A reading's run, run (or reused: its config checked) and summarised."""
+  method, overrides = READINGS[name]
+  workdir, seconds, _ = method_table.run_one(
+      os.path.join(args.out, _slug(name)), args.setting, method, seed,
+      list(overrides), val=True)
+  return method_table.summarise(workdir, seconds)
+
+
+def _run_jobs(args, jobs, rows):
+  """Fills ``rows`` {reading: [summary per seed]} from ``jobs``."""
+  with child_runs.pool(args.jobs) as pool:
+    futures = {pool.submit(_summary, args, name, seed): (name, seed)
+               for name, seed in jobs}
+    for future in concurrent.futures.as_completed(futures):
+      name, seed = futures[future]
+      try:
+        summary = future.result()
+      except RuntimeError as e:  # a failed run, a damaged or foreign one
+        sys.exit(f"error: {name} seed {seed}: {e}" + (
+            "" if args.report_only else "\n(runs already started finish "
+            "first; rerun the same command to resume)"))
+      rows.setdefault(name, []).append(summary)
+      print(f"{name} seed {seed}: val avg {summary['avg_map']:.2f} "
+            f"last {summary['last_map']:.2f}", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,35 +113,19 @@ def main(argv=None):
   if unknown:
     parser.error(f"unknown readings {unknown}; valid: {sorted(by_slug)}")
   seeds = method_table.cli_checks.parse_seeds(parser, args.seeds)
+  method_table.check_settings(parser, [args.setting])
   jobs = [(by_slug[slug], seed) for slug in chosen for seed in seeds]
-
-  def run(name, seed):
-    method, overrides = READINGS[name]
-    out = os.path.join(args.out, _slug(name))
-    workdir = method_table._workdir(out, args.setting, method, seed)  # pylint: disable=protected-access
-    if args.report_only:
-      if not os.path.exists(os.path.join(workdir, "results.json")):
-        return None
-      return method_table.summarise(workdir, 0.0)
-    workdir, seconds, _ = method_table.run_one(
-        out, args.setting, method, seed, list(overrides), val=True)
-    return method_table.summarise(workdir, seconds)
-
+  if args.report_only:
+    jobs = [(name, seed) for name, seed in jobs
+            if os.path.exists(os.path.join(_workdir(args, name, seed),
+                                           "results.json"))]
+    if not jobs:
+      sys.exit(f"error: no finished run under {args.out}; nothing to report")
   rows: dict[str, list] = {}
-  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    futures = {pool.submit(run, name, seed): (name, seed)
-               for name, seed in jobs}
-    for future in concurrent.futures.as_completed(futures):
-      name, seed = futures[future]
-      summary = future.result()
-      if summary is None:
-        continue
-      rows.setdefault(name, []).append(summary)
-      print(f"{name} seed {seed}: val avg {summary['avg_map']:.2f} "
-            f"last {summary['last_map']:.2f}", flush=True)
+  child_runs.call(lambda: _run_jobs(args, jobs, rows))
   cell = method_table._cell  # pylint: disable=protected-access
   lines = [f"**Readings on validation, {args.setting}** (rebll unless "
-           "named; mean ± std over seeds)", "",
+           f"named; {method_table.std_note(method_table.STD_DDOF)})", "",
            "| reading | overrides | seeds | val avg mAP | val last mAP | "
            "relabel FPR | relabel FNR | pos mean old | pos mean cur |",
            "|---|---|---|---|---|---|---|---|---|"]

@@ -107,6 +107,14 @@ def main(argv=None):
     p.error(f"--storages {e}")
   if not storages:
     p.error("--storages names no storage")
+  for storage in storages:
+    # The prepared reader refuses to upsample a stored size (prepared.py):
+    # found here, not after the dataset is made and prepared.
+    stored = storage.replace("squash", "")
+    if stored != "original" and int(stored) < args.size:
+      p.error(f"--storages {storage!r} stores {stored} px images; --size "
+              f"{args.size} would upsample them: give storages of at least "
+              f"{args.size} px (or original), or a smaller --size")
 
   import ml_collections  # pylint: disable=g-import-not-at-top
   from rebll_jax import prepare  # pylint: disable=g-import-not-at-top

@@ -121,6 +121,25 @@ def parse_args(argv=None):
       p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
   if args.warmup < 0 or args.cpu_devices < 0:
     p.error("--warmup and --cpu_devices must be >= 0")
+  if args.matmul_size < 0:
+    p.error(f"--matmul_size must be >= 0 (0: the default), got "
+            f"{args.matmul_size}")
+  old, current = make_masks(args.num_classes)
+  if not (old.any() and current.any()):
+    p.error(f"--num_classes must be >= 3, got {args.num_classes}: the step "
+            "needs old classes (the first half) and current ones (the next "
+            "quarter)")
+  if args.cpu_devices and args.batch % args.cpu_devices:
+    p.error(f"--batch {args.batch} must divide over --cpu_devices "
+            f"{args.cpu_devices}")
+  names = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
+  unknown = [v for v in names if v not in TORCH_VARIANTS]
+  if unknown:
+    p.error(f"unknown --torch_variants {unknown}; valid: "
+            f"{sorted(TORCH_VARIANTS)}")
+  if args.impl != "jax" and not (names or args.torch_compile):
+    p.error(f"--torch_variants {args.torch_variants!r} names no variant; "
+            f"valid: {sorted(TORCH_VARIANTS)}")
   try:
     options = json.loads(args.xla_options or "[]")
   except json.JSONDecodeError as e:
@@ -134,15 +153,23 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------ inputs ---
 
+def make_masks(num_classes):
+  """The task's class masks (numpy bool): old = first half, current = next
+  quarter (both empty below 3 classes)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  old = np.zeros(num_classes, bool)
+  cur = np.zeros(num_classes, bool)
+  old[:num_classes // 2] = True
+  cur[num_classes // 2:3 * num_classes // 4] = True
+  return old, cur
+
+
 def make_inputs(batch, size, num_classes, seed=0):
   """A host batch (numpy) and the task's class masks: old = first half,
   current = next quarter, seen = both; a quarter of the rows from memory."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  old = np.zeros(num_classes, bool)
-  cur = np.zeros(num_classes, bool)
-  old[:num_classes // 2] = True
-  cur[num_classes // 2:3 * num_classes // 4] = True
+  old, cur = make_masks(num_classes)
   is_memory = np.zeros(batch, bool)
   is_memory[:max(batch // 4, 1)] = True
   labels = (rng.random((batch, num_classes)) < 0.1).astype(np.float32)
@@ -382,14 +409,18 @@ class TorchStep:
 # -------------------------------------------------------------------- main ---
 
 def torch_variants(args):
+  """The PyTorch variants to time (parse_args checked the names)."""
   names = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
   if args.torch_compile and "compile" not in names:
     names.append("compile")
-  unknown = [v for v in names if v not in TORCH_VARIANTS]
-  if unknown:
-    raise SystemExit(f"unknown --torch_variants {unknown}; valid: "
-                     f"{sorted(TORCH_VARIANTS)}")
   return names
+
+
+def _usage_error(message: str):
+  """A user's mistake found after parse_args (the checks that need JAX's
+  modules, imported only once XLA_FLAGS is set): one line, exit 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv=None):
@@ -422,8 +453,8 @@ def main(argv=None):
                       ("conv_impl", conv.IMPLS), ("norm_impl", norm.IMPLS)):
     for value in getattr(args, flag).split(","):
       if value.strip() not in valid:
-        raise SystemExit(f"unknown --{flag} {value.strip()!r}; "
-                         f"valid: {list(valid)}")
+        _usage_error(f"unknown --{flag} {value.strip()!r}; "
+                     f"valid: {list(valid)}")
   # The run's default (config.host_malloc); one process, so both sides.
   problem = host_malloc.configure(args.host_malloc)
   if problem:

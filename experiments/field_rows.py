@@ -25,7 +25,10 @@ variant one row apart from ``ours``:
 
 Runs go through ``experiments/method_table.py``'s ``run_one`` (one
 subprocess each, workdir ``OUT/VARIANT/b0c4/rebll/seedS``; a finished run is
-not run again). Prints a markdown table, mean ± std over seeds.
+not run again, and is refused if its config differs from the variant's;
+Ctrl-C or SIGTERM stops the runs, keeping their checkpoints: exit 130 / 143).
+Prints a markdown table, mean ± std over seeds with the sample std (ddof=1,
+``STD_DDOF``; method_table.py's tables use the population std).
 """
 
 from __future__ import annotations
@@ -35,10 +38,9 @@ import concurrent.futures
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import method_table  # noqa: E402  pylint: disable=g-import-not-at-top
+from method_table import child_runs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 VARIANTS = {
     "ours": [],
@@ -53,11 +55,29 @@ COLUMNS = (("avg mAP", "avg_map"), ("last mAP", "last_map"), ("CF1", "cf1"),
            ("OF1", "of1"), ("forgetting", "forgetting"))
 
 
+# The std of "mean ± std" over seeds: the sample std, as this table's
+# numbers in the README were computed (method_table.py: population).
+STD_DDOF = 1
+
+
 def _cell(values) -> str:
-  values = np.asarray(values, np.float64)
-  if values.size == 1:
-    return f"{values[0]:.1f}"
-  return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+  return method_table._cell(values, ddof=STD_DDOF)  # pylint: disable=protected-access
+
+
+def _run_jobs(args, jobs):
+  with child_runs.pool(args.workers) as pool:
+    futures = {pool.submit(method_table.run_one, os.path.join(args.out, v),
+                           "b0c4", "rebll", s, VARIANTS[v], False): (v, s)
+               for v, s in jobs}
+    for future in concurrent.futures.as_completed(futures):
+      try:
+        workdir, seconds, how = future.result()
+      except RuntimeError as e:  # a failed run, or a finished one made
+        v, s = futures[future]  # with other flags
+        sys.exit(f"error: {v} seed {s}: {e}\n(runs already started finish "
+                 "first; rerun the same command to resume)")
+      print(f"{futures[future]}: {how} in {seconds:.0f} s ({workdir})",
+            flush=True)
 
 
 def main(argv=None):
@@ -76,20 +96,7 @@ def main(argv=None):
   # Twice: two concurrent runs in one workdir (the second refused).
   method_table.cli_checks.refuse_repeats(parser, "--variants", variants)
   jobs = [(v, s) for s in seeds for v in variants]
-  with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-    futures = {pool.submit(method_table.run_one, os.path.join(args.out, v),
-                           "b0c4", "rebll", s, VARIANTS[v], False): (v, s)
-               for v, s in jobs}
-    for future in concurrent.futures.as_completed(futures):
-      try:
-        workdir, seconds, how = future.result()
-      except RuntimeError as e:  # a failed run, or a finished one made
-        pool.shutdown(wait=False, cancel_futures=True)  # with other flags
-        v, s = futures[future]
-        sys.exit(f"error: {v} seed {s}: {e}\n(runs already started finish "
-                 "first; rerun the same command to resume)")
-      print(f"{futures[future]}: {how} in {seconds:.0f} s ({workdir})",
-            flush=True)
+  child_runs.call(lambda: _run_jobs(args, jobs))
   print("\n| variant | seeds | " + " | ".join(c for c, _ in COLUMNS)
         + " | train s/run | skipped steps/run |")
   print("|---|---|" + "---|" * (len(COLUMNS) + 2))
@@ -109,6 +116,7 @@ def main(argv=None):
                for r in rows if "skipped_steps" in r["tasks"][0]]
     print(f"| {v} | {len(seeds)} | " + " | ".join(cells)
           + f" | {seconds} | {_cell(skipped) if skipped else '–'} |")
+  print("\n" + method_table.std_note(STD_DDOF))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,17 @@ r"""Every method on the synthetic benchmark, several seeds: a markdown table.
 
 Each run is ``python -m rebll_jax.main --config=configs/synthetic.py:SETTING``
 with ``--config.method=M --config.seed=S`` (plus any ``--set key=value``
-overrides), in its own workdir ``OUT/SETTING/M/seedS``. A run whose
-results.json exists is not run again, so an interrupted table resumes; if
-that run's config disagrees with this table's ``--set`` overrides or
-``--val``, the table stops and says so rather than report it as its own.
+overrides; not ``method`` or ``seed``, the table's own axes), in its own
+workdir ``OUT/SETTING/M/seedS``. A run whose results.json exists is not run
+again, so an interrupted table resumes; if that run's config (results.json's
+``config``, every field) differs from the config this table builds for the
+row, as ``python -m rebll_jax.main`` would from the same flags, the table
+stops and says so rather than report it as its own. Only the fields that
+may change on resume without changing a run's numbers are not compared
+(``rebll_jax.run_identity.MAY_CHANGE_ON_RESUME`` less ``RESULTS_DEPEND_ON``:
+devices, logging, checkpoint cadence, paths). Ctrl-C or SIGTERM stops the
+runs started (their checkpoints are kept), then the table: one line, exit
+130 / 143; the same command resumes (experiments/child_runs.py).
 ``joint`` (the upper bound) does not depend on the setting and runs once per
 seed and regime (``joint`` from scratch; ``pretrained_joint`` for the
 ``pretrained_*`` settings, which fine-tune the cached upstream backbone). ``--val`` evaluates on a validation split carved out of train
@@ -19,7 +26,8 @@ Columns: average and last mAP, CF1 (mean of per-class F1) and OF1 at 0.8,
 the test false-positive rate at 0.8, the FPR and FNR of the relabeled buffer
 entries against the hidden ground truth (entries left unknown by a
 two-threshold band are not relabeled and do not count), and the training
-time of one run; mean ± std over seeds.
+time of one run; mean ± std over seeds, the population std (ddof=0,
+``STD_DDOF``; the table's footnote says so).
 
 The runs share JAX's persistent compilation cache (``--compile_cache``,
 default ``OUT/xla_cache``): after the first run of a setting, a run loads
@@ -39,15 +47,18 @@ import argparse
 import concurrent.futures
 import json
 import os
-import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from experiments import cli_checks  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import child_runs, cli_checks  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from rebll_jax import run_identity  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from rebll_jax.errors import UserError  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
 METHODS = ("ft", "lwf", "er", "asl_pl", "krt_baseline", "rebll_akd",
            "rebll_or", "rebll", "joint")
 
@@ -82,69 +93,102 @@ def child_environment(cache_dir: str) -> dict:
   return env
 
 
-def _same_value(stored, wanted: str) -> bool:
-  """Whether a results.json config value is what ``--set`` asked for."""
-  try:
-    parsed = json.loads(wanted)
-  except ValueError:
-    parsed = {"True": True, "False": False}.get(wanted, wanted)
-  if isinstance(stored, (int, float)) and isinstance(parsed, (int, float)):
-    return float(stored) == float(parsed)
-  if isinstance(stored, (list, tuple)) and isinstance(parsed, (list, tuple)):
-    return list(stored) == list(parsed)
-  return stored == parsed
+# The table's own axes: a --set of one would make every row the same run.
+TABLE_AXES = ("method", "seed")
+# Fields on run_identity.MAY_CHANGE_ON_RESUME that a finished run's numbers
+# depend on: a resume may extend a run with them (more tasks, other epochs
+# or rate later), but a run made with other values is not this table's run.
+# Fault injection and dry runs are compared too. The rest of that list
+# (devices, threads, logging, checkpoint cadence, paths, kernel choices)
+# changes how a run is executed, not its results.
+RESULTS_DEPEND_ON = ("train.epochs_later", "optim.lr_later",
+                     "protocol.num_tasks", "debug.", "dry_run")
+_CONFIG_FILE = os.path.join(ROOT, "configs", "synthetic.py")
 
 
-def stale_fields(config: dict, overrides) -> list[str]:
-  """The ``--set key=value`` overrides a finished run's config disagrees with.
+def _compared(field: str) -> bool:
+  """Whether a finished run's ``field`` must equal the table's value."""
+  depends = any(field == p or (p.endswith(".") and field.startswith(p))
+                for p in RESULTS_DEPEND_ON)
+  return depends or not run_identity.may_change(field)
 
-  A rerun of the table with other overrides must not report runs made with
-  the old ones as its own.
-  """
-  stale = []
-  for override in overrides:
-    key, _, wanted = override.partition("=")
-    node = config
-    for part in key.split("."):
-      node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
-    if node is KeyError or not _same_value(node, wanted):
-      have = "no such field" if node is KeyError else repr(node)
-      stale.append(f"{key}: the run has {have}, this table asks for "
-                   f"{wanted}")
-  return stale
+
+def run_flags(setting, method, seed, overrides, val) -> list[str]:
+  """The ``rebll_jax.main`` flags of one row's run, ``--workdir`` aside."""
+  flags = [f"--config={_CONFIG_FILE}:{_row_setting(setting, method)}",
+           f"--config.method={method}", f"--config.seed={seed}",
+           "--config.train.progress=False"]
+  if val:
+    flags.append("--config.data.val_fraction=0.2")
+  return flags + [f"--config.{o}" for o in overrides]
+
+
+_BUILD_LOCK = threading.Lock()  # absl/ml_collections parsing: one at a time
+
+
+def expected_config(flags) -> dict:
+  """The config (as results.json stores it) of a run with ``flags``,
+  parsed as the CLI parses them; RuntimeError with the CLI's line if it
+  refuses them."""
+  from rebll_jax import main as cli  # pylint: disable=g-import-not-at-top
+  with _BUILD_LOCK:
+    try:
+      config = cli.build_config(flags)
+    except UserError as e:
+      raise RuntimeError(f"bad run flags: {e}") from None
+  return json.loads(config.to_json_best_effort())
+
+
+def stale_fields(stored: dict, flags) -> list[str]:
+  """The config fields in which a finished run (``stored``: its
+  results.json's ``config``) differs from a run with ``flags``: a rerun of
+  the table with other settings must not report it as its own. A field
+  the run predates counts with ``run_identity.VALUE_BEFORE_THE_FIELD``."""
+  if not isinstance(stored, dict) or not stored:
+    return ["results.json holds no config"]
+  wanted = {k: v for k, v in run_identity.flatten(
+      expected_config(flags)).items() if _compared(k)}
+  have = {**{k: v for k, v in run_identity.VALUE_BEFORE_THE_FIELD.items()
+             if k in wanted},
+          **{k: v for k, v in run_identity.flatten(stored).items()
+             if _compared(k)}}
+  differ, missing = [], []  # values that differ first: the telling ones
+  for field in sorted(set(wanted) | set(have)):
+    if field not in have:
+      missing.append(f"{field}: the run has no such field, this table asks "
+                     f"for {wanted[field]!r}")
+    elif field not in wanted:
+      missing.append(f"{field}: the run has {have[field]!r}, this table's "
+                     "config has no such field")
+    elif have[field] != wanted[field]:
+      differ.append(f"{field}: the run has {have[field]!r}, this table asks "
+                    f"for {wanted[field]!r}")
+  return differ + missing
 
 
 def run_one(out, setting, method, seed, overrides, val, env=None):
   workdir = _workdir(out, setting, method, seed)
   results = os.path.join(workdir, "results.json")
+  flags = run_flags(setting, method, seed, overrides, val)
   if os.path.exists(results):
-    config = _read_results(results).get("config", {})
-    val_fraction = config.get("data", {}).get("val_fraction", 0)
-    stale = stale_fields(config, overrides)
-    if bool(val) != bool(val_fraction):
-      stale.append(f"--val: the run has data.val_fraction={val_fraction}")
+    summarise(workdir, 0.0)  # a damaged file is said so first
+    stale = stale_fields(_read_results(results).get("config"), flags)
     if stale:
       raise RuntimeError(
           f"{workdir} holds a finished run made with other settings ("
-          f"{'; '.join(stale)}); use another --out, or delete that workdir "
-          "to run it again")
+          f"{run_identity.listing(stale)}); use another --out, or delete "
+          "that workdir to run it again")
     return workdir, 0.0, "cached"
-  config = f"configs/synthetic.py:{_row_setting(setting, method)}"
-  cmd = [sys.executable, "-m", "rebll_jax.main", f"--config={config}",
-         f"--workdir={workdir}", f"--config.method={method}",
-         f"--config.seed={seed}", "--config.train.progress=False"]
-  if val:
-    cmd.append("--config.data.val_fraction=0.2")
-  cmd += [f"--config.{o}" for o in overrides]
+  cmd = [sys.executable, "-m", "rebll_jax.main", f"--workdir={workdir}",
+         *flags]
   started = time.time()
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        env=env)
+  proc = child_runs.run(cmd, cwd=ROOT, env=env)
   if proc.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
   return workdir, time.time() - started, "ran"
 
 
-def _check_settings(parser, settings):
+def check_settings(parser, settings):
   """parser.error for a setting configs/synthetic.py does not know."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
   for setting in settings:
@@ -215,13 +259,26 @@ def summarise(workdir, seconds):
                        "delete that workdir to run it again") from None
 
 
-def _cell(values, digits=1):
+# The std of "mean ± std" over seeds: the population std (numpy's default),
+# as the README's tables were computed. field_rows.py uses the sample std
+# (ddof=1); each table's footnote says which (std_note).
+STD_DDOF = 0
+
+
+def std_note(ddof: int) -> str:
+  """The footnote that says which std a table's "mean ± std" is."""
+  kind = {0: "population", 1: "sample"}[ddof]
+  return f"mean ± std over seeds; std: {kind} (ddof={ddof})"
+
+
+def _cell(values, digits=1, ddof=STD_DDOF):
   values = [v for v in values if v is not None]
   if not values:
     return "–"
   if len(values) == 1:
     return f"{values[0]:.{digits}f}"
-  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+  return (f"{np.mean(values):.{digits}f} ± "
+          f"{np.std(values, ddof=ddof):.{digits}f}")
 
 
 def table(rows: dict, settings, methods) -> str:
@@ -242,6 +299,7 @@ def table(rows: dict, settings, methods) -> str:
           f"| {_cell(col('cf1'))} | {_cell(col('of1'))} | "
           f"{_cell(col('test_fpr'))} | {_cell(col('relabel_fpr'))} | "
           f"{_cell(col('relabel_fnr'))} | {_cell(col('seconds'), 0)} |")
+  lines += ["", std_note(STD_DDOF)]
   return "\n".join(lines)
 
 
@@ -259,7 +317,31 @@ def calibration_table(rows: dict, settings, methods) -> str:
         continue
       cells = [_cell([r["calibration"][h] for r in runs]) for h in headers]
       lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+  lines += ["", std_note(STD_DDOF)]
   return "\n".join(lines)
+
+
+def _run_jobs(args, jobs, env, rows):
+  """Runs (or reuses) ``jobs``, filling ``rows`` with their summaries."""
+  with child_runs.pool(args.jobs) as pool:
+    futures = {pool.submit(run_one, args.out, s, m, seed, args.set, args.val,
+                           env):
+               (s, m, seed) for s, m, seed in jobs}
+    for i, future in enumerate(concurrent.futures.as_completed(futures)):
+      setting, method, seed = futures[future]
+      try:
+        workdir, seconds, how = future.result()
+        summary = summarise(workdir, seconds)
+      except RuntimeError as e:
+        # Fail fast: the runs not started yet are dropped (a rerun resumes).
+        sys.exit(f"error: {setting} {method} seed {seed}: {e}\n"
+                 "(runs already started finish first; rerun the same "
+                 "command to resume)")
+      key = (_row_setting(setting, method), method)
+      rows.setdefault(key, []).append(summary)
+      print(f"[{i + 1}/{len(jobs)}] {setting} {method} seed {seed} ({how}): "
+            f"avg {summary['avg_map']:.2f} last {summary['last_map']:.2f}",
+            flush=True)
 
 
 def main(argv=None):
@@ -292,11 +374,15 @@ def main(argv=None):
   cli_checks.refuse_repeats(parser, "--methods", methods)
   cli_checks.refuse_repeats(parser, "--settings", settings)
   seeds = cli_checks.parse_seeds(parser, args.seeds)
-  _check_settings(parser, settings)
+  check_settings(parser, settings)
   for override in args.set:
-    if not override.partition("=")[0].strip() or "=" not in override:
+    key = override.partition("=")[0].strip()
+    if not key or "=" not in override:
       parser.error(f"--set {override!r}: expected KEY=VALUE, e.g. "
                    "train.epochs_later=4")
+    if key in TABLE_AXES:
+      parser.error(f"--set {override!r}: {key} is an axis of the table; "
+                   f"use --{key}s")
   jobs = []
   for setting in settings:
     for method in methods:
@@ -319,26 +405,7 @@ def main(argv=None):
   env = child_environment(os.path.join(args.out, "xla_cache")
                           if args.compile_cache is None
                           else args.compile_cache)
-  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    futures = {pool.submit(run_one, args.out, s, m, seed, args.set, args.val,
-                           env):
-               (s, m, seed) for s, m, seed in jobs}
-    for i, future in enumerate(concurrent.futures.as_completed(futures)):
-      setting, method, seed = futures[future]
-      try:
-        workdir, seconds, how = future.result()
-        summary = summarise(workdir, seconds)
-      except RuntimeError as e:
-        # Fail fast: the runs not started yet are dropped (a rerun resumes).
-        pool.shutdown(wait=False, cancel_futures=True)
-        sys.exit(f"error: {setting} {method} seed {seed}: {e}\n"
-                 "(runs already started finish first; rerun the same "
-                 "command to resume)")
-      key = (_row_setting(setting, method), method)
-      rows.setdefault(key, []).append(summary)
-      print(f"[{i + 1}/{len(jobs)}] {setting} {method} seed {seed} ({how}): "
-            f"avg {summary['avg_map']:.2f} last {summary['last_map']:.2f}",
-            flush=True)
+  child_runs.call(lambda: _run_jobs(args, jobs, env, rows))
   text = table(rows, settings, methods)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "table.md"), "w") as f:

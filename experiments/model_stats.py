@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rebll_jax.models import pretrained  # pylint: disable=g-import-not-at-top
-from experiments.cli_checks import positive_int  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.cli_checks import positive_int, refuse_repeats  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Published figures: params (M) and GMACs at 224, 1000 classes. ResNets:
 # torchvision's model docs (whose "GFLOPS" column counts MACs); TResNet-M:
@@ -99,17 +99,19 @@ def main(argv=None):
   p.add_argument("--num_classes", type=positive_int, default=1000)
   p.add_argument("--archs", default=",".join(pretrained.BACKBONES))
   args = p.parse_args(argv)
-  unknown = [a for a in args.archs.split(",") if a not in pretrained.BACKBONES]
+  archs = args.archs.split(",")
+  unknown = [a for a in archs if a not in pretrained.BACKBONES]
   if unknown:
     p.error(f"--archs: unknown {unknown}; valid: "
             f"{', '.join(sorted(pretrained.BACKBONES))}")
+  refuse_repeats(p, "--archs", archs)  # its row would print twice
   print(f"input {args.size}x{args.size}, {args.num_classes}-class head, "
         "per image; MACs = multiply-accumulates, FLOPs = 2 x MACs")
   head = (f"{'arch':<10} {'params (M)':>10} {'published':>9} "
           f"{'GMACs':>7} {'published':>9} {'GFLOPs':>7} {'XLA GFLOPs':>10}")
   print(head)
   print("-" * len(head))
-  for arch in args.archs.split(","):
+  for arch in archs:
     try:
       s = stats(arch, args.size, args.num_classes)
     except ValueError as e:  # a size the model does not take (TResNet: 4k)

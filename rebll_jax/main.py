@@ -75,8 +75,9 @@ def _describe(value) -> str:
   return f"a {type(value).__name__}"
 
 
-def _checked_config_loader(parse):
-  """Wraps the --config file parser: every way a file fails is one line."""
+def _checked_config_loader(parse, remember: bool = True):
+  """Wraps the --config file parser: every way a file fails is one line.
+  ``remember``: keep the file's own config for ``main`` (_FILE_CONFIG)."""
 
   def load(spec: str):
     path = spec.split(":", 1)[0]
@@ -100,7 +101,8 @@ def _checked_config_loader(parse):
           "rebll_jax.config_base.base_config()")
     # The setting as the file makes it, before --config.* overrides apply
     # (validate.check_config tells a setting's knob from an override).
-    _FILE_CONFIG["last"] = copy.deepcopy(config)
+    if remember:
+      _FILE_CONFIG["last"] = copy.deepcopy(config)
     return config
 
   return load
@@ -185,11 +187,13 @@ def _unknown_key_message(text: str, argv) -> str:
           "rebll_jax/config_base.py for the fields)")
 
 
-def _parse(argv):
+def _parse_into(values, argv):
+  """``values(argv)``: the CLI's flag parsing. A bad ``--config`` or
+  ``--config.KEY=VALUE`` is a UserError whose message is the CLI's line."""
   try:
-    rest = FLAGS(argv)
+    rest = values(argv)
   except _ConfigFileError as e:
-    _fail(str(e))
+    raise UserError(str(e)) from None
   except SystemExit:
     if set(argv[1:]) & {"--help", "-h", "-?", "--helpshort", "--helpfull"}:
       sys.exit(0)  # absl exits 1 after printing the help; asking is no error
@@ -198,28 +202,59 @@ def _parse(argv):
     message = str(e).split("\n", 1)[0]
     if message.startswith("flag --config=") or message.startswith(
         "flag --config:"):
-      _fail(_config_error(e, _config_arg(argv)))
+      raise UserError(_config_error(e, _config_arg(argv))) from None
     if message.startswith("flag --config."):
       detail = _one_line(_root_cause(e))
-      _fail(f"bad value in {message.split(':', 1)[0][5:]}: {detail}")
+      raise UserError(
+          f"bad value in {message.split(':', 1)[0][5:]}: {detail}") from None
     if "Unknown command line flag 'config." in message:
       key = message.split("'")[1][len("config."):]
-      _fail(f"unknown config key {key!r}; every --config.KEY must exist in "
-            "the config (see rebll_jax/config_base.py for the fields)")
-    _fail(f"{message}. Run with --help for the flags.")
+      raise UserError(
+          f"unknown config key {key!r}; every --config.KEY must exist in "
+          "the config (see rebll_jax/config_base.py for the fields)") from None
+    raise UserError(f"{message}. Run with --help for the flags.") from None
   except (KeyError, AttributeError) as e:
     # ml_collections reports an unknown key this way.
-    _fail(_unknown_key_message(str(e), argv))
+    raise UserError(_unknown_key_message(str(e), argv)) from None
   except (ValueError, TypeError) as e:
-    _fail(f"bad --config override: {e}")
+    raise UserError(f"bad --config override: {e}") from None
   except (OSError, SyntaxError, ImportError) as e:
-    _fail(_config_error(e, _config_arg(argv)))
+    raise UserError(_config_error(e, _config_arg(argv))) from None
   try:
-    if FLAGS.config is not None:
-      FLAGS.config.keys()  # the file loads lazily: surface its errors here
+    if values.config is not None:
+      values.config.keys()  # the file loads lazily: surface its errors here
   except Exception as e:  # pylint: disable=broad-except
-    _fail(_config_error(e, _config_arg(argv)))
+    raise UserError(_config_error(e, _config_arg(argv))) from None
   return rest
+
+
+def _parse(argv):
+  try:
+    return _parse_into(FLAGS, argv)
+  except UserError as e:
+    _fail(str(e))
+
+
+def build_config(argv) -> ml_collections.ConfigDict:
+  """The config ``python -m rebll_jax.main`` runs for these flags
+  (``--config=FILE[:SETTING]`` and ``--config.KEY=VALUE``; no
+  ``--workdir``), parsed exactly as the CLI parses them, with nothing run:
+  for a script that must know what a run's config is or was (e.g.
+  experiments/method_table.py, before it reuses a finished run). A value
+  the CLI refuses is a UserError with the CLI's one line."""
+  argv = ["rebll_jax.main", *argv]
+  values = flags.FlagValues()
+  # Its own flag set: the process's FLAGS (and the --config file the CLI
+  # remembers, _FILE_CONFIG) stay untouched.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values["config"].parser.parse = _checked_config_loader(
+      values["config"].parser.parse, remember=False)
+  _parse_into(values, argv)
+  if values.config is None:
+    raise UserError("--config is required, e.g. --config=configs/synthetic.py")
+  _expand_home(values.config, "")
+  return values.config
 
 
 def _expand_home(config, workdir: str) -> str:

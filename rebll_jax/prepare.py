@@ -15,17 +15,26 @@ image id order (shuffling disabled). ``metadata.json`` holds the class names,
 the ids, file names, positive classes and crowd-only classes (COCO: classes
 present only as crowd boxes) of every record (so a reader loads all labels
 without touching the images), the counts of skipped images, crowd
-annotations and difficult objects, and a fingerprint of the inputs.
+annotations and difficult objects, a fingerprint of the inputs (archives
+and annotation files by path, size and mtime; image folders by path) and a
+``source_digest`` of the loose files read (the images of a folder, VOC's
+extracted XMLs: names, sizes and mtimes; nothing for archives).
 
 Atomic: TFDS writes into ``incomplete.*`` and renames the folder at the end,
 so a half-written output never looks prepared. Idempotent: rerunning with the
-same inputs finds the finished dataset and returns at once; other inputs are
-refused unless ``--overwrite``. Clean: whatever TFDS puts in the temp dir
-goes in a private folder removed at the end (success, error or Ctrl-C).
+same inputs finds the finished dataset and returns at once; other inputs, or
+an image file added, removed or replaced since, are refused unless
+``--overwrite``. A dataset prepared before ``source_digest`` was recorded is
+taken as prepared with a warning line (nothing to compare against). Clean:
+whatever TFDS puts in the temp dir goes in a private folder removed at the
+end (success, error or Ctrl-C).
 Refused (one line naming the first bad entry, exit 2): malformed annotation
 files (``coco.load_json``, ``voc.split_items``), an archive that cannot
 be opened, an output whose ``metadata.json`` is unreadable (unless
-``--overwrite``). Skipped (a warning after the progress
+``--overwrite``), train and test splits that share an image file (same
+path or link; ``--train_json`` and ``--test_json`` naming the same file
+above all), ``--squash`` or a non-default ``--store_quality`` without
+``--store_size``. Skipped (a warning after the progress
 bars, counted and listed in ``metadata.json``): images that are missing or
 that PIL cannot decode. A full disk ends with one line and exit 1.
 """
@@ -49,13 +58,14 @@ import time
 import numpy as np
 
 from rebll_jax import preemption
-from rebll_jax.data import coco, prepared, voc
+from rebll_jax.data import archives, coco, prepared, voc
 from rebll_jax.errors import UserError
 
 FORMAT_VERSION = 1
 BUILDER_NAMES = prepared.PREPARED  # the one dataset table
 _CHUNK = 64  # images read, then checked in parallel, per step
 _MAX_WARNINGS = 20  # skip warnings printed; metadata.json lists them all
+_DEFAULT_QUALITY = 90  # --store_quality
 
 
 def _check_image(raw: bytes) -> str | None:
@@ -199,8 +209,12 @@ def output_dir(kind: str, data_dir: str, name: str = "") -> str:
   return os.path.join(data_dir, _out_name(kind, name), "1.0.0")
 
 
-def _plan(args) -> tuple[dict, list]:
-  """Read the annotations: class names and per-split items + stores."""
+def _plan(args, format_read=None) -> tuple[dict, list]:
+  """Read the annotations: class names and per-split items + stores.
+
+  ``format_read``: coco_format's (stores, checked annotations), read once
+  by ``prepare`` before it decides whether the output is up to date.
+  """
   kind = args.dataset
   counts = {}
   if kind == "voc2007":
@@ -215,12 +229,13 @@ def _plan(args) -> tuple[dict, list]:
   else:
     if kind == "coco2014":
       stores, anns = coco.locate_2014(args.src)
+      jsons = {s: coco.load_json(raw, where)
+               for s, (raw, where) in anns.items()}
       desc = "MS-COCO 2014 (train2014 -> train, val2014 -> test), multi-label."
     else:
-      stores, anns = coco.locate_format(args.train_json, args.test_json,
-                                        args.images)
+      stores, jsons = format_read or coco.read_format(
+          args.train_json, args.test_json, args.images)
       desc = f"COCO-format dataset {args.name!r}, multi-label."
-    jsons = {s: coco.load_json(raw, where) for s, (raw, where) in anns.items()}
     names = coco.class_names(jsons["train"])
     test_names = coco.class_names(jsons["test"])
     if test_names != names:
@@ -250,6 +265,70 @@ def _fingerprint(args) -> list:
   if args.dataset == "coco2014":
     return coco.fingerprint_2014(args.src)
   return coco.fingerprint_format(args.train_json, args.test_json, args.images)
+
+
+def _loose_files(args, format_read) -> dict:
+  """{split: (root, image files, other files)} read from loose files (not
+  from an archive, whose signature the fingerprint holds)."""
+  if args.dataset == "voc2007":
+    return voc.loose_files(args.src)
+  if args.dataset == "coco2014":
+    return coco.loose_files_2014(args.src)
+  return coco.loose_files_format(args.images, format_read[1])
+
+
+def _refuse_shared_images(args, loose: dict):
+  """UserError when a test image is one of the training images (the same
+  file, by path, symbolic or hard link): the test split would measure
+  memorised images. Official archives keep the splits apart; a JSON or an
+  image list written by hand may not."""
+  if "train" not in loose or "test" not in loose:
+    return
+  (train_root, train_images, _), (test_root, test_images, _) = (
+      loose["train"], loose["test"])
+  train_keys = {archives.file_key(os.path.join(train_root, rel))
+                for rel in train_images}
+  shared = [rel for rel in test_images
+            if archives.file_key(os.path.join(test_root, rel)) in train_keys]
+  if shared:
+    what = ("--train_json and --test_json" if args.dataset == "coco_format"
+            else "the train and test splits")
+    raise UserError(f"{what} share {len(shared)} image file(s) (e.g. "
+                    f"{shared[0]!r}): the test split would hold training "
+                    "images; give the test split images of its own")
+
+
+def _source_digest(loose: dict) -> dict:
+  """Digest of the loose files' names, sizes and mtimes (archives: none)."""
+  return archives.listing_digest({
+      split: archives.stat_listing(root, images + others)
+      for split, (root, images, others) in loose.items()})
+
+
+def _check_same_source(old: dict, source: dict, out: str):
+  """With the fingerprint unchanged: UserError when an image file was added,
+  removed or replaced since ``out`` was prepared. A dataset prepared before
+  the digest was recorded is taken as it is, with a warning line."""
+  had = old.get("source_digest")
+  if had is None:
+    if source["files"]:
+      print(f"warning: {out} was prepared before prepare recorded its "
+            f"source files, so it cannot tell whether any of the "
+            f"{source['files']} changed since; taken as prepared (pass "
+            "--overwrite to rebuild it if one did)", file=sys.stderr)
+    return
+  if had != source:
+    had = had if isinstance(had, dict) else {}
+    if had.get("files") != source["files"]:
+      count = f"{had.get('files')} files then, {source['files']} now"
+    elif had.get("missing") != source["missing"]:
+      count = (f"{had.get('missing')} of the {source['files']} missing then, "
+               f"{source['missing']} now")
+    else:
+      count = "a file replaced: a new size or modification time"
+    raise UserError(f"{out} was prepared from image or annotation files "
+                    f"that have changed since ({count}); pass --overwrite "
+                    "to rebuild it")
 
 
 # Options that only some datasets read: given for another, they would be
@@ -286,6 +365,12 @@ def prepare(args) -> dict:
   if not args.data_dir:
     raise UserError("--data_dir is required")
   fp = _fingerprint(args)
+  format_read = (coco.read_format(args.train_json, args.test_json,
+                                  args.images)
+                 if args.dataset == "coco_format" else None)
+  loose = _loose_files(args, format_read)
+  _refuse_shared_images(args, loose)
+  source = _source_digest(loose)
   store = None
   if args.store_size:
     if args.store_size < 1:
@@ -306,14 +391,16 @@ def prepare(args) -> dict:
         raise UserError(f"{e}; pass --overwrite to rebuild it") from None
       old = {}
     if old.get("fingerprint") == fp and not args.overwrite:
+      _check_same_source(old, source, out)
       summary = _summary(out, old, time.time() - t0, done_before=True)
       print(f"already prepared at {out}; nothing to do", file=sys.stderr)
       return summary
     if not args.overwrite:
       raise UserError(f"{out} holds a dataset prepared from other inputs; "
                       "remove it or pass --overwrite")
-  plan, _ = _plan(args)
+  plan, _ = _plan(args, format_read)
   plan["meta"]["fingerprint"] = fp
+  plan["meta"]["source_digest"] = source
   plan["workers"] = max(1, args.workers)
   plan["store"] = store
   if store:
@@ -468,8 +555,10 @@ DATA_DIR/rebll_coco_format/NAME/1.0.0; train with --config.data.data_dir=DATA_DI
   p.add_argument("--squash", action="store_true",
                  help="with --store_size: store exactly N x N (aspect not "
                       "kept, as training resizes)")
-  p.add_argument("--store_quality", type=_int_in(1, 100), default=90,
-                 help="JPEG quality of the stored images (default 90)")
+  p.add_argument("--store_quality", type=_int_in(1, 100),
+                 default=_DEFAULT_QUALITY,
+                 help="with --store_size: JPEG quality of the stored images "
+                      f"(default {_DEFAULT_QUALITY})")
   return p
 
 
@@ -500,6 +589,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.squash and not args.store_size:
     parser.error("--squash needs --store_size N (the side it squashes to)")
+  if args.store_quality != _DEFAULT_QUALITY and not args.store_size:
+    # Without --store_size the original bytes are kept: nothing re-encodes.
+    parser.error("--store_quality needs --store_size N (only resized images "
+                 "are re-encoded)")
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:
     # (the temp folder and an --overwrite's old output are cleaned up)

@@ -313,21 +313,23 @@ def pretrain(config, out_dir: str) -> dict:
 # ----------------------------------------------------------------- CLI ---
 
 def load_config(spec: str):
-  """``FILE[:SETTING]`` -> the config its ``get_config(SETTING)`` returns."""
-  path, _, setting = spec.partition(":")
-  if not os.path.isfile(path):
-    raise UserError(f"--config {path}: no such file")
-  module_spec = importlib.util.spec_from_file_location("_run_config", path)
-  if module_spec is None:  # not a .py file: nothing to import
+  """``FILE[:SETTING]`` -> the config its ``get_config(SETTING)`` returns.
+
+  Loaded as the training CLI loads ``--config`` (``rebll_jax.main``): a file
+  that is missing, fails to import, raises, or returns anything but a
+  ConfigDict is a UserError on one line, never a traceback; the config is
+  then checked field by field (``config_checks.check_values``) as a run's is.
+  """
+  path = spec.partition(":")[0]
+  if os.path.isfile(path) and importlib.util.spec_from_file_location(
+      "_run_config", path) is None:  # not a .py file: nothing to import
     raise UserError(f"--config {path}: not a Python config file (.py)")
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-    return module.get_config(setting or None)
-  except SyntaxError as e:
-    raise UserError(f"--config {path}: line {e.lineno}: {e.msg}") from None
-  except (ValueError, AttributeError) as e:
-    raise UserError(f"--config {spec}: {e}") from None
+  # pylint: disable=g-import-not-at-top
+  from rebll_jax import config_checks
+  from rebll_jax import main as run_cli
+  config = run_cli.build_config([f"--config={spec}"])
+  config_checks.check_values(config)
+  return config
 
 
 def _check_key(directory: str, key: str, spec: str):

@@ -5,9 +5,21 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from configs import test as test_config
 from rebll_jax import checkpoint
+
+
+def usage_error_line(main, argv, capsys) -> str:
+  """The last stderr line of ``main(argv)``, which must be a usage error
+  (SystemExit 2) without a traceback."""
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  assert exit_info.value.code == 2, argv
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  return err.strip().splitlines()[-1]
 
 
 def make_config(**overrides):

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from experiments import benchmark_step
+from tests.helpers import usage_error_line
 
 FIELDS = ("impl", "model", "batch", "size", "dtype", "device", "ms_per_step",
           "images_per_s", "compile_s", "peak_memory_bytes",
@@ -107,13 +108,18 @@ def test_paired_ratio_is_round_by_round():
                                   "min": 0.5, "max": 2.0, "rounds": 4}
 
 
-def test_unknown_torch_variant_is_an_error():
-  args = benchmark_step.parse_args(["--torch_variants", "eager,fast"])
-  with pytest.raises(SystemExit, match="fast"):
-    benchmark_step.torch_variants(args)
+def test_unknown_torch_variant_is_an_error(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark_step.parse_args(["--torch_variants", "eager,fast"])
+  assert exit_info.value.code == 2
+  assert "unknown --torch_variants ['fast']" in capsys.readouterr().err
   args = benchmark_step.parse_args(["--torch_compile"])
   assert benchmark_step.torch_variants(args) == ["eager", "eager_nchw",
                                                  "compile"]
+  # No variant but --torch_compile's: fine.
+  args = benchmark_step.parse_args(["--torch_variants", ",",
+                                    "--torch_compile"])
+  assert benchmark_step.torch_variants(args) == ["compile"]
 
 
 def test_an_unwritable_out_is_an_error_before_any_timing(tmp_path):
@@ -126,10 +132,12 @@ def test_an_unwritable_out_is_an_error_before_any_timing(tmp_path):
                          "--cpu_library_fusion", "fast"])
 
 
-def test_unknown_cpu_library_fusion_is_an_error():
-  with pytest.raises(SystemExit, match="unknown --cpu_library_fusion 'fast'"):
-    benchmark_step.main(["--impl", "jax", "--cpu_library_fusion",
-                         "reductions,fast"])
+
+
+def test_unknown_cpu_library_fusion_is_an_error(capsys):
+  assert usage_error_line(benchmark_step.main, [
+      "--impl", "jax", "--cpu_library_fusion", "reductions,fast"],
+      capsys).startswith("error: unknown --cpu_library_fusion 'fast'")
 
 
 @pytest.mark.parametrize("argv", [
@@ -142,11 +150,37 @@ def test_bad_numbers_and_options_are_usage_errors(argv):
   assert exit_info.value.code == 2
 
 
-def test_unknown_kernel_choice_and_compile_option_are_errors():
-  with pytest.raises(SystemExit, match="unknown --conv_impl 'foo'"):
-    benchmark_step.main(["--impl", "jax", "--conv_impl", "gemm,foo"])
-  with pytest.raises(SystemExit, match="unknown --norm_impl 'bar'"):
-    benchmark_step.main(["--impl", "jax", "--norm_impl", "fused,bar"])
+@pytest.mark.parametrize("argv,why", [
+    # A TypeError traceback after all the timing.
+    (["--matmul_size", "-5"], "--matmul_size must be >= 0"),
+    # "ValueError: max() arg is an empty sequence".
+    (["--impl", "torch", "--torch_variants", ","], "--torch_variants ',' "
+     "names no variant"),
+    # One line, but exit 1.
+    (["--batch", "3", "--cpu_devices", "2"], "--batch 3 must divide over "
+     "--cpu_devices 2"),
+    # Timed a step without old or current classes and exited 0.
+    (["--num_classes", "1"], "--num_classes must be >= 3, got 1"),
+    (["--num_classes", "2"], "--num_classes must be >= 3, got 2"),
+])
+def test_arguments_that_cannot_make_a_step_are_usage_errors(argv, why,
+                                                            capsys):
+  assert why in usage_error_line(benchmark_step.parse_args, argv, capsys)
+
+
+def test_three_classes_make_old_and_current_ones():
+  old, current = benchmark_step.make_masks(3)
+  assert old.tolist() == [True, False, False]
+  assert current.tolist() == [False, True, False]
+
+
+def test_unknown_kernel_choice_and_compile_option_are_errors(capsys):
+  assert "error: unknown --conv_impl 'foo'" in usage_error_line(
+      benchmark_step.main, ["--impl", "jax", "--conv_impl", "gemm,foo"],
+      capsys)
+  assert "error: unknown --norm_impl 'bar'" in usage_error_line(
+      benchmark_step.main, ["--impl", "jax", "--norm_impl", "fused,bar"],
+      capsys)
   with pytest.raises(SystemExit, match="No such compile option"):
     benchmark_step.main(["--impl", "jax", "--model", "tiny_resnet",
                          "--batch", "2", "--size", "16", "--steps", "1",

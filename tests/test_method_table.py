@@ -3,26 +3,50 @@
 Builds results.json files by hand (two seeds, known numbers) and checks the
 ``--report_only`` table: mean ± std over seeds, relabel FPR/FNR summed over
 the buffer blocks, "–" where a method relabels nothing. Bad input is a usage error before
-anything runs, and the first failing run ends the table.
+anything runs, and the first failing run ends the table. A finished run is
+reused only when its whole config is the one the table builds for the row;
+Ctrl-C and SIGTERM stop the child runs, then the table (130 / 143).
 """
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
+from experiments import child_runs
 from experiments import method_table
+from rebll_jax import main as cli
 
 
-def _write(out, setting, method, seed, avg, buffer):
+def _cli_config(flags):
+  """results.json's config of a run of ``python -m rebll_jax.main FLAGS``."""
+  return json.loads(cli.build_config(flags).to_json_best_effort())
+
+
+def _config(setting, method, seed, overrides=(), val=False):
+  """The config a finished run of this row has: the table's command."""
+  config_file = os.path.join(method_table.ROOT, "configs", "synthetic.py")
+  return _cli_config(
+      [f"--config={config_file}:{setting}", f"--config.method={method}",
+       f"--config.seed={seed}", "--config.train.progress=False"]
+      + (["--config.data.val_fraction=0.2"] if val else [])
+      + [f"--config.{o}" for o in overrides])
+
+
+def _write(out, setting, method, seed, avg, buffer, config=None):
   workdir = os.path.join(out, setting, method, f"seed{seed}")
   os.makedirs(workdir)
   task = {"fpr_at_threshold": 1.0, "train_seconds": 10.0,
           "labels_buffer": buffer}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump({"avg_map": avg, "last_map": avg - 10, "cf1": 5.0, "of1": 6.0,
-               "tasks": [task, task]}, f)
+               "tasks": [task, task],
+               "config": config or _config(setting, method, seed)}, f)
 
 
 def test_report_only_table(tmp_path, capsys):
@@ -47,6 +71,8 @@ def test_report_only_table(tmp_path, capsys):
   assert rebll[7] == "20.0 ± 0.0" and rebll[8] == "80.0 ± 0.0"
   assert rebll[9] == "20 ± 0 |"  # train seconds: two tasks of 10 s
   assert rows["lwf"][7] == "–" and rows["lwf"][8] == "–"
+  # The std is numpy's population std (ddof=0), and the table says so.
+  assert text.rstrip().endswith("std: population (ddof=0)")
 
 
 def test_bad_input_is_a_usage_error(tmp_path, capsys):
@@ -108,7 +134,7 @@ def test_runs_share_a_compilation_cache(tmp_path, monkeypatch):
     _write(os.path.dirname(os.path.dirname(os.path.dirname(workdir))),
            "b0c4", "ft", 0, 50.0, {})
     return subprocess.CompletedProcess(cmd, 0, "", "")
-  monkeypatch.setattr(method_table.subprocess, "run", fake_run)
+  monkeypatch.setattr(method_table.child_runs, "run", fake_run)
   out = str(tmp_path / "t")
   method_table.main(["--settings", "b0c4", "--seeds", "0", "--methods",
                      "ft", "--out", out])
@@ -124,27 +150,178 @@ def test_runs_share_a_compilation_cache(tmp_path, monkeypatch):
 
 def test_a_finished_run_with_other_overrides_is_not_reported_as_cached(
     tmp_path):
-  workdir = os.path.join(str(tmp_path), "b0c4", "ft", "seed0")
-  os.makedirs(workdir)
-  config = {"train": {"epochs_first": 1, "global_batch": 16},
-            "optim": {"lr_first": 0.003}, "model": {"stage_sizes": [1, 1]},
-            "data": {"val_fraction": 0.0}}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"config": config}, f)
   same = ["train.epochs_first=1", "optim.lr_first=3e-3",
           "model.stage_sizes=[1,1]"]
+  _write(str(tmp_path), "b0c4", "ft", 0, 50.0, {},
+         _config("b0c4", "ft", 0, same))
   assert method_table.run_one(str(tmp_path), "b0c4", "ft", 0, same,
                               val=False)[2] == "cached"
   for overrides, val, why in (
       (["train.epochs_first=5"], False, "train.epochs_first: the run has 1, "
        "this table asks for 5"),
       (["optim.lr_first=0.05"], False, "optim.lr_first"),
-      (["train.no_such=1"], False, "train.no_such: the run has no such"),
-      (same, True, "--val: the run has data.val_fraction=0.0")):
-    with pytest.raises(RuntimeError, match="holds a finished run made with "
-                       "other settings") as error:
+      (same + ["train.no_such=1"], False, "unknown config key 'train.no_such'"),
+      (same, True, "data.val_fraction: the run has 0.0, this table asks for "
+       "0.2")):
+    with pytest.raises(RuntimeError) as error:
       method_table.run_one(str(tmp_path), "b0c4", "ft", 0, overrides, val)
     assert why in str(error.value)
+
+
+def _hostile_config(**changes):
+  """b0c4 ft seed 0's config with dotted fields changed."""
+  config = _config("b0c4", "ft", 0)
+  for field, value in changes.items():
+    *sections, key = field.split("__")
+    node = config
+    for name in sections:
+      node = node[name]
+    node[key] = value
+  return config
+
+
+@pytest.mark.parametrize("changes,why", [
+    # Was reused: only the fields named by the current --set were compared.
+    ({"train__epochs_later": 4}, "train.epochs_later: the run has 4, this "
+     "table asks for 8"),
+    # method and seed were never compared with the row.
+    ({"method": "lwf"}, "method: the run has 'lwf', this table asks for 'ft'"),
+    ({"seed": 7}, "seed: the run has 7, this table asks for 0"),
+    ({"loss__lambda_kd": 3.0}, "loss.lambda_kd: the run has 3.0"),
+])
+def test_a_finished_run_made_with_other_settings_is_refused(tmp_path, changes,
+                                                            why):
+  _write(str(tmp_path), "b0c4", "ft", 0, 70.0, {}, _hostile_config(**changes))
+  with pytest.raises(SystemExit) as exit_info:
+    method_table.main(["--settings", "b0c4", "--seeds", "0", "--methods",
+                       "ft", "--out", str(tmp_path), "--report_only"])
+  message = str(exit_info.value.code)
+  assert "holds a finished run made with other settings" in message
+  assert why in message
+  assert not (tmp_path / "table.md").exists()
+
+
+def test_fields_that_do_not_change_results_may_differ(tmp_path):
+  # Devices, logging, checkpoint cadence, paths: MAY_CHANGE_ON_RESUME less
+  # the fields that extend a run (RESULTS_DEPEND_ON).
+  config = _hostile_config(num_devices=1, cpu_devices=0,
+                           train__log_every=7, train__checkpoint_every=3,
+                           data__num_workers=1)
+  _write(str(tmp_path), "b0c4", "ft", 0, 70.0, {}, config)
+  assert method_table.run_one(str(tmp_path), "b0c4", "ft", 0, [],
+                              val=False)[2] == "cached"
+
+
+@pytest.mark.parametrize("override", ["method=ft", "seed=7", " seed =7"])
+def test_set_of_a_table_axis_is_a_usage_error(tmp_path, capsys, override):
+  # --set method=ft made every row the same run (the last flag won).
+  with pytest.raises(SystemExit) as exit_info:
+    method_table.main(["--settings", "b0c4", "--methods", "ft,lwf",
+                       "--out", str(tmp_path), "--set", override])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "is an axis of the table" in err and "Traceback" not in err
+  assert not os.listdir(tmp_path)
+
+
+def _fake_cli(cmd, env=None, **kwargs):
+  """A child run that writes the results.json the CLI would: the config
+  built from the command's own flags."""
+  del env, kwargs
+  workdir = next(c.split("=", 1)[1] for c in cmd
+                 if c.startswith("--workdir="))
+  flags = [c for c in cmd if c.startswith("--config")]
+  os.makedirs(workdir)
+  task = {"fpr_at_threshold": 1.0, "train_seconds": 1.0}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"avg_map": 50.0, "last_map": 40.0, "cf1": 5.0, "of1": 6.0,
+               "tasks": [task],
+               "config": _cli_config(flags)}, f)
+  return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_a_finished_run_is_reused_whatever_the_spelling(tmp_path):
+  # Were refused as made "with other settings": (1,1) against the stored
+  # [1, 1], .5 against 0.5, and data.val_fraction=0.2 without --val.
+  stored = ["model.stage_sizes=[1,1]", "optim.lr_first=0.5",
+            "data.val_fraction=0.2"]
+  for seed in (0, 1):
+    _write(str(tmp_path), "b0c4", "ft", seed, 50.0, {},
+           _config("b0c4", "ft", seed, stored))
+  method_table.main(["--settings", "b0c4", "--seeds", "0,1", "--methods",
+                     "ft", "--out", str(tmp_path), "--report_only",
+                     "--set", "model.stage_sizes=(1,1)",
+                     "--set", "optim.lr_first=.5",
+                     "--set", "data.val_fraction=0.2"])
+  assert "| ft | 2 | 50.0 ± 0.0 |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_rerun_reuses_the_runs_it_made(tmp_path, monkeypatch):
+  monkeypatch.setattr(method_table.child_runs, "run", _fake_cli)
+  argv = ["--settings", "b0c4,b10c2", "--seeds", "0,1", "--methods",
+          "ft,joint", "--out", str(tmp_path), "--compile_cache", "off",
+          "--set", "model.stage_sizes=(1,1)", "--val"]
+  method_table.main(argv)
+  monkeypatch.setattr(method_table.child_runs, "run",
+                      lambda *a, **k: pytest.fail("ran a finished run again"))
+  method_table.main(argv)
+
+
+# A child run that waits to be stopped; says which signal stopped it.
+_CHILD = """
+import signal, sys, time
+marker = sys.argv[1]
+def stop(signum, frame):
+  time.sleep(0.5)  # a checkpoint being saved: the table must wait for it
+  open(marker, "w").write(str(signum))
+  sys.exit(128 + signum)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+open(marker + ".started", "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("signum,code,line", [
+    (signal.SIGINT, 130, "interrupted: the runs started stopped"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM: the runs started stopped"),
+])
+def test_ctrl_c_and_sigterm_stop_the_runs_then_the_table(
+    tmp_path, monkeypatch, capsys, signum, code, line):
+  # Was a KeyboardInterrupt traceback (and SIGTERM left the runs going).
+  if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    pytest.skip("SIGTERM is handled by the test runner")
+  real_run = child_runs.run
+  started = []
+
+  def slow_child(cmd, **kwargs):
+    marker = str(tmp_path / f"child{len(started)}")
+    started.append(marker)
+    return real_run([sys.executable, "-c", _CHILD, marker],
+                    **{k: v for k, v in kwargs.items() if k != "cwd"})
+
+  def signal_when_started():
+    deadline = time.time() + 60
+    while not os.path.exists(str(tmp_path / "child0.started")):
+      if time.time() > deadline:
+        return
+      time.sleep(0.05)
+    os.kill(os.getpid(), signum)
+
+  monkeypatch.setattr(method_table.child_runs, "run", slow_child)
+  threading.Thread(target=signal_when_started, daemon=True).start()
+  out = tmp_path / "table"
+  with pytest.raises(SystemExit) as exit_info:
+    method_table.main(["--settings", "b0c4", "--seeds", "0,1", "--methods",
+                       "ft", "--out", str(out), "--jobs", "1",
+                       "--compile_cache", "off"])
+  assert exit_info.value.code == code
+  # The child got the same signal and had ended (its marker written after
+  # a pause) before the table exited; the second run never started.
+  assert (tmp_path / "child0").read_text() == str(int(signum))
+  assert len(started) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(line)
 
 
 @pytest.mark.parametrize("content,why", [
@@ -174,3 +351,23 @@ def test_set_without_key_value_is_a_usage_error(tmp_path, capsys, override):
   assert exit_info.value.code == 2
   assert "expected KEY=VALUE" in capsys.readouterr().err
   assert not os.listdir(tmp_path)  # nothing started
+
+
+def test_the_expected_config_is_the_clis_and_touches_no_flags():
+  # rebll_jax.main.build_config: the CLI's parsing in a flag set of its
+  # own; the process's FLAGS and the file config main() reads stay as
+  # they were, and a refused flag is the CLI's one line.
+  remembered = dict(cli._FILE_CONFIG)  # pylint: disable=protected-access
+  config = method_table.expected_config(method_table.run_flags(
+      "b10c2", "lwf", 3, ["optim.lr_first=.5"], True))
+  assert (config["method"], config["seed"]) == ("lwf", 3)
+  assert config["protocol"]["base"] == 10
+  assert config["optim"]["lr_first"] == 0.5
+  assert config["data"]["val_fraction"] == 0.2
+  assert not config["train"]["progress"]
+  assert cli._FILE_CONFIG == remembered  # pylint: disable=protected-access
+  assert "config.optim.lr_first" not in cli.FLAGS  # its own flag set
+  with pytest.raises(RuntimeError, match="bad run flags: bad value in "
+                     "--config.optim.lr_first=abc"):
+    method_table.expected_config(method_table.run_flags(
+        "b0c4", "ft", 0, ["optim.lr_first=abc"], False))

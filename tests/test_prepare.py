@@ -407,7 +407,9 @@ def test_corrupt_metadata_rerun_read_and_train(tmp_path, capsys):
       _source(out, "coco_format")
   # --overwrite rebuilds it.
   assert _run(*argv, "--overwrite") == 0
-  assert _meta(path) == {**good, "fingerprint": _meta(path)["fingerprint"]}
+  rebuilt = _meta(path)
+  assert rebuilt == {**good, "fingerprint": rebuilt["fingerprint"],
+                     "source_digest": rebuilt["source_digest"]}
 
 
 @pytest.mark.parametrize("bad,why", [
@@ -417,6 +419,10 @@ def test_corrupt_metadata_rerun_read_and_train(tmp_path, capsys):
     (["--workers", "x"], "--workers: 'x' is not an integer"),
     (["--store_size", "-1"], "--store_size: -1 is not >= 0"),
     (["--squash"], "--squash needs --store_size N"),
+    # Kept the original bytes (exit 0) as if no quality had been given.
+    (["--store_quality", "50"], "--store_quality needs --store_size N"),
+    (["--store_size", "0", "--store_quality", "50"],
+     "--store_quality needs --store_size N"),
 ])
 def test_out_of_range_options_are_usage_errors(tmp_path, capsys, bad, why):
   with pytest.raises(SystemExit) as exit_info:
@@ -425,6 +431,16 @@ def test_out_of_range_options_are_usage_errors(tmp_path, capsys, bad, why):
   assert exit_info.value.code == 2
   assert why in capsys.readouterr().err
   assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_default_store_quality_without_store_size_is_no_error(
+    tmp_path, capsys):
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
+  assert _run("coco_format", "--train_json", tr, "--test_json", te,
+              "--images", images, "--data_dir", str(tmp_path / "out"),
+              "--store_quality", "90") == 0
+  assert "store_size" not in _meta(prepare.output_dir(
+      "coco_format", str(tmp_path / "out"), "custom"))
 
 
 def test_same_train_and_test_json_is_refused(tmp_path, capsys):
@@ -440,6 +456,161 @@ def test_same_train_and_test_json_is_refused(tmp_path, capsys):
     assert err.startswith("error: --train_json and --test_json are the same "
                           "file") and len(err.splitlines()) == 1
   assert not out.exists()
+
+
+def _error_line(capsys) -> str:
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+  return err
+
+
+def test_a_test_split_sharing_training_images_is_refused(tmp_path, capsys):
+  # A copy of train.json as --test_json, or a test JSON naming some of the
+  # training images, was prepared (exit 0): the test split measured
+  # training images.
+  tr, te, images = fx.make_coco_format(str(tmp_path / "cf"))
+  out = tmp_path / "out"
+  with open(tr) as f:
+    train = json.load(f)
+  with open(te) as f:
+    test = json.load(f)
+  copy = tmp_path / "copy.json"
+  copy.write_text(json.dumps(train))
+  subset = dict(test, images=test["images"] + train["images"][2:4])
+  (tmp_path / "subset.json").write_text(json.dumps(subset))
+  # Under another name: a symbolic link and a hard link to a train image.
+  first, second = train["images"][0]["file_name"], train["images"][1][
+      "file_name"]
+  os.symlink(os.path.join(images, first), os.path.join(images, "sym.jpg"))
+  os.link(os.path.join(images, second), os.path.join(images, "hard.jpg"))
+  linked = dict(test, images=test["images"] + [
+      dict(test["images"][0], id=5000, file_name="sym.jpg"),
+      dict(test["images"][0], id=5001, file_name="hard.jpg")])
+  (tmp_path / "linked.json").write_text(json.dumps(linked))
+  for test_json, count, example in (
+      (copy, len(train["images"]), train["images"][0]["file_name"]),
+      (tmp_path / "subset.json", 2, train["images"][2]["file_name"]),
+      (tmp_path / "linked.json", 2, "sym.jpg")):
+    assert _run("coco_format", "--train_json", tr, "--test_json",
+                str(test_json), "--images", images,
+                "--data_dir", str(out)) == 2
+    err = _error_line(capsys)
+    assert (f"--train_json and --test_json share {count} image file(s) "
+            f"(e.g. {example!r})") in err
+  assert not out.exists()  # refused before any work
+  # VOC's extracted folder: a test list naming a trainval image.
+  src = fx.make_voc_folder(str(tmp_path / "voc"))
+  lst = os.path.join(src, "VOCdevkit", "VOC2007", "ImageSets", "Main",
+                     "test.txt")
+  with open(lst, "a") as f:
+    f.write("000012\n")
+  assert _run("voc2007", "--src", src, "--data_dir", str(out)) == 2
+  assert ("the train and test splits share 1 image file(s) (e.g. "
+          "'JPEGImages/000012.jpg')") in _error_line(capsys)
+  assert not out.exists()
+
+
+def _replace_image(path, value=255):
+  time.sleep(0.01)  # a later mtime even on a coarse clock
+  with open(path, "wb") as f:
+    f.write(fx.jpeg_bytes(value))
+
+
+def test_images_changed_after_prepare_are_not_already_prepared(
+    tmp_path, capsys):
+  # An image overwritten in the --images folder: the rerun said "already
+  # prepared" (exit 0) and training read the old pixels.
+  argv, out, path = _prepared_coco_format(tmp_path)
+  images = argv[argv.index("--images") + 1]
+  capsys.readouterr()
+  assert _run(*argv) == 0  # unchanged: nothing to do
+  assert "nothing to do" in capsys.readouterr().err
+  # An image replaced; an unrelated file added to the folder is no change.
+  (tmp_path / "src" / "images" / "notes.txt").write_text("not an image")
+  replaced = os.path.join(images, "tr_000000000009.jpg")
+  _replace_image(replaced)
+  assert _run(*argv) == 2
+  err = _error_line(capsys)
+  assert "changed since (a file replaced" in err and "--overwrite" in err
+  assert _run(*argv, "--overwrite") == 0
+  assert _meta(path)["source_digest"]["files"] == (
+      len(fx.COCO_TRAIN) + len(fx.COCO_TRAIN_UNANNOTATED) + len(fx.COCO_TEST))
+  s = _source(out, "coco_format")
+  row = list(s.train.image_ids).index(9)
+  assert abs(int(s.train.read_images([row])[0][5, 5, 0]) - 255) <= 3
+  assert _run(*argv) == 0
+  # A referenced image removed.
+  os.remove(os.path.join(images, "te_000000000632.jpg"))
+  capsys.readouterr()
+  assert _run(*argv) == 2
+  assert "changed since (0 of the 11 missing then, 1 now)" in _error_line(
+      capsys)
+  # The run identity does not read the digest: a checkpoint of a run on the
+  # rebuilt dataset stays resumable (run_identity.data_digest covers labels,
+  # ids and a few decoded images).
+  from rebll_jax import run_identity  # pylint: disable=g-import-not-at-top
+  assert "source_digest" not in json.dumps(
+      run_identity.fingerprint(ml_collections.ConfigDict({"a": 1}), s, 0))
+
+
+def test_extracted_voc_and_coco2014_folders_notice_changed_images(
+    tmp_path, capsys):
+  voc_src = fx.make_voc_folder(str(tmp_path / "voc"))
+  out = str(tmp_path / "out")
+  assert _run("voc2007", "--src", voc_src, "--data_dir", out) == 0
+  _replace_image(os.path.join(voc_src, "VOCdevkit", "VOC2007", "JPEGImages",
+                              "000005.jpg"))
+  capsys.readouterr()
+  assert _run("voc2007", "--src", voc_src, "--data_dir", out) == 2
+  assert "changed since" in _error_line(capsys)
+  # COCO 2014 extracted: a file added to val2014/.
+  zips = fx.make_coco2014_zips(str(tmp_path / "zips"))
+  src = tmp_path / "coco"
+  for name in ("train2014.zip", "val2014.zip",
+               "annotations_trainval2014.zip"):
+    with zipfile.ZipFile(os.path.join(zips, name)) as z:
+      z.extractall(src)
+  assert _run("coco2014", "--src", str(src), "--data_dir", out) == 0
+  (src / "val2014" / "COCO_val2014_000000000999.jpg").write_bytes(
+      fx.jpeg_bytes(9))
+  capsys.readouterr()
+  assert _run("coco2014", "--src", str(src), "--data_dir", out) == 2
+  assert "changed since (11 files then, 12 now)" in _error_line(capsys)
+  # From the archives there are no loose files: nothing more to compare.
+  voc_tars = fx.make_voc_tars(str(tmp_path / "tars"))
+  out2 = str(tmp_path / "out2")
+  assert _run("voc2007", "--src", voc_tars, "--data_dir", out2) == 0
+  assert _meta(prepare.output_dir("voc2007", out2))["source_digest"][
+      "files"] == 0
+
+
+def test_a_dataset_prepared_before_the_digest_is_kept_with_a_warning(
+    tmp_path, capsys):
+  # No source_digest in metadata.json: neither rebuilt nor silently taken.
+  argv, out, path = _prepared_coco_format(tmp_path)
+  meta = _meta(path)
+  del meta["source_digest"]
+  with open(os.path.join(path, "metadata.json"), "w") as f:
+    json.dump(meta, f)
+  capsys.readouterr()
+  assert _run(*argv) == 0
+  err = capsys.readouterr().err
+  assert ("was prepared before prepare recorded its source files, so it "
+          "cannot tell whether any of the 11 changed since") in err
+  assert "--overwrite" in err and "nothing to do" in err
+  assert "source_digest" not in _meta(path)  # not blessed as it is now
+  assert len(_source(out, "coco_format").train) > 0  # still readable
+  # From archives there is nothing the fingerprint misses: no warning.
+  src = fx.make_voc_tars(str(tmp_path / "tars"))
+  assert _run("voc2007", "--src", src, "--data_dir", out) == 0
+  voc_path = prepare.output_dir("voc2007", out)
+  meta = _meta(voc_path)
+  del meta["source_digest"]
+  with open(os.path.join(voc_path, "metadata.json"), "w") as f:
+    json.dump(meta, f)
+  capsys.readouterr()
+  assert _run("voc2007", "--src", src, "--data_dir", out) == 0
+  assert "warning" not in capsys.readouterr().err
 
 
 def test_a_lost_shard_is_damage_not_a_finished_dataset(tmp_path, capsys):

@@ -32,14 +32,17 @@ def test_pretrained_settings():
   assert scratch.relabel.tau_pseudo == 0.9 and "upstream" not in scratch
 
 
-def _write(out, setting, method, seed, calibration):
+def _write(out, setting, method, seed, calibration, overrides=(), val=False):
   workdir = os.path.join(out, setting, method, f"seed{seed}")
   os.makedirs(workdir)
   task = {"fpr_at_threshold": 0.0, "train_seconds": 1.0,
           "calibration": calibration}
+  # The config the table builds for the row: a finished run it reuses.
+  config = method_table.expected_config(method_table.run_flags(
+      setting, method, seed, list(overrides), val))
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump({"avg_map": 70.0, "last_map": 60.0, "cf1": 1.0, "of1": 2.0,
-               "tasks": [task]}, f)
+               "tasks": [task], "config": config}, f)
 
 
 def _calibration(pos_old, ece):
@@ -79,9 +82,9 @@ def test_akd_readings_report(tmp_path):
   # Two seeds of "decay on q", one of the lwf bar; nothing for the rest.
   for seed, pos_old in ((0, 0.6), (1, 0.8)):
     _write(os.path.join(out, "decay_on_q"), "pretrained_b0c4", "rebll", seed,
-           _calibration(pos_old, 0.02))
+           _calibration(pos_old, 0.02), ("loss.decay_on=score",), val=True)
   _write(os.path.join(out, "bar_lwf"), "pretrained_b0c4", "lwf", 0,
-         _calibration(0.5, 0.02))
+         _calibration(0.5, 0.02), val=True)
   akd_readings.main(["--seeds", "0,1", "--out", out, "--report_only"])
   lines = open(os.path.join(out, "readings.md")).read().splitlines()
   rows = {l.split(" | ")[0].strip("| "): l.strip("| ").split(" | ")

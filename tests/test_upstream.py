@@ -236,16 +236,22 @@ def test_upstream_block_fields_have_rules_and_typos_are_refused():
     config_checks.check_values(config)
 
 
-def test_cli_refuses_a_bad_config_file_and_another_configs_out(
-    tmp_path, monkeypatch, capsys):
-  # No pretraining: every case stops before ensure() would train.
-  monkeypatch.setattr(upstream, "pretrain", lambda *a: pytest.fail("trained"))
+def _cli_in_process(tmp_path, monkeypatch):
+  """upstream.main() in this process: its cache under tmp_path, run from the
+  repository root; main() sets up its logger for a process of its own, which
+  is undone afterwards."""
   monkeypatch.setenv(upstream.CACHE_ENV, str(tmp_path / "cache"))
   monkeypatch.chdir(ROOT)
-  # main() sets up its logger for a process of its own: undone afterwards.
   monkeypatch.setattr(upstream.log, "handlers", list(upstream.log.handlers))
   for attr in ("level", "propagate"):
     monkeypatch.setattr(upstream.log, attr, getattr(upstream.log, attr))
+
+
+def test_cli_refuses_a_bad_config_file_and_another_configs_out(
+    tmp_path, monkeypatch, capsys):
+  # No pretraining: every case stops before ensure() would train.
+  _cli_in_process(tmp_path, monkeypatch)
+  monkeypatch.setattr(upstream, "pretrain", lambda *a: pytest.fail("trained"))
 
   def error_line(*argv):
     assert upstream.main(list(argv)) == 2
@@ -283,16 +289,54 @@ def test_cli_refuses_a_bad_config_file_and_another_configs_out(
   assert f"upstream backbone ({key})" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("body,why", [
+    ("import no_such_module_here\ndef get_config(arg=None):\n  pass\n",
+     "ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ("def get_config(arg=None):\n  return None\n",
+     "get_config() returned None, not an ml_collections.ConfigDict"),
+    ("def get_config(arg=None):\n  return {}['x']\n", "KeyError: x"),
+    ("def get_config(arg=None):\n  return {'model': 1}\n",
+     "get_config() returned a dict, not an ml_collections.ConfigDict"),
+    ("def get_config(arg=None):\n  if arg:\n    raise ValueError("
+     "'no settings')\n  return None\n", "ValueError: no settings"),
+    ("import ml_collections\ndef get_config(arg=None):\n"
+     "  return ml_collections.ConfigDict()\n",
+     "field(s) of rebll_jax/config_base.py"),
+])
+def test_cli_bad_config_files_are_one_line(tmp_path, monkeypatch, capsys,
+                                           body, why):
+  # Each was a traceback (exit 1): load_config caught only SyntaxError,
+  # ValueError and AttributeError, and None or a dict failed in main().
+  _cli_in_process(tmp_path, monkeypatch)
+  monkeypatch.setattr(upstream, "pretrain", lambda *a: pytest.fail("trained"))
+  config = tmp_path / "cfg.py"
+  config.write_text(body)
+  spec = f"{config}:xyz" if "ValueError" in why else str(config)
+  assert upstream.main(["--config", spec, "--out",
+                        str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+  assert why in err
+  assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_setting_of_configs_test(tmp_path, monkeypatch,
+                                               capsys):
+  # configs/test.py has no settings: ':xyz' used to start pretraining.
+  _cli_in_process(tmp_path, monkeypatch)
+  monkeypatch.setattr(upstream, "pretrain", lambda *a: pytest.fail("trained"))
+  assert upstream.main(["--config", "configs/test.py:xyz"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert err.startswith("error: cannot load config 'configs/test.py:xyz'")
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", KeyboardInterrupt])
 def test_cli_stopped_while_pretraining_says_so_and_cleans_up(
     tmp_path, monkeypatch, capsys, stop):
   # SIGTERM killed the CLI at once: no message, its staging copy left
   # behind; Ctrl-C printed a traceback.
-  monkeypatch.setenv(upstream.CACHE_ENV, str(tmp_path / "cache"))
-  monkeypatch.chdir(ROOT)
-  monkeypatch.setattr(upstream.log, "handlers", list(upstream.log.handlers))
-  for attr in ("level", "propagate"):
-    monkeypatch.setattr(upstream.log, attr, getattr(upstream.log, attr))
+  _cli_in_process(tmp_path, monkeypatch)
 
   def stopped(config, out_dir):
     os.makedirs(os.path.join(out_dir, "half"))

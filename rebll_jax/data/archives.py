@@ -8,10 +8,15 @@ An archive that cannot be opened is a ``UserError`` on one line; a member
 that cannot be read (a truncated or damaged archive) is an ``OSError``, so an
 image is skipped like any unreadable one and an annotation stops prepare with
 one line.
+
+``stat_listing`` / ``listing_digest`` sum up the loose files a dataset is
+read from (names, sizes, mtimes), so that prepare notices images replaced
+in a folder whose path did not change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 import threading
@@ -108,3 +113,45 @@ def file_signature(path: str) -> list:
   """(path, size, mtime) of a file or folder: cheap identity of an input."""
   st = os.stat(path)
   return [os.path.abspath(path), int(st.st_size), int(st.st_mtime_ns)]
+
+
+def stat_listing(root: str, rels) -> list:
+  """[(rel, size, mtime_ns)] of loose files under ``root``; (rel, -1, -1)
+  where one is missing.
+
+  What the "already prepared" check compares besides the fingerprint: a file
+  added, removed or replaced (a new size or mtime) changes the listing, while
+  the folder's path, all the fingerprint holds of it, does not.
+  """
+  out = []
+  for rel in rels:
+    try:
+      st = os.stat(os.path.join(root, rel))
+      out.append((rel, int(st.st_size), int(st.st_mtime_ns)))
+    except OSError:
+      out.append((rel, -1, -1))
+  return out
+
+
+def listing_digest(listing: dict) -> dict:
+  """``{"files": N, "missing": M, "sha256": hex}`` of
+  ``{split: stat_listing(...)}``."""
+  h = hashlib.sha256()
+  n = missing = 0
+  for split in sorted(listing):
+    for rel, size, mtime in listing[split]:
+      h.update(f"{split}\0{rel}\0{size}\0{mtime}\n".encode(
+          "utf-8", "surrogateescape"))
+      n += 1
+      missing += size < 0
+  return {"files": n, "missing": missing, "sha256": h.hexdigest()}
+
+
+def file_key(path: str):
+  """What makes two paths the same file: (device, inode) where it exists
+  (symbolic and hard links alike), else the path with links resolved."""
+  try:
+    st = os.stat(path)
+    return ("inode", st.st_dev, st.st_ino)
+  except OSError:
+    return ("path", os.path.realpath(path))

@@ -202,6 +202,24 @@ def locate_2014(src: str) -> tuple[dict, dict]:
   return stores, anns
 
 
+def loose_files_2014(src: str) -> dict:
+  """``{split: (folder, image files, other files)}`` of the splits read from
+  an extracted folder: every file under it (it is the official folder of
+  that split; a zip's signature in the fingerprint covers its members)."""
+  out = {}
+  for split in ("train", "test"):
+    folder = os.path.join(src, FOLDERS[split])
+    if os.path.isfile(os.path.join(src, ZIPS[split])) or not os.path.isdir(
+        folder):
+      continue
+    rels = []
+    for parent, _, names in os.walk(folder):
+      rels.extend(os.path.relpath(os.path.join(parent, n), folder)
+                  for n in names)
+    out[split] = (folder, sorted(rels), [])
+  return out
+
+
 def fingerprint_2014(src: str) -> list:
   out = []
   for p in list(ZIPS.values()) + [ANN_ZIP] + list(ANN_FILES.values()):
@@ -237,6 +255,20 @@ def locate_format(train_json: str, test_json: str, images: str
     with open(p, "rb") as f:
       anns[split] = (f.read(), p)
   return {"train": store, "test": store}, anns
+
+
+def read_format(train_json: str, test_json: str, images: str
+                ) -> tuple[dict, dict]:
+  """(split -> image store, split -> checked annotation dict)."""
+  stores, anns = locate_format(train_json, test_json, images)
+  return stores, {s: load_json(raw, where) for s, (raw, where) in anns.items()}
+
+
+def loose_files_format(images: str, jsons: dict) -> dict:
+  """``{split: (images, image files, other files)}``: the files the
+  ``file_name`` fields of each split's (checked) annotations name."""
+  return {split: (images, [im["file_name"] for im in d["images"]], [])
+          for split, d in jsons.items()}
 
 
 def fingerprint_format(train_json, test_json, images) -> list:

@@ -109,6 +109,25 @@ def split_items(store, split: str) -> tuple[list, dict]:
   return items, {"difficult_objects": n_difficult}
 
 
+def loose_files(src: str) -> dict:
+  """``{split: (root, image files, annotation files)}`` of the splits read
+  from the extracted folder (a tar's signature in the fingerprint covers its
+  members): those its image list names. A list that is missing or not text
+  is left to ``locate`` / ``split_items`` to refuse."""
+  root = _extracted_root(src)
+  out = {}
+  for split, tar in TARS.items():
+    listed = os.path.join(root or "", LISTS[split])
+    if (root is None or os.path.isfile(os.path.join(src, tar)) or
+        not os.path.isfile(listed)):
+      continue
+    with open(listed, "rb") as f:
+      stems = f.read().decode("utf-8", "replace").split()
+    out[split] = (root, [f"JPEGImages/{s}.jpg" for s in stems],
+                  [f"Annotations/{s}.xml" for s in stems])
+  return out
+
+
 def fingerprint(src: str) -> list:
   from rebll_jax.data.archives import file_signature
   out = []
