@@ -8,7 +8,9 @@ few, is not computed).
 
 ``protocol.json``: ``dataset``, ``setting``, ``method``, ``class_order``,
 the two protocol switches (``memory_future_labels``,
-``keep_crowd_only_images``) and ``tasks``, one entry per task with ``task``
+``keep_crowd_only_images``), ``evaluation_split`` (``test``, or ``val`` under
+``data.val_fraction``: the split every ``*test*`` field then holds) and
+``tasks``, one entry per task with ``task``
 (1-based), ``classes`` (names), ``train_image_ids`` and ``test_image_ids``
 (the dataset's own ids, in split order: COCO's integer ids, VOC's file
 stems), their counts, the memory budget after the task, and how many
@@ -87,6 +89,9 @@ def plan(config, source, method, tasks) -> dict:
       "class_order": list(source.class_names),
       "num_train_images": len(source.train),
       "num_test_images": len(source.test),
+      # What the *_test_* fields hold: the split a run scores each task on.
+      "evaluation_split": "val" if config.data.get("val_fraction", 0) > 0
+                          else "test",
       "memory_future_labels": config.protocol.memory_future_labels,
       "keep_crowd_only_images": bool(config.protocol.keep_crowd_only_images),
       "tasks": entries,
@@ -168,13 +173,14 @@ def _classes_cell(names, width: int = 44) -> str:
 
 def table(result: dict) -> str:
   """The per-task table the CLI prints."""
+  split = result.get("evaluation_split", "test")
   head = (f"{result['dataset']} {result['setting']}: "
           f"{len(result['class_order'])} classes, "
           f"{result['num_train_images']} train / "
-          f"{result['num_test_images']} test images; "
+          f"{result['num_test_images']} {split} images; "
           f"memory_future_labels={result['memory_future_labels']}, "
           f"keep_crowd_only_images={result['keep_crowd_only_images']}")
-  rows = [("task", "classes", "train", "test", "memory", "crowd-only")]
+  rows = [("task", "classes", "train", split, "memory", "crowd-only")]
   for t in result["tasks"]:
     rows.append((str(t["task"]), _classes_cell(t["classes"]),
                  str(t["num_train_images"]), str(t["num_test_images"]),
@@ -187,7 +193,7 @@ def table(result: dict) -> str:
     cells = [r[0].rjust(widths[0]), r[1].ljust(widths[1])]
     cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:])]
     lines.append("  ".join(cells).rstrip())
-  lines.append("crowd-only: train / test images holding the task's (seen) "
+  lines.append(f"crowd-only: train / {split} images holding the task's (seen) "
                "classes only as crowd boxes"
                + ("" if result["keep_crowd_only_images"]
                   else " (left out of the counts above)"))

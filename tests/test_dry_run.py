@@ -225,3 +225,16 @@ def test_a_dry_run_refuses_another_runs_workdir(tmp_path, nothing_compiles):
     f.write("[1, 2]")
   with pytest.raises(UserError, match="cannot be read"):
     dry_run.run(make_config(**{"dry_run": True}), workdir)
+
+
+def test_a_validation_run_says_it_scores_the_validation_split(
+    tmp_path, nothing_compiles):
+  result = dry_run.run(make_config(**{"dry_run": True,
+                                      "data.val_fraction": 0.2}),
+                       str(tmp_path))
+  assert result["evaluation_split"] == "val"
+  text = dry_run.table(result)
+  assert " val images" in text and " test " not in text
+  plain = dry_run.run(make_config(**{"dry_run": True}), str(tmp_path / "t"))
+  assert plain["evaluation_split"] == "test"
+  assert plain["num_test_images"] > result["num_test_images"]
