@@ -51,6 +51,9 @@ RULES = (
     _Unread(("augment.randaugment_magnitude",),
             lambda c: c.augment.randaugment_ops == 0,
             lambda c: "augment.randaugment_ops=0 turns RandAugment off"),
+    _Unread(("augment.cutout_fill",),
+            lambda c: c.augment.cutout == 0,
+            lambda c: "augment.cutout=0 turns cutout off"),
     _Unread(("memory.fraction",),
             lambda c: c.memory.mix != "fraction",
             lambda c: f"memory.mix {c.memory.mix!r} draws replay in "

@@ -25,6 +25,7 @@ UNREAD = [
     ({"augment.randaugment_ops": 2}, {"augment.policy": "field"}),
     ({"augment.randaugment_magnitude": 0.5}, {"augment.policy": "field"}),
     ({"augment.randaugment_magnitude": 0.5}, {"augment.randaugment_ops": 0}),
+    ({"augment.cutout_fill": "random"}, {"augment.cutout": 0.0}),
     ({"memory.fraction": 0.5}, {"memory.mix": "uniform"}),
     ({"data.synthetic.num_train": 500}, {"data.source": "voc2007"}),
 ]
@@ -35,6 +36,7 @@ READ = [
     ({"optim.momentum": 0.5}, {"optim.name": "sgd"}),
     ({"optim.warmup_frac": 0.3}, {"optim.schedule": "cosine"}),
     ({"augment.randaugment_magnitude": 0.5}, {"augment.randaugment_ops": 2}),
+    ({"augment.cutout_fill": "random"}, {"augment.cutout": 0.5}),
     ({"memory.fraction": 0.5}, {"memory.mix": "fraction"}),
 ]
 
