@@ -139,13 +139,48 @@ def expected_config(flags) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def stale_fields(stored: dict, flags) -> list[str]:
+def _started_config(workdir: str) -> dict | None:
+  """The config.json of a run started in ``workdir`` (None if there is
+  none); RuntimeError if it cannot be read."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise RuntimeError(f"{path} cannot be read ({' '.join(str(e).split())})"
+                       "; delete that workdir to run it again") from None
+
+
+def stale_tasks(tasks, flags) -> list[str]:
+  """The task rows of a finished run that trained with other epochs or
+  another peak rate than this table's config gives them (a run extended
+  over processes with other train.epochs_later / optim.lr_later; its config
+  is the last process's). Rows from before the record are not judged."""
+  config = expected_config(flags)
+  stale = []
+  for row in tasks:
+    if not isinstance(row, dict) or "epochs" not in row:
+      continue
+    first = row.get("task") == 1
+    wanted = (config["train"]["epochs_first" if first else "epochs_later"],
+              config["optim"]["lr_first" if first else "lr_later"])
+    have = (row["epochs"], row.get("lr_peak"))
+    if have != wanted:
+      stale.append(f"task {row.get('task')} trained with epochs {have[0]}, "
+                   f"lr_peak {have[1]}; this table asks for {wanted[0]}, "
+                   f"{wanted[1]}")
+  return stale
+
+
+def stale_fields(stored: dict, flags, what: str = "results.json") -> list[str]:
   """The config fields in which a finished run (``stored``: its
   results.json's ``config``) differs from a run with ``flags``: a rerun of
   the table with other settings must not report it as its own. A field
   the run predates counts with ``run_identity.VALUE_BEFORE_THE_FIELD``."""
   if not isinstance(stored, dict) or not stored:
-    return ["results.json holds no config"]
+    return [f"{what} holds no config"]
   wanted = {k: v for k, v in run_identity.flatten(
       expected_config(flags)).items() if _compared(k)}
   have = {**{k: v for k, v in run_identity.VALUE_BEFORE_THE_FIELD.items()
@@ -172,13 +207,26 @@ def run_one(out, setting, method, seed, overrides, val, env=None):
   flags = run_flags(setting, method, seed, overrides, val)
   if os.path.exists(results):
     summarise(workdir, 0.0)  # a damaged file is said so first
-    stale = stale_fields(_read_results(results).get("config"), flags)
+    finished = _read_results(results)
+    stale = (stale_fields(finished.get("config"), flags)
+             + stale_tasks(finished.get("tasks", []), flags))
     if stale:
       raise RuntimeError(
           f"{workdir} holds a finished run made with other settings ("
           f"{run_identity.listing(stale)}); use another --out, or delete "
           "that workdir to run it again")
     return workdir, 0.0, "cached"
+  started_config = _started_config(workdir)
+  if started_config is not None:
+    # An unfinished run (stopped, killed): the child would resume it, and a
+    # resume may change epochs_later / lr_later / num_tasks between tasks,
+    # so its first tasks would be another setting's.
+    stale = stale_fields(started_config, flags, what="config.json")
+    if stale:
+      raise RuntimeError(
+          f"{workdir} holds a run started with other settings ("
+          f"{run_identity.listing(stale)}); use another --out, or delete "
+          "that workdir to run it again")
   cmd = [sys.executable, "-m", "rebll_jax.main", f"--workdir={workdir}",
          *flags]
   started = time.time()

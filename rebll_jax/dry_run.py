@@ -41,15 +41,21 @@ def dataset_ids(source, split) -> list:
   return [int(i) for i in split.image_ids]
 
 
-def memory_budget(config, method, task) -> int:
+def memory_budget(config, method, task, num_train_images: int) -> int:
   """Exemplar slots over the classes seen after ``task`` (0 without
-  replay): what the buffer may hold when the task ends."""
+  replay): what the buffer may hold when the task ends, at most its
+  capacity (``memory.capacity_for``: no more rows than the training images
+  can fill)."""
   if not method.replay:
     return 0
   quotas = memory_lib.class_quotas(
       task.seen, num_classes=task.num_classes,
       per_class=config.memory.per_class, total=config.memory.total)
-  return int(quotas.sum())
+  capacity = memory_lib.capacity_for(
+      num_classes=task.num_classes, per_class=config.memory.per_class,
+      total=config.memory.total, num_images=num_train_images,
+      dedup=config.memory.dedup)
+  return min(int(quotas.sum()), capacity)
 
 
 def _crowd_only(split, classes) -> int:
@@ -75,7 +81,8 @@ def plan(config, source, method, tasks) -> dict:
         "classes": [source.class_names[c] for c in task.classes],
         "num_train_images": len(view),
         "num_test_images": int(rows.size),
-        "memory_budget": memory_budget(config, method, task),
+        "memory_budget": memory_budget(config, method, task,
+                                       len(source.train)),
         "crowd_only_train_images": _crowd_only(source.train, task.classes),
         "crowd_only_test_images": _crowd_only(source.test, task.seen),
         "train_image_ids": [train_ids[i] for i in view.indices.tolist()],
@@ -133,6 +140,15 @@ def run(config, workdir: str, setting=None) -> dict:
   return result
 
 
+def _described(config) -> dict:
+  """What protocol.json describes of a config: its fingerprinted fields and
+  the number of tasks (a resume may extend a run, but a table of 1 task
+  beside a 3-task run's results is not that run's)."""
+  flat = run_identity.flatten(config)
+  return {**run_identity.config_fields(config),
+          "protocol.num_tasks": flat.get("protocol.num_tasks")}
+
+
 def _check_no_other_run(config, workdir: str):
   """Refuses a workdir whose run (its config.json) is another config: the
   protocol.json written beside that run's results would not describe it.
@@ -150,8 +166,8 @@ def _check_no_other_run(config, workdir: str):
                     f"read ({' '.join(str(e).split())}); dry-run in another "
                     "--workdir") from None
   diffs = run_identity.differences(
-      {"config": run_identity.config_fields(saved)},
-      {"config": run_identity.config_fields(config)}, saved_name="the run")
+      {"config": _described(saved)}, {"config": _described(config)},
+      saved_name="the run")
   if diffs:
     raise UserError(
         f"workdir {workdir} holds another run ({run_identity.listing(diffs)})"

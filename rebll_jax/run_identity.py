@@ -100,10 +100,28 @@ def data_digest(source) -> str:
   return f"{crc:08x}"
 
 
+def crowd_digest(source) -> str:
+  """CRC-32 of both splits' crowd-only classes (COCO crowd boxes: what
+  ``protocol.keep_crowd_only_images`` puts in a task's view); all zeros for
+  VOC and synthetic data. Not in ``data_digest``, which checkpoints written
+  before it keep."""
+  crc = 0
+  for split in (source.train, source.test):
+    crc = zlib.crc32(np.ascontiguousarray(split.crowd_labels).view(
+        np.uint8).reshape(-1), crc)
+  return f"{crc:08x}"
+
+
+# Fingerprint entries added after checkpoints were written without them: a
+# checkpoint that lacks one is not compared on it (it cannot say).
+ADDED_LATER = ("crowd_digest",)
+
+
 def fingerprint(config, source, memory_capacity: int) -> dict:
   """The identity a checkpoint must agree on to be resumed by this run."""
   fields = config_fields(config)
   return {"dataset": source.name, "data_digest": data_digest(source),
+          "crowd_digest": crowd_digest(source),
           "class_order": list(source.class_names),
           "memory_capacity": int(memory_capacity), "config": fields}
 
@@ -121,6 +139,8 @@ def differences(saved: dict, current: dict,
         if old.get(field, "<absent>") != value.get(field, "<absent>"):
           diffs.append(f"{field}: {saved_name} {old.get(field, '<absent>')!r} "
                        f"vs config {value.get(field, '<absent>')!r}")
+    elif key in ADDED_LATER and key not in saved:
+      continue
     elif saved.get(key) != value:
       diffs.append(f"{key}: {saved_name} {saved.get(key)!r} vs config "
                    f"{value!r}")

@@ -229,7 +229,8 @@ def _initial_state(setup: Setup) -> RunState:
           variables, setup.init_from, config.model.arch)
     except (ValueError, OSError) as e:
       # One line, but keep the whole list of mismatches.
-      detail = "; ".join(l.strip() for l in str(e).splitlines() if l.strip())
+      detail = "; ".join(l.strip() for l in str(e).splitlines()
+                         if l.strip()).replace(":; ", ": ")
       raise UserError(f"model.init_from={setup.init_from!r}: "
                       f"{detail}") from None
   train_state = steps.initial_train_state(setup.tx, variables)
@@ -329,8 +330,12 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
                     f"start fresh (or delete {ckpt.directory})")
   if state.task < len(setup.tasks) or not state.trained_with:
     # This process trains what is left (or a checkpoint from before the
-    # record): its values are the run's from here on.
-    state.trained_with = run_identity.may_change_values(config)
+    # record): its values are the run's from here on, but for the fields
+    # read at init only, which stay the first process's.
+    state.trained_with = {
+        **run_identity.may_change_values(config),
+        **{k: state.trained_with[k] for k in _INIT_ONLY
+           if k in state.trained_with}}
   # Only now, with the run's identity checked, does the workdir change.
   if setup.is_chief:
     _trim_metrics(workdir, resumed_step)  # a killed run's tail
@@ -349,6 +354,9 @@ def run_config(config, state: RunState) -> dict:
   return run_identity.with_values(json.loads(config.to_json_best_effort()),
                                   state.trained_with)
 
+
+# Fields read when the run starts from scratch and never on resume.
+_INIT_ONLY = ("model.init_from",)
 
 # Fields a rerun of a finished run would silently not apply: they change
 # what the tasks train (init_from is warned about on every resume).
@@ -646,10 +654,11 @@ def run(config, workdir: str, setting=None) -> dict:
           writer.close()
     finally:
       ckpt.close()
-    counts = compiled.trace_counts
-    if not any(counts.values()):  # a rerun of a finished run: trained nothing
-      counts = _previous_compilations(workdir) or counts
-    results = summarise(setup, state, counts)
+    results = summarise(setup, state, compiled.trace_counts)
+    if not any(compiled.trace_counts.values()):
+      # A rerun of a finished run trained nothing: the record of the process
+      # that trained stays (its compile counts, devices, versions).
+      results.update(_previous_process_record(workdir))
     if setup.is_chief:
       write_results(workdir, results)
     return results
@@ -658,16 +667,23 @@ def run(config, workdir: str, setting=None) -> dict:
       setup.lock.release()
 
 
-def _previous_compilations(workdir: str) -> dict | None:
-  """``compilations`` of the results.json already in ``workdir`` (None if
-  there is none): the counts of the process that trained, which a rerun that
-  trains nothing keeps rather than its own zeros."""
+# What results.json says of the process that trained (not of the run).
+_PROCESS_RECORD = ("compilations", "devices", "versions")
+
+
+def _previous_process_record(workdir: str) -> dict:
+  """``compilations``, ``devices`` and ``versions`` of the results.json
+  already in ``workdir`` (those it has): the process that trained, which a
+  rerun that trains nothing keeps rather than its own zeros and machine."""
   try:
     with open(os.path.join(workdir, "results.json")) as f:
-      counts = json.load(f).get("compilations")
-  except (OSError, ValueError, AttributeError):
-    return None
-  return counts if isinstance(counts, dict) else None
+      previous = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  if not isinstance(previous, dict):
+    return {}
+  return {k: previous[k] for k in _PROCESS_RECORD
+          if isinstance(previous.get(k), dict)}
 
 
 def write_results(workdir: str, results: dict):

@@ -221,6 +221,11 @@ def test_a_dry_run_refuses_another_runs_workdir(tmp_path, nothing_compiles):
                      "the run 'rebll' vs config 'ft'.*another --workdir"):
     dry_run.run(other, workdir)
   assert open(os.path.join(workdir, "protocol.json")).read() == written
+  # A resume may extend a run; a table of fewer tasks is not this run's.
+  with pytest.raises(UserError, match="protocol.num_tasks: the run 3 vs "
+                     "config 1"):
+    dry_run.run(make_config(**{"dry_run": True, "protocol.num_tasks": 1}),
+                workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write("[1, 2]")
   with pytest.raises(UserError, match="cannot be read"):
@@ -238,3 +243,14 @@ def test_a_validation_run_says_it_scores_the_validation_split(
   plain = dry_run.run(make_config(**{"dry_run": True}), str(tmp_path / "t"))
   assert plain["evaluation_split"] == "test"
   assert plain["num_test_images"] > result["num_test_images"]
+
+
+def test_the_memory_budget_is_what_the_buffer_can_hold(tmp_path,
+                                                      nothing_compiles):
+  # The buffer holds at most one row per training image (240 here).
+  result = dry_run.run(make_config(**{"dry_run": True,
+                                      "memory.per_class": 100}),
+                       str(tmp_path))
+  assert [t["memory_budget"] for t in result["tasks"]] == [240, 240, 240]
+  small = dry_run.run(make_config(**{"dry_run": True}), str(tmp_path / "s"))
+  assert [t["memory_budget"] for t in small["tasks"]] == [8, 16, 24]

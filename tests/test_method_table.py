@@ -371,3 +371,47 @@ def test_the_expected_config_is_the_clis_and_touches_no_flags():
                      "--config.optim.lr_first=abc"):
     method_table.expected_config(method_table.run_flags(
         "b0c4", "ft", 0, ["optim.lr_first=abc"], False))
+
+
+def test_a_run_extended_with_another_schedule_is_not_this_tables(tmp_path):
+  """Its config is the last process's: the task rows say what each task
+  trained with (a run resumed at a task boundary with another
+  epochs_later)."""
+  config = _config("b0c4", "ft", 0)
+  _write(str(tmp_path), "b0c4", "ft", 0, 70.0, {}, config)
+  path = tmp_path / "b0c4" / "ft" / "seed0" / "results.json"
+  results = json.loads(path.read_text())
+  results["tasks"] = [
+      {**results["tasks"][0], "task": 1, "epochs": config["train"][
+          "epochs_first"], "lr_peak": config["optim"]["lr_first"]},
+      {**results["tasks"][1], "task": 2, "epochs": 1,
+       "lr_peak": config["optim"]["lr_later"]}]
+  path.write_text(json.dumps(results))
+  with pytest.raises(RuntimeError, match="task 2 trained with epochs 1"):
+    method_table.run_one(str(tmp_path), "b0c4", "ft", 0, [], val=False)
+  results["tasks"][1]["epochs"] = config["train"]["epochs_later"]
+  path.write_text(json.dumps(results))
+  assert method_table.run_one(str(tmp_path), "b0c4", "ft", 0, [],
+                              val=False)[2] == "cached"
+
+
+def test_an_unfinished_run_of_other_settings_is_not_resumed(tmp_path,
+                                                            monkeypatch):
+  """A workdir with checkpoints and config.json but no results.json: the
+  child would resume it under this table's flags, its first tasks trained
+  with the old ones."""
+  ran = []
+  monkeypatch.setattr(method_table.child_runs, "run", lambda cmd, **kw: (
+      ran.append(cmd), subprocess.CompletedProcess(cmd, 0, "", ""))[1])
+  workdir = tmp_path / "b0c4" / "ft" / "seed0"
+  workdir.mkdir(parents=True)
+  started = _config("b0c4", "ft", 0, ["train.epochs_later=1"])
+  (workdir / "config.json").write_text(json.dumps(started))
+  with pytest.raises(RuntimeError, match="holds a run started with other "
+                     "settings .*train.epochs_later: the run has 1"):
+    method_table.run_one(str(tmp_path), "b0c4", "ft", 0, [], val=False)
+  assert not ran
+  # The same settings: resumed (the child is started).
+  assert method_table.run_one(str(tmp_path), "b0c4", "ft", 0,
+                              ["train.epochs_later=1"], val=False)[2] == "ran"
+  assert len(ran) == 1

@@ -55,7 +55,8 @@ def _mutated(value):
   raise TypeError(type(value))
 
 
-def test_every_config_field_is_fingerprinted_or_allowed_to_change():
+def test_every_config_field_is_fingerprinted_or_allowed_to_change(
+    monkeypatch):
   class Source:  # the config part of the fingerprint needs no data
     name, class_names = "s", ("a",)
   base = config_base.base_config()
@@ -63,21 +64,18 @@ def test_every_config_field_is_fingerprinted_or_allowed_to_change():
   assert len(fields) > 60
   for pattern in run_identity.MAY_CHANGE_ON_RESUME:  # no stale names
     assert any(f == pattern or f.startswith(pattern) for f in fields), pattern
-  digest = run_identity.data_digest
-  run_identity.data_digest = lambda source: "d"
-  try:
-    reference = run_identity.fingerprint(base, Source, 0)
-    for field, value in fields.items():
-      config = config_base.base_config()
-      *path, last = field.split(".")
-      node = config
-      for part in path:
-        node = node[part]
-      node[last] = _mutated(value)
-      changed = run_identity.fingerprint(config, Source, 0) != reference
-      assert changed != run_identity.may_change(field), field
-  finally:
-    run_identity.data_digest = digest
+  for digest in ("data_digest", "crowd_digest"):
+    monkeypatch.setattr(run_identity, digest, lambda source: "d")
+  reference = run_identity.fingerprint(base, Source, 0)
+  for field, value in fields.items():
+    config = config_base.base_config()
+    *path, last = field.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[last] = _mutated(value)
+    changed = run_identity.fingerprint(config, Source, 0) != reference
+    assert changed != run_identity.may_change(field), field
 
 
 @pytest.mark.parametrize("override,field", [
@@ -122,8 +120,12 @@ def test_a_rerun_of_a_finished_run_keeps_the_values_it_trained_with(
   config_before = json.load(open(os.path.join(workdir, "config.json")))
   before = finished[1]
   again = train.run(_config(**{"train.epochs_later": 7,
-                               "optim.lr_later": 0.5}), workdir)
+                               "optim.lr_later": 0.5, "num_devices": 1}),
+                    workdir)
   assert again["map_matrix"] == before["map_matrix"]
+  # The record of the process that trained, not of this one.
+  for key in ("devices", "versions", "compilations"):
+    assert again[key] == before[key], key
   assert again["config"] == before["config"]
   assert again["config"]["train"]["epochs_later"] != 7
   assert json.load(open(os.path.join(workdir, "config.json"))) == (
@@ -158,6 +160,15 @@ def test_results_name_the_backbone_the_run_was_initialised_with(
   again = train.run(_config(**{"model.init_from": folders[1]}), workdir)
   assert again["initialised_from"] == first["initialised_from"]
   assert again["config"]["model"]["init_from"] == folders[0]
+  # A resume that trains more tasks keeps the init_from it was started
+  # with in its config too (the field is not read on resume).
+  more = train.run(_config(**{"model.init_from": folders[1],
+                              "protocol.num_tasks": 2}), workdir)
+  assert len(more["tasks"]) == 2
+  assert more["initialised_from"] == first["initialised_from"]
+  assert more["config"]["model"]["init_from"] == folders[0]
+  assert json.load(open(os.path.join(workdir, "config.json")))[
+      "model"]["init_from"] == folders[0]
   assert "is not read on resume" in caplog.text and folders[0] in caplog.text
   assert train.run(_config(), str(tmp_path / "random"))[
       "initialised_from"] is None
@@ -269,3 +280,25 @@ def test_a_checkpoint_from_before_a_field_matches_only_its_old_behaviour():
   assert run_identity.differences(saved, {"config": {"seed": 0}}) == []
   for field in run_identity.VALUE_BEFORE_THE_FIELD:
     assert field in run_identity.flatten(config_base.base_config())
+
+
+def test_crowd_boxes_are_part_of_the_run_identity():
+  """A dataset prepared again with other crowd annotations changes what
+  keep_crowd_only_images trains on: a resume used to accept it."""
+  from rebll_jax import data  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config = _config()
+  source = data.build_source(config.data)
+  crowd = np.zeros_like(source.train.crowd_labels)
+  crowd[0, 1] = 1
+  other = dataclasses.replace(
+      source, train=dataclasses.replace(source.train, crowd_labels=crowd))
+  saved = run_identity.fingerprint(config, source, 8)
+  now = run_identity.fingerprint(config, other, 8)
+  assert saved["data_digest"] == now["data_digest"]
+  assert run_identity.differences(saved, now) == [
+      f"crowd_digest: checkpoint {saved['crowd_digest']!r} vs config "
+      f"{now['crowd_digest']!r}"]
+  # A checkpoint from before the entry cannot say: not compared.
+  del saved["crowd_digest"]
+  assert run_identity.differences(saved, now) == []
