@@ -138,7 +138,7 @@ def test_a_rerun_of_a_finished_run_keeps_the_values_it_trained_with(
 
 
 def test_results_name_the_backbone_the_run_was_initialised_with(
-    tmp_path, caplog):
+    finished, tmp_path, caplog):
   """model.init_from is not read on resume: results.json used to name the
   resuming process's weights, not the ones the run loaded."""
   from rebll_jax import models  # pylint: disable=g-import-not-at-top
@@ -170,8 +170,7 @@ def test_results_name_the_backbone_the_run_was_initialised_with(
   assert json.load(open(os.path.join(workdir, "config.json")))[
       "model"]["init_from"] == folders[0]
   assert "is not read on resume" in caplog.text and folders[0] in caplog.text
-  assert train.run(_config(), str(tmp_path / "random"))[
-      "initialised_from"] is None
+  assert finished[1]["initialised_from"] is None  # random init
 
 
 # --- checkpoint metadata --------------------------------------------------
