@@ -108,9 +108,8 @@ _CONFIG_FILE = os.path.join(ROOT, "configs", "synthetic.py")
 
 def _compared(field: str) -> bool:
   """Whether a finished run's ``field`` must equal the table's value."""
-  depends = any(field == p or (p.endswith(".") and field.startswith(p))
-                for p in RESULTS_DEPEND_ON)
-  return depends or not run_identity.may_change(field)
+  return (run_identity.matches(field, RESULTS_DEPEND_ON)
+          or not run_identity.may_change(field))
 
 
 def run_flags(setting, method, seed, overrides, val) -> list[str]:
@@ -153,12 +152,12 @@ def _started_config(workdir: str) -> dict | None:
                        "; delete that workdir to run it again") from None
 
 
-def stale_tasks(tasks, flags) -> list[str]:
+def stale_tasks(tasks, config: dict) -> list[str]:
   """The task rows of a finished run that trained with other epochs or
-  another peak rate than this table's config gives them (a run extended
-  over processes with other train.epochs_later / optim.lr_later; its config
-  is the last process's). Rows from before the record are not judged."""
-  config = expected_config(flags)
+  another peak rate than ``config`` (``expected_config``'s) gives them (a
+  run extended over processes with other train.epochs_later /
+  optim.lr_later; its config is the last process's). Rows from before the
+  record are not judged."""
   stale = []
   for row in tasks:
     if not isinstance(row, dict) or "epochs" not in row:
@@ -174,15 +173,17 @@ def stale_tasks(tasks, flags) -> list[str]:
   return stale
 
 
-def stale_fields(stored: dict, flags, what: str = "results.json") -> list[str]:
+def stale_fields(stored: dict, config: dict,
+                 what: str = "results.json") -> list[str]:
   """The config fields in which a finished run (``stored``: its
-  results.json's ``config``) differs from a run with ``flags``: a rerun of
+  results.json's ``config``) differs from ``config`` (``expected_config``'s
+  for the row's flags): a rerun of
   the table with other settings must not report it as its own. A field
   the run predates counts with ``run_identity.VALUE_BEFORE_THE_FIELD``."""
   if not isinstance(stored, dict) or not stored:
     return [f"{what} holds no config"]
-  wanted = {k: v for k, v in run_identity.flatten(
-      expected_config(flags)).items() if _compared(k)}
+  wanted = {k: v for k, v in run_identity.flatten(config).items()
+            if _compared(k)}
   have = {**{k: v for k, v in run_identity.VALUE_BEFORE_THE_FIELD.items()
              if k in wanted},
           **{k: v for k, v in run_identity.flatten(stored).items()
@@ -208,8 +209,9 @@ def run_one(out, setting, method, seed, overrides, val, env=None):
   if os.path.exists(results):
     summarise(workdir, 0.0)  # a damaged file is said so first
     finished = _read_results(results)
-    stale = (stale_fields(finished.get("config"), flags)
-             + stale_tasks(finished.get("tasks", []), flags))
+    expected = expected_config(flags)
+    stale = (stale_fields(finished.get("config"), expected)
+             + stale_tasks(finished.get("tasks", []), expected))
     if stale:
       raise RuntimeError(
           f"{workdir} holds a finished run made with other settings ("
@@ -221,7 +223,8 @@ def run_one(out, setting, method, seed, overrides, val, env=None):
     # An unfinished run (stopped, killed): the child would resume it, and a
     # resume may change epochs_later / lr_later / num_tasks between tasks,
     # so its first tasks would be another setting's.
-    stale = stale_fields(started_config, flags, what="config.json")
+    stale = stale_fields(started_config, expected_config(flags),
+                         what="config.json")
     if stale:
       raise RuntimeError(
           f"{workdir} holds a run started with other settings ("

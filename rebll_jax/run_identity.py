@@ -51,9 +51,15 @@ VALUE_BEFORE_THE_FIELD = {
 }
 
 
-def may_change(field: str) -> bool:
+def matches(field: str, patterns) -> bool:
+  """Whether dotted ``field`` is one of ``patterns`` (a name, or a section
+  ending in ".")."""
   return any(field == p or (p.endswith(".") and field.startswith(p))
-             for p in MAY_CHANGE_ON_RESUME)
+             for p in patterns)
+
+
+def may_change(field: str) -> bool:
+  return matches(field, MAY_CHANGE_ON_RESUME)
 
 
 def may_change_values(config) -> dict:
