@@ -127,15 +127,31 @@ _BUILD_LOCK = threading.Lock()  # absl/ml_collections parsing: one at a time
 
 def expected_config(flags) -> dict:
   """The config (as results.json stores it) of a run with ``flags``,
-  parsed as the CLI parses them; RuntimeError with the CLI's line if it
-  refuses them."""
+  parsed and checked as the CLI parses and checks them; RuntimeError with
+  the CLI's line if it refuses them."""
+  from rebll_jax import config_checks  # pylint: disable=g-import-not-at-top
   from rebll_jax import main as cli  # pylint: disable=g-import-not-at-top
   with _BUILD_LOCK:
     try:
       config = cli.build_config(flags)
+      config_checks.check_values(config)
     except UserError as e:
       raise RuntimeError(f"bad run flags: {e}") from None
   return json.loads(config.to_json_best_effort())
+
+
+def check_run_flags(parser, jobs, overrides, val):
+  """parser.error, before any run starts, for a --set the CLI refuses in
+  some row (else it would be found only when that row's run failed)."""
+  rows = {}
+  for setting, method, seed in jobs:  # one check per row: seeds are alike
+    rows.setdefault((_row_setting(setting, method), method),
+                    (setting, method, seed))
+  for setting, method, seed in rows.values():
+    try:
+      expected_config(run_flags(setting, method, seed, overrides, val))
+    except RuntimeError as e:
+      parser.error(f"{setting} {method}: {e}")
 
 
 def _started_config(workdir: str) -> dict | None:
@@ -441,6 +457,8 @@ def main(argv=None):
         job = (setting, method, seed)
         if not any(_workdir("", *j) == _workdir("", *job) for j in jobs):
           jobs.append(job)  # joint: once per seed and regime
+  if not args.report_only:
+    check_run_flags(parser, jobs, args.set, args.val)
   rows = {}
   if args.report_only:
     finished = [j for j in jobs if os.path.exists(

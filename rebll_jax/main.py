@@ -81,7 +81,10 @@ def _checked_config_loader(parse, remember: bool = True):
 
   def load(spec: str):
     path = spec.split(":", 1)[0]
-    if path and not os.path.isfile(path):
+    if not path:
+      raise _ConfigFileError(f"--config={spec} names no file; pass e.g. "
+                             "--config=configs/synthetic.py")
+    if not os.path.isfile(path):
       raise _ConfigFileError(f"config file {path!r} not found; pass e.g. "
                              "--config=configs/synthetic.py")
     absl_log = logging.getLogger("absl")

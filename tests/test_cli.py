@@ -110,6 +110,8 @@ def test_unwritable_workdir(not_a_dir):
 @pytest.mark.parametrize("args,expected", [
     (["--config=configs/synthetic.py:b9c9"], "unknown setting 'b9c9'"),
     (["--config=configs/nofile.py"], "not found"),
+    (["--config="], "names no file"),
+    (["--config=:b10c2"], "names no file"),
     (["--config=configs/test.py"], "--workdir is required"),
     ([], "--config is required"),
     (["--config=configs/test.py", "--bogus=1"], "Unknown command line flag"),

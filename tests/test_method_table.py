@@ -111,17 +111,25 @@ def test_report_only_without_runs_is_an_error(tmp_path):
     method_table.main(["--out", str(tmp_path), "--report_only"])
 
 
-def test_a_failing_run_stops_the_table(tmp_path):
-  # A bad override makes every run fail; the first failure ends the table
-  # with a non-zero exit naming the run, and the other runs never start.
+def test_a_failing_run_stops_the_table(tmp_path, monkeypatch):
+  # A run that fails (its flags pass the CLI's checks; say, the disk fills)
+  # ends the table with a non-zero exit naming the run and its stderr, and
+  # the other runs never start.
+  started = []
+  def failing_run(cmd, **kwargs):
+    started.append(cmd)
+    if len(started) > 1:
+      time.sleep(1)  # the one picked up while the table stops; it finishes
+    return subprocess.CompletedProcess(cmd, 1, "", "error: disk full\n")
+  monkeypatch.setattr(method_table.child_runs, "run", failing_run)
   with pytest.raises(SystemExit) as exit_info:
     method_table.main(["--settings", "b0c4", "--seeds", "0,1", "--methods",
-                       "ft,lwf", "--out", str(tmp_path), "--set",
-                       "train.no_such_knob=1"])
+                       "ft,lwf", "--out", str(tmp_path)])
   message = str(exit_info.value.code)
-  assert message.startswith("error: b0c4 ") and "no_such_knob" in message
-  assert not (tmp_path / "b0c4" / "ft" / "seed1").exists()
-  assert not (tmp_path / "b0c4" / "lwf").exists()
+  assert message.startswith("error: b0c4 ft seed 0: ")
+  assert "error: disk full" in message
+  assert len(started) <= 2  # the failed run and at most one already started
+  assert not any("--config.method=lwf" in cmd for cmd in started)
 
 
 def test_runs_share_a_compilation_cache(tmp_path, monkeypatch):
@@ -319,7 +327,8 @@ def test_ctrl_c_and_sigterm_stop_the_runs_then_the_table(
   # The child got the same signal and had ended (its marker written after
   # a pause) before the table exited; the second run never started.
   assert (tmp_path / "child0").read_text() == str(int(signum))
-  assert len(started) == 1
+  assert len(started) <= 2  # the failed run and at most one already started
+  assert not any("--config.method=lwf" in cmd for cmd in started)
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(line)
 
@@ -415,3 +424,18 @@ def test_an_unfinished_run_of_other_settings_is_not_resumed(tmp_path,
   assert method_table.run_one(str(tmp_path), "b0c4", "ft", 0,
                               ["train.epochs_later=1"], val=False)[2] == "ran"
   assert len(ran) == 1
+
+
+@pytest.mark.parametrize("override,why", [
+    ("optim.lr_first=abc", "bad value in --config.optim.lr_first=abc"),
+    ("train.epochs_later=-1", "train.epochs_later must be an integer"),
+    ("nosuch.x=1", "unknown config key 'nosuch.x'"),
+])
+def test_a_set_the_cli_refuses_is_a_usage_error_before_any_run(
+    tmp_path, capsys, override, why):
+  with pytest.raises(SystemExit) as exit_info:
+    method_table.main(["--settings", "b0c4", "--seeds", "0", "--methods",
+                       "ft,rebll", "--out", str(tmp_path), "--set", override])
+  assert exit_info.value.code == 2
+  assert why in capsys.readouterr().err
+  assert not os.listdir(tmp_path)  # nothing started
