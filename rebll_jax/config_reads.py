@@ -65,6 +65,19 @@ RULES = (
 )
 
 
+# What method=joint (one task over all classes) does not read. Not refused,
+# only warned of: a sweep over methods sets the protocol once for every
+# method, its joint upper bound included (as it sets memory sizes).
+JOINT_IGNORES = ("protocol.base", "protocol.increment", "protocol.num_tasks")
+
+
+def joint_ignored_overrides(config, setting) -> list[str]:
+  """The ``JOINT_IGNORES`` fields in which ``config`` differs from
+  ``setting`` (the config file's own config)."""
+  return [name for name in JOINT_IGNORES
+          if field_value(config, name) != field_value(setting, name)]
+
+
 def field_value(config, dotted: str):
   """``config``'s value at ``dotted`` ("a.b.c"), lists as tuples."""
   for part in dotted.split("."):

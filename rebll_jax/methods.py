@@ -191,7 +191,7 @@ class Method:
     """Fields changed from ``defaults`` that this method does not read (an
     override that would silently do nothing), each with the reason:
     ``loss`` knobs it does not use, ``relabel`` thresholds it never applies
-    (unless ``loss_only``). ``memory`` sizes are not judged: a sweep sets
+    (unless ``loss_only``). ``memory`` fields are not judged: a sweep sets
     them once for every method, replaying or not."""
     ignored = {}
     read = self.loss_knobs_read()

@@ -6,6 +6,7 @@ the fix. The CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,9 @@ from rebll_jax import methods, models
 from rebll_jax import host_malloc, optim, parallel, protocol, xla_cpu
 from rebll_jax.models import conv, norm
 from rebll_jax.errors import UserError
+
+
+log = logging.getLogger("rebll_jax")
 
 
 def _check(condition: bool, message: str):
@@ -89,6 +93,13 @@ def check_config(config, setting=None):
     _check(not unread,
            f"nothing reads {', '.join(unread)} in this config ({reasons}); "
            "drop the override or change the choice it depends on")
+    if method.joint:
+      joint_ignored = config_reads.joint_ignored_overrides(config, setting)
+      if joint_ignored:
+        log.warning("method 'joint' trains one task over all classes: "
+                    "%s not read", ", ".join(
+                        f"{k}={config_reads.field_value(config, k)}"
+                        for k in joint_ignored))
   _check(0.0 <= config.memory.fraction < 1.0,
          "memory.fraction must be in [0, 1)")
   _check(config.memory.per_class >= 0 and config.memory.total >= 0,

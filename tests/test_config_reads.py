@@ -102,3 +102,18 @@ def test_several_reasons_are_one_line():
   message = str(error.value)
   assert "model.width, optim.momentum" in message
   assert "small_resnet only" in message and "SGD's" in message
+
+
+def test_joint_warns_of_the_protocol_it_does_not_read(caplog):
+  # One task over all classes whatever the protocol: a sweep over methods
+  # sets it for every method, so the joint row runs, with a warning.
+  setting = _setting(method="joint")
+  config = make_config(**{"method": "joint", "protocol.num_tasks": 2,
+                          "protocol.increment": 5})
+  validate.check_config(config, setting)
+  assert ("method 'joint' trains one task over all classes: "
+          "protocol.increment=5, protocol.num_tasks=2 not read") in caplog.text
+  caplog.clear()
+  validate.check_config(make_config(method="joint"), setting)
+  validate.check_config(make_config(**{"protocol.num_tasks": 2}), _setting())
+  assert "not read" not in caplog.text
