@@ -128,7 +128,7 @@ def run(config, workdir: str, setting=None) -> dict:
   source = validate.build_source(config.data)
   validate.check_protocol(config, source.num_classes)
   tasks = method.tasks(source.num_classes, config.protocol)
-  validate.check_tasks(source, tasks)
+  validate.check_tasks(source, tasks, config.protocol)
   result = plan(config, source, method, tasks)
   path = os.path.join(workdir, "protocol.json")
   # A kill never leaves half a file; the pid keeps two dry runs of one

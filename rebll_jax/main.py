@@ -186,13 +186,33 @@ def _unknown_key_message(text: str, argv) -> str:
   if hint:
     parts = [hint.group(1) if p == key else p for p in path.split(".")]
     message += f" (did you mean {'.'.join(parts)!r}?)"
-  return (message + "; every --config.KEY must exist in the config (see "
+  return message + _where_the_fields_are(path)
+
+
+def _where_the_fields_are(key: str) -> str:
+  """The end of an unknown-key line: where the user finds the fields."""
+  if key.startswith("upstream."):
+    return ("; the upstream.* block exists in the pretrained_* settings of "
+            "configs/synthetic.py only (its fields: "
+            "rebll_jax/upstream.py, default_config)")
+  return ("; every --config.KEY must exist in the config (see "
           "rebll_jax/config_base.py for the fields)")
+
+
+def _exception_text(error: BaseException) -> str:
+  """An exception's message on one line; several args (absl's boolean
+  parser: ('Non-boolean argument to boolean flag', 'maybe')) joined by
+  ': ' rather than shown as a tuple."""
+  if len(error.args) > 1:
+    return _one_line(": ".join(str(a) for a in error.args))
+  return _one_line(error)
 
 
 def _parse_into(values, argv):
   """``values(argv)``: the CLI's flag parsing. A bad ``--config`` or
   ``--config.KEY=VALUE`` is a UserError whose message is the CLI's line."""
+  # absl defines --help, -?, --helpshort and --helpfull, not -h.
+  argv = ["--help" if arg == "-h" else arg for arg in argv]
   try:
     rest = values(argv)
   except _ConfigFileError as e:
@@ -207,14 +227,13 @@ def _parse_into(values, argv):
         "flag --config:"):
       raise UserError(_config_error(e, _config_arg(argv))) from None
     if message.startswith("flag --config."):
-      detail = _one_line(_root_cause(e))
+      detail = _exception_text(_root_cause(e))
       raise UserError(
           f"bad value in {message.split(':', 1)[0][5:]}: {detail}") from None
     if "Unknown command line flag 'config." in message:
       key = message.split("'")[1][len("config."):]
-      raise UserError(
-          f"unknown config key {key!r}; every --config.KEY must exist in "
-          "the config (see rebll_jax/config_base.py for the fields)") from None
+      raise UserError(f"unknown config key {key!r}"
+                      + _where_the_fields_are(key)) from None
     raise UserError(f"{message}. Run with --help for the flags.") from None
   except (KeyError, AttributeError) as e:
     # ml_collections reports an unknown key this way.

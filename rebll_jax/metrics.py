@@ -99,9 +99,9 @@ def _calibration_of(scores: np.ndarray, positive: np.ndarray,
   out = {"num_pos": num_pos, "num_neg": num_neg,
          "pos_mean": mean(scores[positive]),
          "neg_mean": mean(scores[~positive]),
-         # Predicted positive means score >= threshold, as in f1_scores.
-         "frac_pos_below": mean(scores[positive] < threshold),
-         "frac_neg_above": mean(scores[~positive] >= threshold),
+         # Predicted positive means score > threshold, as in f1_scores.
+         "frac_pos_below": mean(scores[positive] <= threshold),
+         "frac_neg_above": mean(scores[~positive] > threshold),
          "bias": None, "ece": None}
   if scores.size:
     out["bias"] = float(scores.mean() - positive.mean())

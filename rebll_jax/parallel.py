@@ -107,8 +107,10 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     if jax.process_count() > 1:
       raise UserError("num_devices must be 0 (all devices) on multi-host runs")
     if num_devices > len(devices):
-      raise UserError(f"num_devices={num_devices} but only {len(devices)} "
-                      "devices are visible")
+      visible = (f"{len(devices)} devices are" if len(devices) > 1
+                 else "1 device is")
+      raise UserError(f"num_devices={num_devices} but only {visible} "
+                      "visible")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), ("data",))
 

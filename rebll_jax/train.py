@@ -112,7 +112,7 @@ def _set_up_locked(config, workdir, lock, setting) -> Setup:
                      num_devices=mesh.size, num_processes=jax.process_count(),
                      setting=setting)
   tasks = method.tasks(source.num_classes, config.protocol)
-  validate.check_tasks(source, tasks)
+  validate.check_tasks(source, tasks, config.protocol)
   init_from = upstream.resolve_init_from(config)  # "upstream:auto" -> dir
   if init_from and os.path.isfile(init_from):  # converts at init
     pretrained.check_init_from_file(init_from, config.model.arch)

@@ -336,18 +336,22 @@ def build_source(cfg):
                     f"{e.strerror or e}") from None
 
 
-def check_tasks(source, tasks):
-  """Every task has training images and test images (before any training)."""
+def check_tasks(source, tasks, protocol_cfg):
+  """Every task has training images, and test images of its seen classes
+  (the rows it is scored on, ``protocol.eval_rows``), before any training.
+  The seen classes only grow, so the first task is the one to lack them."""
   for task in tasks:
     names = [source.class_names[c] for c in task.classes]
     n_train = int(source.train.labels[:, task.classes].any(axis=1).sum())
     _check(n_train > 0, f"task {task.index + 1} has no training images "
            f"(classes {names}); use a class order or split where every "
            "task's classes occur in the training data")
-  seen = tasks[-1].seen if tasks else []
-  _check(len(tasks) == 0 or
-         bool(source.test.labels[:, seen].any(axis=1).any()),
-         "the test split has no image of the protocol's classes")
+  for task in tasks:
+    names = [source.class_names[c] for c in task.seen]
+    _check(protocol.eval_rows(source, task.seen, protocol_cfg).size > 0,
+           f"the test split has no image of task {task.index + 1}'s classes "
+           f"({names}), so the task cannot be scored; use a class order or "
+           "split where they occur in the test data")
 
 
 def tree_bytes(tree) -> int:
@@ -412,6 +416,9 @@ def check_devices(config, num_devices: int, num_processes: int):
 def check_workdir(workdir: str):
   """Creates the workdir and proves it writable (a probe file)."""
   _check(bool(workdir), "--workdir is required")
+  _check(not os.path.exists(workdir) or os.path.isdir(workdir),
+         f"workdir {workdir!r} is a file, not a directory; pick another "
+         "--workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".probe") as probe:

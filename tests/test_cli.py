@@ -124,10 +124,48 @@ def test_missing_or_bad_flags(tmp_path, args, expected):
   assert expected in line
 
 
-def test_help():
-  result = _cli("--help")
+# absl knows --help, -?, --helpshort and --helpfull; -h used to be "Unknown
+# command line flag 'h'", exit 2.
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help(flag):
+  result = _cli(flag)
   assert result.returncode == 0
   assert "--config" in result.stdout and "--workdir" in result.stdout
+
+
+@pytest.mark.parametrize("flag,expected", [
+    # absl's boolean error has two args: shown joined, not as a tuple.
+    ("--config.resume=maybe", "bad value in --config.resume=maybe: "
+     "Non-boolean argument to boolean flag: maybe"),
+    # The upstream block is not in config_base.py: the line says where.
+    ("--config.upstream.lr=0.1", "unknown config key 'upstream.lr'; the "
+     "upstream.* block exists in the pretrained_* settings"),
+])
+def test_override_messages_say_what_to_do(flag, expected):
+  with pytest.raises(UserError) as error:
+    main.build_config([f"--config={ROOT}/configs/synthetic.py", flag])
+  assert str(error.value) == expected or str(error.value).startswith(
+      expected)
+
+
+def test_a_workdir_that_is_a_file_is_named_so(tmp_path):
+  path = tmp_path / "afile"
+  path.write_text("")
+  with pytest.raises(UserError, match="is a file, not a directory"):
+    validate.check_workdir(str(path))
+
+
+def test_init_from_a_file_of_unknown_type(tmp_path):
+  from rebll_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "weights"
+  path.write_text("")
+  # Before: "is a PyTorch file, and model.arch 'small_resnet' has no
+  # PyTorch counterpart", though nothing said it was one.
+  for arch in ("small_resnet", "resnet18"):
+    with pytest.raises(UserError, match="is a file of unknown type"):
+      pretrained.check_init_from_file(str(path), arch)
+  with pytest.raises(UserError, match="has no PyTorch counterpart"):
+    pretrained.check_init_from_file(str(tmp_path / "w.pth"), "small_resnet")
 
 
 def test_non_finite_loss_exits_1_without_traceback(tmp_path):
@@ -184,7 +222,29 @@ def test_task_without_images_is_named():
   tasks = protocol.make_tasks(4, 2, 2)
   with pytest.raises(UserError, match=r"task 2 has no training images "
                      r"\(classes \['c', 'd'\]\)"):
-    validate.check_tasks(source, tasks)
+    validate.check_tasks(source, tasks, make_config().protocol)
+
+
+def test_a_task_without_test_images_is_refused_before_training():
+  # Task 1's classes (a, b) never occur in the test split: the run used to
+  # train task 1, then stop with an IndexError traceback when scoring it,
+  # and every rerun trained it again.
+  train_labels = np.eye(4, dtype=np.uint8).repeat(2, axis=0)
+  test_labels = np.zeros((4, 4), np.uint8)
+  test_labels[:, 2:] = 1
+  def split(labels):
+    return Split(labels=labels, image_ids=np.arange(len(labels)),
+                 read_images=lambda i: np.zeros((len(i), 8, 8, 3), np.uint8))
+  source = Source(name="toy", class_names=["a", "b", "c", "d"],
+                  train=split(train_labels), test=split(test_labels))
+  with pytest.raises(UserError, match=r"no image of task 1's classes "
+                     r"\(\['a', 'b'\]\)"):
+    validate.check_tasks(source, protocol.make_tasks(4, 2, 2),
+                         make_config().protocol)
+  # Scored on all seen classes: once task 1 has test images, so do the rest.
+  test_labels[0, 0] = 1
+  validate.check_tasks(source, protocol.make_tasks(4, 2, 2),
+                       make_config().protocol)
 
 
 # --- hypothesis over the config surface -----------------------------------

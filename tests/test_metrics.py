@@ -113,15 +113,17 @@ def test_calibration_by_hand():
 
 def test_calibration_shares_bins_and_edges():
   # 0.12 (positive) and 0.18 (negative) share bin 1: |0.15 - 0.5| for both;
-  # 1.0 lands in the closed last bin; 0.5 counts as predicted positive.
+  # 1.0 lands in the closed last bin; 0.5 is not predicted positive (a
+  # score strictly above the threshold is, as in F1; until 2026-12-07 the
+  # calibration counted >=).
   scores = np.array([[0.12], [0.18], [1.0], [0.5]])
   targets = np.array([[1], [0], [1], [0]])
   c = metrics.calibration(scores, targets, old_classes=[],
                           current_classes=[0])
   cur = c["current"]
   assert cur["ece"] == pytest.approx((2 * 0.35 + 0.0 + 0.5) / 4)
-  assert cur["frac_neg_above"] == pytest.approx(0.5)  # 0.5 >= 0.5
-  assert cur["frac_pos_below"] == pytest.approx(0.5)  # 0.12 < 0.5
+  assert cur["frac_neg_above"] == 0.0  # 0.5 is not above 0.5
+  assert cur["frac_pos_below"] == pytest.approx(0.5)  # 0.12 <= 0.5
   # No old classes (the first task): counts 0, every rate None, no NaN.
   old = c["old"]
   assert old["num_pos"] == old["num_neg"] == 0

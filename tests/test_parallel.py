@@ -221,3 +221,12 @@ def test_later_tasks_compile_nothing(two_task_runs):
   assert counter.at_task_end[0] > 0  # the counter sees compiles at all
   assert counter.at_task_end[2] - counter.at_task_end[1] == 0
   assert results["compilations"] == {"first": 1, "later": 1}
+
+
+def test_more_devices_than_visible_is_one_line():
+  from rebll_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  visible = len(jax.devices())
+  with pytest.raises(UserError) as error:
+    parallel.make_mesh(visible + 1)
+  assert str(error.value) == (f"num_devices={visible + 1} but only {visible} "
+                              "devices are visible")

@@ -412,6 +412,13 @@ def check_init_from(path: str, arch: str) -> None:
 def check_init_from_file(path: str, arch: str) -> None:
   """A PyTorch file as ``model.init_from`` (converted at init) needs an arch
   that converts; UserError, one line, before anything is built."""
+  from rebll_jax import convert  # pylint: disable=g-import-not-at-top
+  suffixes = (".safetensors", *convert.TORCH_SUFFIXES)
+  if not path.endswith(suffixes):
+    raise UserError(
+        f"model.init_from={path!r} is a file of unknown type; give a folder "
+        "of converted weights (python -m rebll_jax.convert) or a PyTorch "
+        f"state dict ({', '.join(suffixes)})")
   if arch not in BACKBONES:
     raise UserError(
         f"model.init_from={path!r} is a PyTorch file, and model.arch "
