@@ -166,6 +166,28 @@ class _HeldLogs(logging.Filter):
       sys.unraisablehook(unraisable)
 
 
+def peek_fingerprint(directory: str) -> dict | None:
+  """The fingerprint in the newest committed checkpoint under
+  ``directory`` whose metadata parses, read as plain JSON (None if there
+  is none). Read-only, without a manager: opening one removes temporary
+  directories, which may be a live run's save in progress (for a dry run,
+  which takes no workdir lock)."""
+  if not os.path.isdir(directory):
+    return None
+  numbers = sorted((int(n) for n in os.listdir(directory) if n.isdigit()),
+                   reverse=True)  # committed saves only: N, not N.tmp*
+  for number in numbers:
+    try:
+      with open(os.path.join(directory, str(number), "meta",
+                             "metadata")) as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(meta, dict) and isinstance(meta.get("fingerprint"), dict):
+      return meta["fingerprint"]
+  return None
+
+
 def meta_checksum(meta: dict) -> str:
   """CRC-32 of the metadata's canonical JSON (minus its own checksum)."""
   body = {k: v for k, v in meta.items() if k != "meta_checksum"}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 
+from rebll_jax import checkpoint
 from rebll_jax import memory as memory_lib
 from rebll_jax import methods, protocol, run_identity, validate
 from rebll_jax.errors import UserError
@@ -122,10 +123,12 @@ def run(config, workdir: str, setting=None) -> dict:
   """Checks the config, builds the source and protocol, writes
   ``workdir/protocol.json``; returns its content."""
   validate.check_config(config, setting)
+  validate.check_init_from(config, pretrain=False)
   validate.check_workdir(workdir)
   _check_no_other_run(config, workdir)
   method = methods.get_method(config.method)
   source = validate.build_source(config.data)
+  _check_same_data(source, workdir)
   validate.check_protocol(config, source.num_classes)
   tasks = method.tasks(source.num_classes, config.protocol)
   validate.check_tasks(source, tasks, config.protocol)
@@ -173,6 +176,27 @@ def _check_no_other_run(config, workdir: str):
         f"workdir {workdir} holds another run ({run_identity.listing(diffs)})"
         "; its protocol.json would sit beside that run's results: dry-run "
         "this config in another --workdir")
+
+
+def _check_same_data(source, workdir: str):
+  """Refuses a workdir whose run (its newest checkpoint) trained on other
+  data: config.json cannot tell (``data.data_dir`` may change on resume;
+  the run's data digest covers the content). Computes that digest, which
+  reads a few images, only where a checkpoint exists."""
+  saved = checkpoint.peek_fingerprint(os.path.join(workdir, "checkpoints"))
+  if saved is None:
+    return
+  current = {"dataset": source.name,
+             "class_order": list(source.class_names),
+             "data_digest": run_identity.data_digest(source),
+             "crowd_digest": run_identity.crowd_digest(source)}
+  diffs = run_identity.differences(saved, current, saved_name="the run")
+  if diffs:
+    raise UserError(
+        f"workdir {workdir} holds a run on other data "
+        f"({run_identity.listing(diffs)}); its protocol.json would sit "
+        "beside that run's results: dry-run this config in another "
+        "--workdir")
 
 
 def _classes_cell(names, width: int = 44) -> str:

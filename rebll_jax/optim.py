@@ -177,8 +177,9 @@ def loss_scale_metrics(opt_state) -> dict:
           "skipped_steps": opt_state.skipped}
 
 
-def make_transform(cfg) -> optax.GradientTransformation:
-  """The direction of the update; ``step_updates`` scales it by -lr(step)."""
+def check_choices(cfg):
+  """UserError for an ``optim`` block no transform can be made of (run by
+  ``validate.check_config``, so a dry run refuses it too)."""
   if cfg.name not in OPTIMIZERS:
     raise UserError(f"unknown optim.name {cfg.name!r}; valid: {list(OPTIMIZERS)}")
   if cfg.cycle_beta1 and (cfg.name not in ("adam", "adamw")
@@ -186,6 +187,11 @@ def make_transform(cfg) -> optax.GradientTransformation:
     raise UserError("optim.cycle_beta1 needs optim.name adam or adamw and "
                     f"optim.schedule one_cycle (got {cfg.name!r}, "
                     f"{cfg.schedule!r})")
+
+
+def make_transform(cfg) -> optax.GradientTransformation:
+  """The direction of the update; ``step_updates`` scales it by -lr(step)."""
+  check_choices(cfg)
   decay = optax.add_decayed_weights(cfg.weight_decay, mask=_kernels_only)
   adam = (scale_by_adam_beta1_arg() if cfg.cycle_beta1
           else optax.scale_by_adam())

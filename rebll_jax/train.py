@@ -37,7 +37,7 @@ from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
 from rebll_jax import memory as memory_lib
 from rebll_jax import models, optim, parallel, preemption, protocol, replay
 from rebll_jax import reporting
-from rebll_jax import run_identity, steps, upstream, validate, workdir_lock
+from rebll_jax import run_identity, steps, validate, workdir_lock
 from rebll_jax import host_malloc, xla_cpu
 from rebll_jax.data import field_augment, loader
 from rebll_jax.errors import UserError
@@ -113,11 +113,7 @@ def _set_up_locked(config, workdir, lock, setting) -> Setup:
                      setting=setting)
   tasks = method.tasks(source.num_classes, config.protocol)
   validate.check_tasks(source, tasks, config.protocol)
-  init_from = upstream.resolve_init_from(config)  # "upstream:auto" -> dir
-  if init_from and os.path.isfile(init_from):  # converts at init
-    pretrained.check_init_from_file(init_from, config.model.arch)
-  elif init_from:
-    pretrained.check_init_from(init_from, config.model.arch)
+  init_from = validate.check_init_from(config)  # "upstream:auto" -> dir
   model = models.build_model(config.model, source.num_classes,
                              norm_groups=config.train.get("ddp_processes", 1))
   # Process-wide, before the first step allocates (rebll_jax/host_malloc.py).

@@ -117,12 +117,13 @@ def _locked(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def resolve_init_from(config) -> str:
+def resolve_init_from(config, pretrain: bool = True) -> str | None:
   """``config.model.init_from``, with ``upstream:auto`` made a directory.
 
   Any other value is returned unchanged. For ``upstream:auto`` the cached
   checkpoint of this config's content key is returned, pretrained first if
-  the cache does not hold it yet.
+  the cache does not hold it yet; with ``pretrain=False`` only the value is
+  checked and None returned (a dry run trains nothing).
   """
   init_from = config.model.init_from
   if init_from != AUTO:
@@ -135,7 +136,7 @@ def resolve_init_from(config) -> str:
                     f"benchmark's small_resnet, not {config.model.arch!r}; "
                     "for real backbones convert real weights "
                     "(python -m rebll_jax.convert)")
-  return ensure(config)
+  return ensure(config) if pretrain else None
 
 
 def _staging_dirs(directory: str) -> list[str]:

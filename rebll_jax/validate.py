@@ -75,6 +75,7 @@ def check_config(config, setting=None):
     valid = sorted(registry) if isinstance(registry, dict) else list(registry)
     _check(value in registry,
            f"unknown {name} {value!r}; valid: {valid}")
+  optim.check_choices(config.optim)
   method = methods.get_method(config.method)
   # relabel: only against the config file's own values (a file may set a
   # threshold for every method; without it the base config's defaults
@@ -322,6 +323,22 @@ def check_all(config, *, num_classes: int, num_devices: int,
   check_protocol(config, num_classes)
   check_devices(config, num_devices, num_processes)
   check_conv_kernels(config)
+
+
+def check_init_from(config, pretrain: bool = True) -> str | None:
+  """``model.init_from`` checked before anything is built (the file or
+  folder exists, is of the arch, passes its checksum); returns the path
+  the weights load from ("" for a random init). ``upstream:auto`` is
+  pretrained first when the cache lacks it; with ``pretrain=False`` (the
+  dry run) only its value is checked, and None is returned."""
+  from rebll_jax import upstream  # pylint: disable=g-import-not-at-top
+  from rebll_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+  init_from = upstream.resolve_init_from(config, pretrain=pretrain)
+  if init_from and os.path.isfile(init_from):  # converts at init
+    pretrained.check_init_from_file(init_from, config.model.arch)
+  elif init_from:
+    pretrained.check_init_from(init_from, config.model.arch)
+  return init_from
 
 
 def build_source(cfg):

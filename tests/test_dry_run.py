@@ -254,3 +254,56 @@ def test_the_memory_budget_is_what_the_buffer_can_hold(tmp_path,
   assert [t["memory_budget"] for t in result["tasks"]] == [240, 240, 240]
   small = dry_run.run(make_config(**{"dry_run": True}), str(tmp_path / "s"))
   assert [t["memory_budget"] for t in small["tasks"]] == [8, 16, 24]
+
+
+def _write_checkpoint_meta(workdir, number, meta):
+  """A committed checkpoint's metadata as orbax lays it out (the arrays are
+  not read by the dry run)."""
+  folder = os.path.join(workdir, "checkpoints", str(number), "meta")
+  os.makedirs(folder)
+  with open(os.path.join(folder, "metadata"), "w") as f:
+    json.dump(meta, f)
+
+
+def test_a_dry_run_refuses_a_workdir_whose_run_had_other_data(tmp_path):
+  """data.data_dir may change on resume (the digest covers the content), so
+  config.json cannot tell another dataset: a dry run pointed at one wrote
+  its protocol.json beside the run's results, exit 0."""
+  from rebll_jax import run_identity, validate  # pylint: disable=g-import-not-at-top
+  config = make_config(dry_run=True)
+  source = validate.build_source(config.data)
+  fingerprint = run_identity.fingerprint(config, source, memory_capacity=1)
+  workdir = str(tmp_path)
+  _write_checkpoint_meta(workdir, 3, {"fingerprint": fingerprint})
+  dry_run.run(config, workdir)  # the run's own data
+  # The newest committed checkpoint decides; a temporary one is not read.
+  _write_checkpoint_meta(workdir, 9, {"fingerprint": {
+      **fingerprint, "data_digest": "0badf00d"}})
+  os.makedirs(os.path.join(workdir, "checkpoints",
+                           "12.orbax-checkpoint-tmp-1", "meta"))
+  with pytest.raises(UserError, match="holds a run on other data "
+                     r"\(data_digest: the run '0badf00d' vs config"):
+    dry_run.run(config, workdir)
+  # Read-only: a live run's save in progress is left alone.
+  assert os.path.isdir(os.path.join(workdir, "checkpoints",
+                                    "12.orbax-checkpoint-tmp-1"))
+
+
+def test_a_dry_run_checks_init_from_and_the_optimizer(tmp_path,
+                                                      nothing_compiles,
+                                                      monkeypatch):
+  from rebll_jax import upstream  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(upstream, "ensure",
+                      lambda *a, **k: pytest.fail("the dry run pretrained"))
+  dry_run.run(make_config(dry_run=True,
+                          **{"model.init_from": "upstream:auto"}),
+              str(tmp_path / "auto"))
+  # The run refuses these at once; the dry run used to say OK.
+  for overrides, says in (
+      ({"model.init_from": str(tmp_path / "nowhere")}, "does not exist"),
+      ({"model.init_from": "upstream:foo"}, "the only upstream value"),
+      ({"optim.cycle_beta1": True, "optim.schedule": "cosine"},
+       "optim.cycle_beta1 needs")):
+    with pytest.raises(UserError, match=says):
+      dry_run.run(make_config(dry_run=True, **overrides), str(tmp_path))
+  assert not os.path.exists(tmp_path / "protocol.json")

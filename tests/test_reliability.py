@@ -176,6 +176,21 @@ def test_results_name_the_backbone_the_run_was_initialised_with(
 # --- checkpoint metadata --------------------------------------------------
 
 
+def test_peek_fingerprint_reads_the_newest_checkpoint_as_orbax_wrote_it(
+    finished):
+  """The dry run's read-only look at a run's fingerprint (no manager: it
+  would clean up a live run's temporary folders) sees what a resume
+  checks."""
+  directory = os.path.join(finished[0], "checkpoints")
+  ckpt = checkpoint.Checkpointer(directory)
+  try:
+    newest = ckpt.read_meta(ckpt.steps()[-1])["fingerprint"]
+  finally:
+    ckpt.close()
+  assert checkpoint.peek_fingerprint(directory) == newest
+  assert newest["data_digest"] and newest["class_order"]
+
+
 def test_edited_metadata_is_damage_not_a_result(finished, tmp_path, caplog):
   import shutil  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
