@@ -65,10 +65,12 @@ RULES = (
 )
 
 
-# What method=joint (one task over all classes) does not read. Not refused,
-# only warned of: a sweep over methods sets the protocol once for every
-# method, its joint upper bound included (as it sets memory sizes).
-JOINT_IGNORES = ("protocol.base", "protocol.increment", "protocol.num_tasks")
+# What method=joint (one task over all classes) does not read: the protocol
+# and what later tasks train with. Not refused, only warned of: a sweep over
+# methods sets them once for every method, its joint upper bound included
+# (as it sets memory sizes).
+JOINT_IGNORES = ("protocol.base", "protocol.increment", "protocol.num_tasks",
+                 "train.epochs_later", "optim.lr_later")
 
 
 def joint_ignored_overrides(config, setting) -> list[str]:

@@ -109,10 +109,11 @@ def test_joint_warns_of_the_protocol_it_does_not_read(caplog):
   # sets it for every method, so the joint row runs, with a warning.
   setting = _setting(method="joint")
   config = make_config(**{"method": "joint", "protocol.num_tasks": 2,
-                          "protocol.increment": 5})
+                          "protocol.increment": 5, "optim.lr_later": 0.5})
   validate.check_config(config, setting)
   assert ("method 'joint' trains one task over all classes: "
-          "protocol.increment=5, protocol.num_tasks=2 not read") in caplog.text
+          "protocol.increment=5, protocol.num_tasks=2, optim.lr_later=0.5 "
+          "not read") in caplog.text
   caplog.clear()
   validate.check_config(make_config(method="joint"), setting)
   validate.check_config(make_config(**{"protocol.num_tasks": 2}), _setting())
