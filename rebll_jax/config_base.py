@@ -15,8 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.method = "rebll"  # see rebll_jax.methods.METHODS
   c.resume = True  # rerunning on a workdir continues from its last checkpoint
-  # Build the data and the protocol, write protocol.json, print the tasks and
-  # exit without compiling or training.
+  # Build the data source and the protocol, write protocol.json (per task:
+  # classes, train and test image ids) into the workdir, print the per-task
+  # table and exit: no model, no compile (rebll_jax/dry_run.py).
   c.dry_run = False
   c.distributed = False  # jax.distributed.initialize() for multi-host runs
   # Multi-host settings; empty / 0 / -1 = take them from the environment
@@ -40,10 +41,6 @@ def base_config() -> ml_collections.ConfigDict:
   # step 86-92 -> 66-70 ms on 2 cores) | "system" (leave glibc's settings).
   # Same numbers either way (rebll_jax/host_malloc.py).
   c.host_malloc = "retain"
-  # Build the data source and the protocol, write protocol.json (per task:
-  # classes, train and test image ids) into the workdir, print the per-task
-  # table and exit: no model, no compile (rebll_jax/dry_run.py).
-  c.dry_run = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # see rebll_jax.data.SOURCES
