@@ -8,9 +8,11 @@ Reads a timm ``tresnet_m`` / ``resnet*`` state dict, an original-format
 state dict, from ``.pth`` / ``.pt`` / ``.bin`` (``torch.load`` with
 ``weights_only=True``: tensors only, never arbitrary unpickling) or
 ``.safetensors`` (no torch needed). The conversion is strict: any missing,
-unexpected or wrongly shaped backbone tensor stops it with a list. The
-classifier head is dropped on purpose (a run's head has one column per
-dataset class). Train from the result with
+unexpected or wrongly shaped backbone tensor stops it with a list, and a
+backbone tensor that is not real floating point (complex, integer, bool;
+float16/bfloat16/float32/float64 convert) or holds a NaN or inf stops it
+with one line naming it. The classifier head is dropped on purpose (a
+run's head has one column per dataset class). Train from the result with
 ``--config.model.arch=ARCH --config.model.init_from=OUT``. ``OUT/info.json``
 records the sha256 of every array file written, verified on every load.
 

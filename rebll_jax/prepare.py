@@ -14,11 +14,13 @@ multi-hot vector in the protocol's class order). Records are in increasing
 image id order (shuffling disabled). ``metadata.json`` holds the class names,
 the ids, file names, positive classes and crowd-only classes (COCO: classes
 present only as crowd boxes) of every record (so a reader loads all labels
-without touching the images), the counts of skipped images, crowd
-annotations and difficult objects, a fingerprint of the inputs (archives
-and annotation files by path, size and mtime; image folders by path) and a
-``source_digest`` of the loose files read (the images of a folder, VOC's
-extracted XMLs: names, sizes and mtimes; nothing for archives).
+without touching the images), the counts of skipped images and, over the
+images written (not the skipped ones), of images without a label,
+crowd-only images, crowd annotations and difficult objects, a fingerprint
+of the inputs (archives and annotation files by path, size and mtime;
+image folders by path) and a ``source_digest`` of the loose files read (the
+images of a folder, VOC's extracted XMLs: names, sizes and mtimes; nothing
+for archives).
 
 Atomic: TFDS writes into ``incomplete.*`` and renames the folder at the end,
 so a half-written output never looks prepared. Idempotent: rerunning with the
@@ -29,14 +31,19 @@ taken as prepared with a warning line (nothing to compare against). Clean:
 whatever TFDS puts in the temp dir goes in a private folder removed at the
 end (success, error or Ctrl-C).
 Refused (one line naming the first bad entry, exit 2): malformed annotation
-files (``coco.load_json``, ``voc.split_items``), an archive that cannot
+files (``coco.load_json``, ``voc.read_lists``), an archive that cannot
 be opened, an output whose ``metadata.json`` is unreadable (unless
 ``--overwrite``), train and test splits that share an image file (same
 path or link; ``--train_json`` and ``--test_json`` naming the same file
-above all), ``--squash`` or a non-default ``--store_quality`` without
-``--store_size``. Skipped (a warning after the progress
-bars, counted and listed in ``metadata.json``): images that are missing or
-that PIL cannot decode. A full disk ends with one line and exit 1.
+above all; for VOC the same stem, whatever store each split is read
+from), one split naming the same loose file twice (by link),
+``--squash`` or a non-default ``--store_quality`` without
+``--store_size``, a split none of whose images could be read (after the
+skip warnings; nothing is written). Skipped (a warning after the progress
+bars, counted and listed in ``metadata.json``): images that are missing,
+that PIL cannot decode, or whose pixels are 16-bit / 32-bit / float (PIL
+would clip them converting to RGB). A full disk ends with one line and
+exit 1.
 """
 
 from __future__ import annotations
@@ -68,11 +75,20 @@ _MAX_WARNINGS = 20  # skip warnings printed; metadata.json lists them all
 _DEFAULT_QUALITY = 90  # --store_quality
 
 
+# PIL modes of more than 8 bits a channel: convert("RGB") clips them (a
+# 16-bit PNG came out near-white) instead of scaling, so such an image is
+# skipped with its reason like an unreadable one.
+_WIDE_MODES = ("I", "F")
+
+
 def _check_image(raw: bytes) -> str | None:
   """None when PIL decodes ``raw`` (at reduced scale: fast), else the reason."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(io.BytesIO(raw)) as im:
+      if im.mode.split(";")[0] in _WIDE_MODES:
+        return (f"{im.mode!r} pixels (16-bit, 32-bit or float): reading "
+                "them as RGB would clip them; save it with 8 bits a channel")
       im.draft("RGB", (64, 64))
       im.load()
       if im.width < 1 or im.height < 1:
@@ -153,6 +169,7 @@ def _builder_class():
       items, store = self._plan["splits"][split]
       workers = self._plan["workers"]
       kept_ids, kept_pos, kept_crowd, kept_files, skipped = [], [], [], [], []
+      first_why = None
       with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(items), _CHUNK):
           chunk = items[start:start + _CHUNK]
@@ -178,6 +195,7 @@ def _builder_class():
                   f"warning: skipped unreadable image {store.where}:{path} "
                   f"({why})")
               skipped.append(path)
+              first_why = first_why or f"{store.where}:{path}: {why}"
               continue
             kept_ids.append(img_id)
             kept_pos.append(np.flatnonzero(y).tolist())
@@ -185,6 +203,13 @@ def _builder_class():
             kept_files.append(path)
             yield img_id, {"image": raw, "image_id": img_id,
                            "file_name": path, "labels": y}
+      if not kept_ids:
+        # TFDS refused the empty split with an AssertionError traceback.
+        # prepare() prints the skip warnings, then this line.
+        raise UserError(
+            f"the {split} split has no readable image: {len(skipped)} of "
+            f"{len(items)} skipped (e.g. {first_why}); nothing was written")
+      _count_kept(self._plan, split, kept_ids, kept_pos, kept_crowd)
       md = self.info.metadata
       md.setdefault("splits", {})[split] = {
           "image_ids": kept_ids, "positives": kept_pos,
@@ -198,6 +223,21 @@ def _builder_class():
   return _Prepared
 
 
+def _count_kept(plan: dict, split: str, ids: list, pos: list, crowd: list):
+  """The split's counts in ``plan["meta"]`` over the images written (until
+  2026-12-07 they counted the skipped ones too): per-image counts summed,
+  images without a label, crowd-only images."""
+  meta = plan["meta"]
+  kept = set(ids)
+  for name, per_image in plan["per_image"][split].items():
+    meta[f"{split}_{name}"] = int(sum(n for i, n in per_image.items()
+                                      if i in kept))
+  meta["num_without_label"][split] = sum(not p for p in pos)
+  # Images whose every class is present only as crowd boxes.
+  meta["num_crowd_only"][split] = sum(not p and bool(c)
+                                      for p, c in zip(pos, crowd))
+
+
 def _out_name(kind: str, name: str) -> str:
   if kind != "coco_format":
     return BUILDER_NAMES[kind]
@@ -209,22 +249,23 @@ def output_dir(kind: str, data_dir: str, name: str = "") -> str:
   return os.path.join(data_dir, _out_name(kind, name), "1.0.0")
 
 
-def _plan(args, format_read=None) -> tuple[dict, list]:
+def _plan(args, format_read=None, voc_read=None) -> tuple[dict, list]:
   """Read the annotations: class names and per-split items + stores.
 
-  ``format_read``: coco_format's (stores, checked annotations), read once
-  by ``prepare`` before it decides whether the output is up to date.
+  ``format_read``: coco_format's (stores, checked annotations);
+  ``voc_read``: voc2007's (stores, checked image lists); each read once by
+  ``prepare`` before it decides whether the output is up to date. The
+  counts of ``metadata.json`` are filled in as the images are written.
   """
   kind = args.dataset
-  counts = {}
+  per_image = {}  # {split: {count name: {image id: n}}}
   if kind == "voc2007":
-    stores = voc.locate(args.src)
+    stores, lists = voc_read or _read_voc(args.src)
     names = list(voc.CLASSES)
     splits = {}
     for split, store in stores.items():
-      items, c = voc.split_items(store, split)
+      items, per_image[split] = voc.split_items(store, split, lists[split])
       splits[split] = (items, store)
-      counts[f"{split}_difficult_objects"] = c["difficult_objects"]
     desc = "PASCAL VOC 2007 (trainval -> train, test -> test), multi-label."
   else:
     if kind == "coco2014":
@@ -244,19 +285,19 @@ def _plan(args, format_read=None) -> tuple[dict, list]:
                       f"categories (e.g. {extra[:5]})")
     splits = {}
     for split, d in jsons.items():
-      items, c = coco.labels_from_json(d, names)
+      items, per_image[split] = coco.labels_from_json(d, names)
       splits[split] = (items, stores[split])
-      counts[f"{split}_crowd_annotations"] = c["crowd_annotations"]
   meta = {"format_version": FORMAT_VERSION, "dataset": kind,
-          "class_names": names, **counts,
-          "num_without_label": {s: int(sum(not y.any() for _, _, y, _ in it))
-                                for s, (it, _) in splits.items()},
-          # Images whose every class is present only as crowd boxes.
-          "num_crowd_only": {s: int(sum(not y.any() and c.any()
-                                        for _, _, y, c in it))
-                             for s, (it, _) in splits.items()}}
+          "class_names": names, "num_without_label": {},
+          "num_crowd_only": {}}
   return {"class_names": names, "splits": splits, "description": desc,
-          "meta": meta, "warnings": []}, names
+          "meta": meta, "per_image": per_image, "warnings": []}, names
+
+
+def _read_voc(src: str) -> tuple[dict, dict]:
+  """voc2007's (split -> store, split -> checked list of stems)."""
+  stores = voc.locate(src)
+  return stores, voc.read_lists(stores)
 
 
 def _fingerprint(args) -> list:
@@ -277,25 +318,64 @@ def _loose_files(args, format_read) -> dict:
   return coco.loose_files_format(args.images, format_read[1])
 
 
-def _refuse_shared_images(args, loose: dict):
+def _refuse_shared_images(args, loose: dict, voc_read=None):
   """UserError when a test image is one of the training images (the same
-  file, by path, symbolic or hard link): the test split would measure
-  memorised images. Official archives keep the splits apart; a JSON or an
-  image list written by hand may not."""
+  file, by path, symbolic or hard link; for VOC also the same stem, whatever
+  store each split is read from): the test split would measure memorised
+  images. Official archives keep the splits apart; a JSON or an image list
+  written by hand may not. Also when one split names the same loose file
+  twice (a link to another of its images): it would be trained as two
+  images with their own labels."""
+  what = ("--train_json and --test_json" if args.dataset == "coco_format"
+          else "the train and test splits")
+  if voc_read is not None:
+    # The stem is the VOC image (a trainval tar and an extracted test
+    # folder were never compared: the check below sees loose files only).
+    shared = voc.shared_stems(voc_read[1])
+    if shared:
+      _refuse_shared(what, len(shared), f"JPEGImages/{shared[0]}.jpg")
+  keys = {}
+  if args.dataset != "coco2014":  # its loose listing is the whole folder,
+    for split, (root, images, _) in loose.items():  # not the files named
+      keys[split] = _keys_once(args, split, root, images)
   if "train" not in loose or "test" not in loose:
     return
   (train_root, train_images, _), (test_root, test_images, _) = (
       loose["train"], loose["test"])
-  train_keys = {archives.file_key(os.path.join(train_root, rel))
-                for rel in train_images}
-  shared = [rel for rel in test_images
-            if archives.file_key(os.path.join(test_root, rel)) in train_keys]
+  train_keys = set(keys["train"]) if "train" in keys else {
+      archives.file_key(os.path.join(train_root, rel))
+      for rel in train_images}
+  test_keys = keys.get("test") or [
+      archives.file_key(os.path.join(test_root, rel)) for rel in test_images]
+  shared = [rel for rel, key in zip(test_images, test_keys)
+            if key in train_keys]
   if shared:
-    what = ("--train_json and --test_json" if args.dataset == "coco_format"
-            else "the train and test splits")
-    raise UserError(f"{what} share {len(shared)} image file(s) (e.g. "
-                    f"{shared[0]!r}): the test split would hold training "
-                    "images; give the test split images of its own")
+    _refuse_shared(what, len(shared), shared[0])
+
+
+def _refuse_shared(what: str, count: int, example: str):
+  raise UserError(f"{what} share {count} image file(s) (e.g. "
+                  f"{example!r}): the test split would hold training "
+                  "images; give the test split images of its own")
+
+
+def _keys_once(args, split: str, root: str, images: list) -> list:
+  """``archives.file_key`` of each image of one split; UserError when two
+  of them are the same file (``a.jpg`` and a link to it; another spelling
+  of one name is refused earlier, by ``coco.load_json``)."""
+  keys, first = [], {}
+  for rel in images:
+    key = archives.file_key(os.path.join(root, rel))
+    if key in first:
+      where = (f"--{split}_json" if args.dataset == "coco_format"
+               else f"the {split} split")
+      raise UserError(f"{where} names the same image file twice "
+                      f"({first[key]!r} and {rel!r}, one a link to the "
+                      "other): it would be two images with labels of their "
+                      "own; list it once")
+    first[key] = rel
+    keys.append(key)
+  return keys
 
 
 def _source_digest(loose: dict) -> dict:
@@ -368,8 +448,11 @@ def prepare(args) -> dict:
   format_read = (coco.read_format(args.train_json, args.test_json,
                                   args.images)
                  if args.dataset == "coco_format" else None)
+  # VOC's lists are checked before any loose file is looked at (an entry
+  # such as "0\x001" made os.stat fail with a traceback).
+  voc_read = _read_voc(args.src) if args.dataset == "voc2007" else None
   loose = _loose_files(args, format_read)
-  _refuse_shared_images(args, loose)
+  _refuse_shared_images(args, loose, voc_read)
   source = _source_digest(loose)
   store = None
   if args.store_size:
@@ -398,7 +481,7 @@ def prepare(args) -> dict:
     if not args.overwrite:
       raise UserError(f"{out} holds a dataset prepared from other inputs; "
                       "remove it or pass --overwrite")
-  plan, _ = _plan(args, format_read)
+  plan, _ = _plan(args, format_read, voc_read)
   plan["meta"]["fingerprint"] = fp
   plan["meta"]["source_digest"] = source
   plan["workers"] = max(1, args.workers)
@@ -411,6 +494,7 @@ def prepare(args) -> dict:
     kwargs["config"] = tfds.core.BuilderConfig(name=args.name)
   cls = _builder_class()
   cls.name = BUILDER_NAMES[args.dataset]
+  created = _missing_folders(os.path.dirname(out))
   os.makedirs(args.data_dir, exist_ok=True)
   with _scratch_tempdir() as scratch:
     builder = cls(plan=plan, data_dir=args.data_dir,
@@ -429,10 +513,15 @@ def prepare(args) -> dict:
           download_config=tfds.download.DownloadConfig(
               download_mode=mode,
               compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    except BaseException:
+    except BaseException as e:
       if old_dir is not None and not os.path.isdir(out):
         os.rename(old_dir, out)
         old_dir = None
+      for folder in created:  # no empty DATA_DIR/rebll_x/NAME left behind
+        with contextlib.suppress(OSError):
+          os.rmdir(folder)
+      if isinstance(e, UserError):  # a split with no readable image:
+        _print_warnings(plan["warnings"], None)  # why, before the error
       raise
     finally:
       if old_dir is not None:
@@ -440,6 +529,20 @@ def prepare(args) -> dict:
   _print_warnings(plan["warnings"], os.path.join(out, "metadata.json"))
   meta = prepared.read_metadata(out)
   return _summary(out, meta, time.time() - t0, done_before=False)
+
+
+def _missing_folders(path: str) -> list:
+  """``path`` and those of its parents that do not exist yet, deepest
+  first (what a failed build removes again when they are empty)."""
+  out = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    out.append(path)
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -497,13 +600,15 @@ def _scratch_tempdir():
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _print_warnings(warnings: list, where: str):
-  """The skip warnings, after the progress bars (at most _MAX_WARNINGS)."""
+def _print_warnings(warnings: list, where: str | None):
+  """The skip warnings, after the progress bars (at most _MAX_WARNINGS);
+  ``where`` lists them all (None: nothing was written)."""
   for line in warnings[:_MAX_WARNINGS]:
     print(line, file=sys.stderr)
   if len(warnings) > _MAX_WARNINGS:
+    listed = f", all listed in {where}" if where else ""
     print(f"warning: ... and {len(warnings) - _MAX_WARNINGS} more skipped "
-          f"images, all listed in {where}", file=sys.stderr)
+          f"images{listed}", file=sys.stderr)
 
 
 def _summary(out, meta, seconds, done_before) -> dict:

@@ -383,6 +383,198 @@ def test_init_from_file_refusals_are_value_errors(tmp_path, r18):
   with pytest.raises(ValueError, match="is not a converted checkpoint"):
     pretrained.load_pretrained(fresh, str(tmp_path), "resnet18")
 
+# ------------------------------------- dtypes and non-finite values ---
+# The converter once dropped imaginary parts, cast integer and bool tensors
+# to float32 and wrote NaN / inf as is (a NaN backbone then failed as a
+# non-finite loss at step 1, exit 1, naming no input).
+
+def _spoiled(r18, how):
+  """``r18`` with one defect; -> (state dict, words the refusal must hold)."""
+  sd = dict(r18)
+  if how == "complex":
+    sd["layer1.0.conv1.weight"] = r18["layer1.0.conv1.weight"] * (1 + 1j)
+    return sd, ["1 backbone tensor is not real floating point",
+                "layer1.0.conv1.weight (complex"]
+  if how == "int":  # every float tensor cast to int64: the first 3, a count
+    sd = {k: (v * 1000).astype(np.int64) for k, v in r18.items()}
+    return sd, ["100 backbone tensors are not real floating point",
+                "bn1.bias (int64), bn1.running_mean (int64), "
+                "bn1.running_var (int64) and 97 more"]
+  if how == "bool":
+    sd["bn1.running_var"] = np.ones(64, bool)
+    return sd, ["bn1.running_var (bool)"]
+  if how == "nan":
+    sd["layer1.0.conv1.weight"] = r18["layer1.0.conv1.weight"].copy()
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = np.nan
+    return sd, ["1 backbone tensor holds NaN or inf values: "
+                "layer1.0.conv1.weight (1 NaN of 36864 values)"]
+  if how == "inf":  # and a float64 beyond float32's range is inf there
+    sd["bn1.running_var"] = r18["bn1.running_var"].astype(np.float64)
+    sd["bn1.running_var"][:2] = [np.inf, 1e300]
+    sd["layer4.1.bn2.bias"] = r18["layer4.1.bn2.bias"].copy()
+    sd["layer4.1.bn2.bias"][3] = -np.inf
+    return sd, ["2 backbone tensors hold NaN or inf values: "
+                "bn1.running_var (2 inf of 64 values), "
+                "layer4.1.bn2.bias (1 inf of 512 values)"]
+  raise ValueError(how)
+
+
+SPOILED = ["complex", "int", "bool", "nan", "inf"]
+
+
+@pytest.mark.parametrize("how", SPOILED)
+def test_refuses_non_real_or_non_finite_tensor(r18, how):
+  sd, words = _spoiled(r18, how)
+  msg = refusal("resnet18", sd)
+  assert "\n" not in msg and msg.endswith("nothing was converted"), msg
+  for w in words:
+    assert w in msg, (w, msg)
+
+
+def test_refusal_names_both_kinds_and_the_file_names(r18):
+  sd, _ = _spoiled(r18, "nan")
+  sd["conv1.weight"] = r18["conv1.weight"].astype(np.int32)
+  msg = refusal("resnet18", sd)
+  assert ("1 backbone tensor is not real floating point (only "
+          "float16/bfloat16/float32/float64 convert): conv1.weight (int32); "
+          "1 backbone tensor holds NaN or inf values: layer1.0.conv1.weight"
+          in msg), msg
+  # Wrong names or shapes are still listed first (with the arch hint).
+  assert "looks like a resnet18" in refusal("resnet50", sd)
+  # An original-format TResNet: named as in the file; |w| of the InPlaceABN
+  # scale must not turn a complex w into a real one.
+  original = to_original_tresnet(fake_state_dict("tresnet_m", num_classes=80))
+  key = "body.layer1.0.conv1.1.weight"
+  original["model"][key] = original["model"][key].astype(np.complex64)
+  msg = refusal("tresnet_m", original)
+  assert f"{key} (complex64)" in msg and "\n" not in msg, msg
+
+
+def test_accepted_dtypes_counters_and_dropped_head(r18):
+  """float16/float64 (and torch's bfloat16, below) convert to float32; the
+  int64 num_batches_tracked counters and a dropped head are not checked."""
+  sd = {k: v.astype(np.float64) if v.dtype == np.float32 else v
+        for k, v in r18.items()}
+  sd["conv1.weight"] = r18["conv1.weight"].astype(np.float16)
+  sd["fc.weight"] = np.full((1000, 512), np.nan, np.float32)
+  sd["fc.bias"] = np.zeros(1000, np.int64)
+  assert sd["bn1.num_batches_tracked"].dtype == np.int64
+  variables, report = pretrained.convert_state_dict("resnet18", sd)
+  assert len(report["dropped"]["num_batches_tracked counters"]) == 20
+  leaves = jax.tree.leaves(variables)
+  assert {leaf.dtype for leaf in leaves} == {np.dtype(np.float32)}
+  assert all(np.isfinite(leaf).all() for leaf in leaves)
+  np.testing.assert_array_equal(
+      variables["params"]["conv1"]["kernel"],
+      r18["conv1.weight"].astype(np.float16).astype(np.float32)
+      .transpose(2, 3, 1, 0))
+  # keep_head converts the head, so there it is checked.
+  assert "fc.weight (512000 NaN of 512000 values)" in str(pytest.raises(
+      pretrained.ConversionError, pretrained.convert_state_dict, "resnet18",
+      sd, keep_head=True).value)
+
+
+def _torch_r18():
+  """A real PyTorch resnet18 state dict (int64 num_batches_tracked)."""
+  torch = pytest.importorskip("torch", reason="torch is in the test extra")
+  from experiments.torch_baseline import models  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  sd = models.resnet18().state_dict()
+  assert sd["bn1.num_batches_tracked"].dtype == torch.int64
+  return torch, sd
+
+
+def _spoiled_torch(how):
+  torch, sd = _torch_r18()
+  np_sd, words = _spoiled({k: v.numpy() for k, v in sd.items()}, how)
+  return torch, {k: torch.from_numpy(np.array(v)) for k, v in np_sd.items()}, \
+      words
+
+
+@pytest.mark.parametrize("how", ["complex", "int", "bool", "nan"])
+def test_cli_refuses_non_real_or_non_finite_pth(tmp_path, capsys, how):
+  torch, sd, words = _spoiled_torch(how)
+  src = str(tmp_path / f"r18_{how}.pth")
+  torch.save({"model": sd}, src)
+  out = tmp_path / "out"
+  rc, stdout, err = run_cli(capsys, "--arch", "resnet18", "--src", src,
+                            "--out", str(out))
+  assert rc == 2 and stdout == "" and not out.exists()
+  assert err.startswith(f"convert: error: {src}: ")
+  assert len(err.strip().splitlines()) == 1, err
+  for w in words:
+    assert w in err, (w, err)
+
+
+def test_cli_converts_real_torch_checkpoint_any_real_float_dtype(
+    tmp_path, capsys):
+  """A real checkpoint (int64 counters) converts, in float32, bfloat16,
+  float16 and float64, from .pth and from a bfloat16 .safetensors (read as
+  ml_dtypes' bfloat16, which jax registers with numpy)."""
+  torch, sd = _torch_r18()
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  want = sd["layer2.0.conv1.weight"].numpy().transpose(2, 3, 1, 0)
+  for dtype in ("float32", "bfloat16", "float16", "float64", "st_bfloat16"):
+    cast = {k: v.to(getattr(torch, dtype.replace("st_", "")))
+            if v.is_floating_point() else v for k, v in sd.items()}
+    if dtype.startswith("st_"):
+      src = str(tmp_path / f"r18_{dtype}.safetensors")
+      save_file(cast, src)
+    else:
+      src = str(tmp_path / f"r18_{dtype}.pth")
+      torch.save({"model": cast}, src)
+    out = str(tmp_path / dtype)
+    rc, stdout, err = run_cli(capsys, "--arch", "resnet18", "--src", src,
+                              "--out", out)
+    assert rc == 0, err
+    assert "dropped 20 num_batches_tracked counters" in stdout
+    got, _ = pretrained.load_converted(out)
+    kernel = got["params"]["layer2_0"]["conv1"]["kernel"]
+    assert kernel.dtype == np.float32
+    tol = {"bfloat16": 1e-2, "float16": 1e-3}.get(dtype.replace("st_", ""), 0)
+    np.testing.assert_allclose(kernel, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("how", ["complex", "int", "bool", "nan"])
+def test_init_from_file_refuses_non_real_or_non_finite(tmp_path, how):
+  torch, sd, words = _spoiled_torch(how)
+  src = str(tmp_path / f"r18_{how}.pth")
+  torch.save({"model": sd}, src)
+  fresh = jax.eval_shape(pretrained.build("resnet18", 3).init,
+                         jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError) as e:
+    pretrained.load_pretrained(fresh, src, "resnet18")
+  msg = str(e.value)
+  assert msg.startswith(f"{src}: ") and "\n" not in msg, msg
+  for w in words:
+    assert w in msg, (w, msg)
+
+
+def test_init_from_nan_file_stops_the_run_with_one_user_error(
+    tmp_path, monkeypatch):
+  """The run's own init turns it into one UserError line naming the file
+  and the tensor (it used to train, then stop at a non-finite loss)."""
+  import types  # pylint: disable=g-import-not-at-top
+  from rebll_jax import train  # pylint: disable=g-import-not-at-top
+  # Shapes are all the loading needs before it refuses (no init compile).
+  monkeypatch.setattr(
+      train.models, "init_variables", lambda m, key, size: jax.eval_shape(
+          lambda k: m.init(k, jnp.zeros((1, size, size, 3)), train=False),
+          key))
+  torch, sd, words = _spoiled_torch("nan")
+  src = str(tmp_path / "r18_nan.pth")
+  torch.save({"model": sd}, src)
+  ns = types.SimpleNamespace
+  setup = ns(config=ns(data=ns(image_size=32), model=ns(arch="resnet18")),
+             model=pretrained.build("resnet18", 3),
+             root_key=jax.random.PRNGKey(0), init_from=src)
+  with pytest.raises(UserError) as e:
+    train._initial_state(setup)  # pylint: disable=protected-access
+  msg = str(e.value)
+  assert msg.startswith(f"model.init_from={src!r}: {src}: ") and "\n" not in msg
+  assert words[0] in msg, msg
+
+
 # ------------------------------------------------- checksums, init_from ---
 
 @pytest.fixture(scope="module")

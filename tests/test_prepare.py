@@ -1,12 +1,14 @@
 """Tests for ``python -m rebll_jax.prepare`` on tiny archives built here."""
 
 import glob
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -307,6 +309,21 @@ MALFORMED = [
      "annotations[1] (id 2): iscrowd 2 is not 0 or 1"),
     ("empty images", lambda d: d.update(images=[], annotations=[]),
      "the 'images' list is empty"),
+    # Since 2026-12-07 (these were tracebacks, or two images of one file):
+    ("image id 2**63", _set("images", 6, "id", 2 ** 63),
+     f"images[6] (id {2 ** 63}): id {2 ** 63} is outside the 64-bit "
+     "integer range"),
+    ("image id below -2**63", _set("images", 6, "id", -2 ** 63 - 1),
+     "is outside the 64-bit integer range"),
+    ("file_name with a NUL", _set("images", 0, "file_name", "a.jpg\0x"),
+     "images[0] (id 139): file_name 'a.jpg\\x00x' holds a NUL character"),
+    ("file_name not UTF-8", _set("images", 0, "file_name", "tr\udc80.jpg"),
+     "images[0] (id 139): file_name 'tr\\udc80.jpg' is not valid UTF-8 "
+     "text"),
+    ("file_name twice, two spellings",
+     _set("images", 2, "file_name", "./tr_000000000139.jpg"),
+     "images[2] (id 42): file_name './tr_000000000139.jpg' is listed twice "
+     "(also images[0] as 'tr_000000000139.jpg')"),
 ]
 
 
@@ -697,3 +714,198 @@ def test_prepare_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch, capsys,
   assert os.listdir(tmp) == []
   assert tempfile.gettempdir() == str(tmp)  # the default is given back
   assert signal.getsignal(signal.SIGTERM) == handler
+
+
+# --- review of 2026-12-07: tracebacks and wrong records ---------------------
+# pylint: disable=protected-access
+
+def _coco_format_argv(tmp_path, tr, te, images):
+  return ["coco_format", "--train_json", tr, "--test_json", te, "--images",
+          images, "--data_dir", str(tmp_path / "out")]
+
+
+def _edit_json(path, edit):
+  with open(path) as f:
+    d = json.load(f)
+  edit(d)
+  with open(path, "w") as f:
+    json.dump(d, f)
+
+
+def test_annotations_without_an_id_are_labels_all_the_same(tmp_path):
+  # pycocotools indexes annotations by "id": a file without them (common in
+  # hand-written multi-label files) failed with a KeyError traceback.
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
+
+  def drop_ids(d):
+    for a in d["annotations"]:
+      del a["id"]
+    d["annotations"][0]["id"] = [1]  # unhashable: not read either
+    d["annotations"][1]["id"] = d["annotations"][2]["id"] = 7  # repeated
+  _edit_json(tr, drop_ids)
+  assert _run(*_coco_format_argv(tmp_path, tr, te, images)) == 0
+  s = _source(str(tmp_path / "out"), "coco_format")
+  ids, y = fx.coco_expected(fx.COCO_TRAIN, fx.COCO_TRAIN_UNANNOTATED)
+  np.testing.assert_array_equal(s.train.image_ids, ids)
+  np.testing.assert_array_equal(s.train.labels, y)
+  np.testing.assert_array_equal(
+      s.train.crowd_labels,
+      fx.coco_expected_crowd(fx.COCO_TRAIN, fx.COCO_TRAIN_UNANNOTATED))
+  assert s.info["train_crowd_annotations"] == 3
+
+
+def test_a_split_without_a_readable_image_is_one_line(tmp_path, capsys):
+  # TFDS refused the empty split with an AssertionError traceback, before
+  # the skip warnings were printed.
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
+  argv = _coco_format_argv(tmp_path, tr, te, images)
+  assert _run(*argv) == 0  # a good dataset first: --overwrite keeps it
+  good = _meta(prepare.output_dir("coco_format", str(tmp_path / "out"),
+                                  "custom"))
+
+  def move_away(d):
+    for im in d["images"]:
+      im["file_name"] = "gone/" + im["file_name"]
+  _edit_json(te, move_away)
+  capsys.readouterr()
+  assert _run(*argv, "--overwrite") == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len([l for l in lines if "skipped unreadable image" in l]) == 3
+  assert "gone/te_000000000632.jpg" in lines[-4]  # the warnings first
+  assert lines[-1].startswith("error: the test split has no readable image: "
+                              "3 of 3 skipped (e.g. ")
+  assert "gone/te_000000000632.jpg: missing: " in lines[-1]
+  out = tmp_path / "out"
+  assert sorted(os.listdir(out / "rebll_coco_format" / "custom")) == [
+      "1.0.0"]  # the old output put back, nothing half-written
+  assert _meta(out / "rebll_coco_format" / "custom" / "1.0.0") == good
+  # Into a new folder: nothing at all is left.
+  argv[-1] = str(tmp_path / "new")
+  assert _run(*argv) == 2
+  assert not (tmp_path / "new").exists()
+  # VOC: an empty image list is refused before any work.
+  src = fx.make_voc_folder(str(tmp_path / "voc"))
+  open(os.path.join(src, "VOCdevkit", "VOC2007", "ImageSets", "Main",
+                    "test.txt"), "w").close()
+  capsys.readouterr()
+  assert _run("voc2007", "--src", src, "--data_dir",
+              str(tmp_path / "v")) == 2
+  assert ("ImageSets/Main/test.txt lists no image: the test split would be "
+          "empty") in _error_line(capsys)
+  assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("entry", ["\u00b2", "9" * 20])
+def test_voc_list_entries_beyond_ascii_int64_are_one_line(tmp_path, capsys,
+                                                         entry):
+  # "²".isdigit() is True but int("²") fails: a ValueError traceback; a
+  # stem beyond int64 failed as the record was written.
+  src = fx.make_voc_folder(str(tmp_path / "voc"))
+  root = os.path.join(src, "VOCdevkit", "VOC2007")
+  with open(os.path.join(root, "ImageSets", "Main", "trainval.txt"), "a",
+            encoding="utf-8") as f:
+    f.write(entry + "\n")
+  for rel, data in ((f"JPEGImages/{entry}.jpg", fx.jpeg_bytes(50)),
+                    (f"Annotations/{entry}.xml",
+                     fx._voc_xml(entry, [("car", 0)]))):
+    with open(os.path.join(root, rel), "wb") as f:
+      f.write(data)
+  assert _run("voc2007", "--src", src, "--data_dir", str(tmp_path / "o")) == 2
+  assert (f"trainval.txt entry 6 {entry!r} is not a VOC image name"
+          in _error_line(capsys))
+
+
+def test_voc_test_list_naming_trainval_stems_from_any_store(tmp_path, capsys):
+  # With the trainval tar and an extracted test folder (a layout
+  # voc.locate supports), a test list naming trainval images was prepared
+  # (exit 0): the check compared loose files only.
+  src = fx.make_voc_folder(str(tmp_path / "mixed"))
+  fx.make_voc_tars(src)
+  os.remove(os.path.join(src, "VOCtest_06-Nov-2007.tar"))
+  with open(os.path.join(src, "VOCdevkit", "VOC2007", "ImageSets", "Main",
+                         "test.txt"), "a") as f:
+    f.write("000017\n000012\n")
+  expected = ("error: the train and test splits share 2 image file(s) (e.g. "
+              "'JPEGImages/000017.jpg'): the test split would hold training "
+              "images")
+  assert _run("voc2007", "--src", src, "--data_dir", str(tmp_path / "o")) == 2
+  assert _error_line(capsys).startswith(expected)
+  # Two tars: the test tar's list names a trainval stem.
+  tars = fx.make_voc_tars(str(tmp_path / "tars"))
+  files = fx._voc_files(fx.VOC_TEST + fx.VOC_TRAINVAL[3:4], "test")
+  with tarfile.open(os.path.join(tars, "VOCtest_06-Nov-2007.tar"), "w") as t:
+    for rel, data in files.items():
+      fx._add_tar(t, f"VOCdevkit/VOC2007/{rel}", data)
+  assert _run("voc2007", "--src", tars, "--data_dir",
+              str(tmp_path / "o")) == 2
+  assert _error_line(capsys).startswith(expected.replace("share 2", "share 1"))
+  assert not (tmp_path / "o").exists()
+
+
+def test_metadata_counts_only_the_images_written(tmp_path):
+  # Skipped images were counted as images without a label, crowd-only
+  # images, crowd annotations and (VOC) difficult objects.
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
+
+  def add_missing(d):
+    d["images"] += [{"id": 900, "file_name": "gone.jpg"},
+                    {"id": 950, "file_name": "gone_crowd.jpg"}]
+    d["annotations"].append({"id": 999, "image_id": 950, "category_id": 90,
+                             "iscrowd": 1})
+  _edit_json(tr, add_missing)
+  assert _run(*_coco_format_argv(tmp_path, tr, te, images)) == 0
+  s = _source(str(tmp_path / "out"), "coco_format")
+  assert s.info["num_skipped"] == 2
+  # By hand, over the fixture's images: 77 (crowd only) and 61 (nothing)
+  # have no label; crowd boxes on 42, 77, 88.
+  assert s.info["num_without_label"] == {"train": 2, "test": 0}
+  assert s.info["num_crowd_only"] == {"train": 1, "test": 0}
+  assert s.info["train_crowd_annotations"] == 3
+  assert s.info["test_crowd_annotations"] == 1
+  # VOC: 000005 (two difficult objects of the three) unreadable.
+  src = fx.make_voc_tars(str(tmp_path / "voc"), corrupt="000005")
+  assert _run("voc2007", "--src", src, "--data_dir", str(tmp_path / "v")) == 0
+  s = _source(str(tmp_path / "v"), "voc2007")
+  assert s.info["num_skipped"] == 1
+  assert s.info["train_difficult_objects"] == 1
+  assert s.info["test_difficult_objects"] == 2
+  assert s.info["num_without_label"] == {"train": 1, "test": 0}
+
+
+def test_one_file_twice_in_a_split_is_refused(tmp_path, capsys):
+  # A link to an image of the same split was a second image, with labels of
+  # its own (another spelling of the name: MALFORMED above).
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
+  os.symlink("tr_000000000139.jpg", os.path.join(images, "sym.jpg"))
+  _edit_json(tr, lambda d: d["images"].append(
+      {"id": 5000, "file_name": "sym.jpg"}))
+  assert _run(*_coco_format_argv(tmp_path, tr, te, images)) == 2
+  assert ("error: --train_json names the same image file twice "
+          "('tr_000000000139.jpg' and 'sym.jpg', one a link to the other)"
+          ) in _error_line(capsys)
+  assert not (tmp_path / "out").exists()
+
+
+def test_images_of_more_than_8_bits_are_skipped_not_clipped(tmp_path, capsys):
+  # convert("RGB") clipped a 16-bit greyscale PNG to near-white, silently.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  tr, te, images = fx.make_coco_format(str(tmp_path / "src"))
+  wide = (np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)
+  Image.fromarray(wide).save(os.path.join(images, "tr_000000000009.jpg"),
+                             "PNG")
+  assert _run(*_coco_format_argv(tmp_path, tr, te, images)) == 0
+  err = capsys.readouterr().err
+  assert ("skipped unreadable image " + images + ":tr_000000000009.jpg "
+          "('I;16' pixels (16-bit, 32-bit or float): reading them as RGB "
+          "would clip them") in err
+  s = _source(str(tmp_path / "out"), "coco_format")
+  assert 9 not in s.train.image_ids and s.info["num_skipped"] == 1
+  # 32-bit integer and float pixels alike; 8-bit modes are read.
+  for array in (wide.astype(np.int32), wide.astype(np.float32)):
+    raw = io.BytesIO()
+    Image.fromarray(array).save(raw, "TIFF")
+    assert "would clip them" in prepare._check_image(raw.getvalue())
+  for mode in ("L", "LA", "P", "1", "RGBA", "CMYK"):
+    raw = io.BytesIO()
+    Image.new(mode, (4, 4)).save(raw, "TIFF")
+    assert prepare._check_image(raw.getvalue()) is None, mode

@@ -6,7 +6,10 @@ names. An image is labelled with a category when it holds at least one
 annotation of it with ``iscrowd`` 0; a category whose only annotations on the
 image are crowd boxes is recorded apart (``crowd_labels``). Image ids are the
 JSON ``id`` fields. Malformed files are refused naming the first bad entry
-(``load_json``); annotations are then indexed with pycocotools.
+(``load_json``); annotations are then indexed with pycocotools. An
+annotation's own ``id`` is not needed for labels: it may be missing (as in
+hand-written multi-label files) or repeat; pycocotools is given ids of its
+own (the annotation's index).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import posixpath
 
 import numpy as np
 
@@ -28,8 +32,17 @@ ANN_FILES = {"train": "annotations/instances_train2014.json",
              "test": "annotations/instances_val2014.json"}
 
 
+INT64 = (-2 ** 63, 2 ** 63 - 1)  # image ids are stored as int64
+
+
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _same_name(name: str) -> str:
+  """The one spelling of a relative file name (``./a.jpg``, ``a//b.jpg``
+  and ``a.jpg``, ``a/b.jpg`` name the same file)."""
+  return posixpath.normpath(name)
 
 
 def _entry(key: str, index: int, entry) -> str:
@@ -42,10 +55,13 @@ def load_json(raw: bytes, where: str) -> dict:
   """Parse and check a COCO instances-format annotation file.
 
   Anything that would silently change a label is refused with a UserError
-  naming the first bad entry: ids that are not integers or repeat, file names
-  that are not relative paths or repeat, category names that are not strings
-  or repeat, annotations whose image or category does not exist, an
-  ``iscrowd`` that is not 0 or 1, an empty ``images`` or ``categories`` list.
+  naming the first bad entry: ids that are not integers or repeat (image
+  ids also outside int64), file names that are not relative paths, hold a
+  NUL or a lone surrogate (not UTF-8 text), or repeat (also as another
+  spelling: ``./a.jpg``), category names that are not strings or repeat,
+  annotations whose image or category does not exist, an ``iscrowd`` that
+  is not 0 or 1, an empty ``images`` or ``categories`` list. An
+  annotation's ``id`` is not read (see the module docstring).
   """
   try:
     d = json.loads(raw)
@@ -101,19 +117,34 @@ def _check_images(images: list, where: str) -> set:
     at = f"{where}: {_entry('images', i, im)}"
     if not _is_int(im["id"]):
       raise UserError(f"{at}: id {im['id']!r} is not an integer")
+    if not INT64[0] <= im["id"] <= INT64[1]:
+      # The record stores it as int64 (TFDS failed with a traceback).
+      raise UserError(f"{at}: id {im['id']} is outside the 64-bit integer "
+                      "range")
     name = im["file_name"]
     if not isinstance(name, str) or not name.strip():
       raise UserError(f"{at}: file_name {name!r} is not a non-empty string")
+    if "\0" in name:  # no file system path can hold it
+      raise UserError(f"{at}: file_name {name!r} holds a NUL character")
+    try:
+      name.encode("utf-8")  # the record's file_name is UTF-8 text
+    except UnicodeEncodeError:
+      raise UserError(f"{at}: file_name {name!r} is not valid UTF-8 text (a "
+                      "lone surrogate); rename the file") from None
     if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
       raise UserError(f"{at}: file_name {name!r} must be a path inside the "
                       "image folder")
     if im["id"] in by_id:
       raise UserError(f"{at}: image id {im['id']} is listed twice (also "
                       f"images[{by_id[im['id']]}])")
-    if name in by_file:
+    key = _same_name(name)
+    if key in by_file:
+      j = by_file[key]
+      other = images[j]["file_name"]
+      also = f"images[{j}]" + (f" as {other!r}" if other != name else "")
       raise UserError(f"{at}: file_name {name!r} is listed twice (also "
-                      f"images[{by_file[name]}])")
-    by_id[im["id"]], by_file[name] = i, i
+                      f"{also})")
+    by_id[im["id"]], by_file[key] = i, i
   return set(by_id)
 
 
@@ -147,21 +178,31 @@ def labels_from_json(d: dict, names: list[str]) -> tuple[list, dict]:
   annotation on the image; ``crowd_labels`` the classes whose annotations on
   the image are all crowd boxes (so the two never overlap, and their union is
   pycocotools' ``catToImgs`` membership). ``d`` has passed ``load_json``.
+  The counts are per image (``{"crowd_annotations": {image_id: n}}``):
+  prepare sums them over the images it keeps.
   """
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
   coco = COCO()
-  coco.dataset = d
+  # pycocotools indexes annotations by their "id", which labels never read:
+  # a file without ids (or with unhashable ones) failed with a KeyError.
+  # It gets the fields it reads, under ids of its own.
+  coco.dataset = {
+      "images": d["images"], "categories": d["categories"],
+      "annotations": [{"id": k, "image_id": a["image_id"],
+                       "category_id": a["category_id"],
+                       "iscrowd": a.get("iscrowd", 0)}
+                      for k, a in enumerate(d["annotations"])]}
   with contextlib.redirect_stdout(io.StringIO()):  # "creating index..."
     coco.createIndex()
   col = {c["id"]: names.index(c["name"]) for c in d["categories"]}
   items = []
-  n_crowd = 0
+  n_crowd = {}
   for img_id in sorted(coco.getImgIds()):
     y = np.zeros(len(names), np.uint8)
     crowd = np.zeros(len(names), np.uint8)
     for a in coco.imgToAnns.get(img_id, []):
-      if a.get("iscrowd", 0):
-        n_crowd += 1
+      if a["iscrowd"]:
+        n_crowd[int(img_id)] = n_crowd.get(int(img_id), 0) + 1
         crowd[col[a["category_id"]]] = 1
       else:
         y[col[a["category_id"]]] = 1

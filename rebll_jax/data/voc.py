@@ -3,7 +3,11 @@
 Class order is the standard VOC list (METHOD.md section 1). An image is
 labelled with a class when it holds at least one object of that class that is
 not marked ``difficult``. Image ids are the numeric file stems (``000005``
--> 5). ``trainval`` becomes the train split, ``test`` the test split.
+-> 5). ``trainval`` becomes the train split, ``test`` the test split. The
+stem is an image's identity: ``read_lists`` refuses a list naming no image,
+an entry that is not ASCII digits within int64, or a stem listed twice, and
+``shared_stems`` finds a test list naming trainval images, whether each
+split is read from its tar or from the extracted folder.
 """
 
 from __future__ import annotations
@@ -76,33 +80,57 @@ def parse_annotation(xml_bytes: bytes, where: str) -> tuple[np.ndarray, int]:
   return y, n_difficult
 
 
-def split_items(store, split: str) -> tuple[list, dict]:
+def read_lists(stores: dict) -> dict:
+  """``{split: [stem, ...]}`` in list order, each entry checked (UserError
+  naming the list and the entry's line)."""
+  out = {}
+  for split, store in stores.items():
+    where = f"{store.where}:{LISTS[split]}"
+    try:
+      names = store.read(LISTS[split]).decode().split()
+    except UnicodeDecodeError:
+      raise UserError(f"{where} is not a text file of image names") from None
+    if not names:  # TFDS then failed with an AssertionError traceback
+      raise UserError(f"{where} lists no image: the {split} split would be "
+                      "empty")
+    seen = {}
+    for line, stem in enumerate(names, 1):
+      # isdigit alone takes "²" (which int() refuses); ids are int64.
+      if not (stem.isascii() and stem.isdigit()) or int(stem) >= 2 ** 63:
+        raise UserError(f"{where} entry {line} {stem!r} is not a VOC image "
+                        "name (digits, e.g. 000005)")
+      if int(stem) in seen:
+        raise UserError(f"{where} lists image {stem} twice (entries "
+                        f"{seen[int(stem)]} and {line})")
+      seen[int(stem)] = line
+    out[split] = names
+  return out
+
+
+def shared_stems(lists: dict) -> list:
+  """The test list's stems that the trainval list names too (the stem is
+  the image: the same picture whichever store each split comes from)."""
+  train = set(lists["train"])
+  return [stem for stem in lists["test"] if stem in train]
+
+
+def split_items(store, split: str, stems: list) -> tuple[list, dict]:
   """[(image_id, image_path, labels uint8 [20], crowd uint8 [20])] by id.
 
-  VOC has no crowd boxes: ``crowd`` is all zeros (the slot keeps one record
-  layout for every dataset).
+  ``stems``: the split's list, checked by ``read_lists``. VOC has no crowd
+  boxes: ``crowd`` is all zeros (the slot keeps one record layout for every
+  dataset). The count is per image (``{"difficult_objects": {id: n}}``):
+  prepare sums it over the images it keeps.
   """
-  try:
-    names = store.read(LISTS[split]).decode().split()
-  except UnicodeDecodeError:
-    raise UserError(f"{store.where}:{LISTS[split]} is not a text file of "
-                    "image names") from None
   items = []
-  seen = {}
-  n_difficult = 0
-  for line, stem in enumerate(names, 1):
-    if not stem.isdigit():
-      raise UserError(f"{store.where}:{LISTS[split]} entry {line} {stem!r} "
-                      "is not a VOC image name (digits, e.g. 000005)")
-    if int(stem) in seen:
-      raise UserError(f"{store.where}:{LISTS[split]} lists image {stem} "
-                      f"twice (entries {seen[int(stem)]} and {line})")
-    seen[int(stem)] = line
+  n_difficult = {}
+  for stem in stems:
     ann = f"Annotations/{stem}.xml"
     if not store.exists(ann):
       raise UserError(f"missing {ann} in {store.where}")
     y, d = parse_annotation(store.read(ann), f"{store.where}:{ann}")
-    n_difficult += d
+    if d:
+      n_difficult[int(stem)] = d
     items.append((int(stem), f"JPEGImages/{stem}.jpg", y,
                   np.zeros_like(y)))
   items.sort(key=lambda t: t[0])

@@ -3,10 +3,14 @@
 Conversion is strict by design: every backbone tensor of the target
 architecture must be present with the right shape and nothing else may be
 left over (a peer codebase loads with ``strict=False`` and trains from
-random weights without noticing). Only three things are dropped, and the
-report says so: the classifier head (the head of a run has one column per
-dataset class and is initialised fresh), ``num_batches_tracked`` counters,
-and the fixed blur filters some original TResNet checkpoints store.
+random weights without noticing), and every one must be real floating point
+(float16/bfloat16/float32/float64) with finite values: a complex, integer or
+bool tensor, or a NaN or inf, is refused by name instead of losing its
+imaginary part, being cast, or surfacing as a non-finite loss at step 1.
+Only three things are dropped, and the report says so: the classifier head
+(the head of a run has one column per dataset class and is initialised
+fresh), ``num_batches_tracked`` counters (int64, not checked), and the fixed
+blur filters some original TResNet checkpoints store.
 
 Names map by rule: the Flax modules are named after the PyTorch keys with
 '.' written as '_', so ``layer1_0/conv1/kernel`` <-> ``layer1.0.conv1.weight``.
@@ -140,12 +144,30 @@ def unwrap(obj: Any) -> dict[str, Any]:
   return dict(obj)
 
 
-def _numpy(value) -> np.ndarray:
+# The dtypes a backbone tensor may have (all converted to float32). Any other
+# (complex, integer, bool, float8, ...) is refused: casting it would drop an
+# imaginary part or turn counts and masks into weights without a word.
+REAL_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _dtype_name(value) -> str:
+  """'float32', 'complex64', 'int64', 'bool', ... (torch or numpy)."""
+  return str(value.dtype).replace("torch.", "")
+
+
+def _is_real_float(value) -> bool:
+  return _dtype_name(value) in REAL_FLOAT_DTYPES
+
+
+def _numpy(value):
+  """A real floating tensor as numpy (torch's as float32: numpy has no
+  bfloat16); any other dtype is returned as is, to be refused by name once
+  the names and shapes have been checked (``value.numpy()`` fails on some,
+  e.g. float8, and ``astype`` would hide the others)."""
+  if not _is_real_float(value):
+    return value
   if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-    value = value.detach().cpu()
-    if value.is_floating_point():
-      value = value.float()
-    return value.numpy()
+    return value.detach().cpu().float().numpy()
   return np.asarray(value)
 
 
@@ -154,24 +176,32 @@ def _blur_filter(channels: int) -> np.ndarray:
   return np.broadcast_to(np.outer(f, f)[None, None] / 16, (channels, 1, 3, 3))
 
 
-def _from_original_tresnet(sd: dict[str, np.ndarray], dropped: dict):
-  """Original (InPlaceABN) TResNet names -> timm names; norm scale |w| + eps."""
+def _from_original_tresnet(sd: dict[str, np.ndarray], dropped: dict,
+                           names: dict[str, str]):
+  """Original (InPlaceABN) TResNet names -> timm names; norm scale |w| + eps.
+
+  ``names`` receives timm name -> name in the file (for messages).
+  """
   out = {}
   for key, value in sd.items():
     if key.endswith(".filt"):  # stored blur filter of remove_aa_jit models
-      if value.ndim != 4 or not np.allclose(value, _blur_filter(len(value))):
+      if (value.ndim != 4 or not _is_real_float(value)
+          or not np.allclose(value, _blur_filter(len(value)))):
         raise ConversionError(f"{key}: expected the fixed 3x3 blur filter")
       dropped.setdefault("blur filters (fixed, not parameters)", []).append(key)
       continue
+    source = key
     key = re.sub(r"\b(conv\d+)\.0\.0\.", r"\1.conv.", key)
     key = re.sub(r"\b(conv\d+)\.0\.1\.", r"\1.bn.", key)
     key = re.sub(r"\b(conv\d+)\.0\.", r"\1.conv.", key)
     key = re.sub(r"\b(conv\d+)\.1\.", r"\1.bn.", key)
     key = re.sub(r"\bdownsample\.(\d+)\.0\.", r"downsample.\1.conv.", key)
     key = re.sub(r"\bdownsample\.(\d+)\.1\.", r"downsample.\1.bn.", key)
-    if key.endswith(".bn.weight"):
+    if key.endswith(".bn.weight") and _is_real_float(value):
+      # (any other dtype is refused later: |w| would hide a complex w)
       value = np.abs(value) + ABN_EPS
     out[key] = value
+    names[key] = source
   return out
 
 
@@ -220,6 +250,52 @@ def _listing(title: str, items: list[str], limit: int = 25) -> str:
   return "\n".join(lines)
 
 
+def _first(items: list[str], limit: int = 3) -> str:
+  """The first ``limit`` items, then a count: 'a, b, c and 7 more'."""
+  shown = ", ".join(items[:limit])
+  return shown + (f" and {len(items) - limit} more" if len(items) > limit
+                  else "")
+
+
+def _check_values(tensors: dict[str, Any], names: dict[str, str]):
+  """``tensors`` (name -> array as read) as float32, or ConversionError.
+
+  One line naming (the first few of) the tensors that are not real floating
+  point and those holding a NaN or an inf (counted after the cast to
+  float32, so a float64 beyond its range counts as inf); ``names`` maps a
+  name to the one in the file where they differ.
+  """
+  out, not_real, not_finite = {}, [], []
+  for key in sorted(tensors, key=lambda k: names.get(k, k)):
+    value, name = tensors[key], names.get(key, key)
+    if not _is_real_float(value):
+      not_real.append(f"{name} ({_dtype_name(value)})")
+      continue
+    with np.errstate(over="ignore"):  # float64 beyond float32: inf, refused
+      value = np.asarray(value).astype(np.float32)
+    if not np.isfinite(value).all():
+      nan = int(np.isnan(value).sum())
+      inf = value.size - nan - int(np.isfinite(value).sum())
+      counts = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"),
+                                                        (inf, "inf")) if n)
+      not_finite.append(f"{name} ({counts} of {value.size} values)")
+    out[key] = value
+  parts = []
+  if not_real:
+    n = len(not_real)
+    parts.append(
+        f"{n} backbone tensor{' is' if n == 1 else 's are'} not real floating "
+        f"point (only {'/'.join(REAL_FLOAT_DTYPES)} convert): "
+        f"{_first(not_real)}")
+  if not_finite:
+    n = len(not_finite)
+    parts.append(f"{n} backbone tensor{' holds' if n == 1 else 's hold'} "
+                 f"NaN or inf values: {_first(not_finite)}")
+  if parts:
+    raise ConversionError("; ".join(parts) + "; nothing was converted")
+  return out
+
+
 def convert_state_dict(arch: str, state_dict: Any, keep_head: bool = False):
   """A PyTorch state dict -> (Flax variables, report).
 
@@ -227,7 +303,10 @@ def convert_state_dict(arch: str, state_dict: Any, keep_head: bool = False):
   wrapped in ``model`` / ``state_dict`` keys. Variables are numpy float32
   ``{"params": ..., "batch_stats": ...}``; without ``keep_head`` the
   classifier head is left out. Raises ConversionError listing every
-  missing, unexpected and wrongly shaped tensor.
+  missing, unexpected and wrongly shaped tensor; then, in one line, naming
+  the converted tensors that are not real floating point (complex, integer,
+  bool, ...) or hold a NaN or inf (``num_batches_tracked`` counters, int64,
+  and a dropped head are not checked).
   """
   if arch not in BACKBONES:
     raise ConversionError(f"unknown arch {arch!r}; valid: {sorted(BACKBONES)}")
@@ -239,8 +318,9 @@ def convert_state_dict(arch: str, state_dict: Any, keep_head: bool = False):
   if counters:
     dropped["num_batches_tracked counters"] = counters
   sd = {k: v for k, v in sd.items() if k not in counters}
+  names: dict[str, str] = {}  # renamed key -> key in the file
   if fmt == "original-inplace-abn":
-    sd = _from_original_tresnet(sd, dropped)
+    sd = _from_original_tresnet(sd, dropped, names)
 
   expected = expected_tensors(arch)
   head_prefix = "head." if arch == "tresnet_m" else "fc."
@@ -279,9 +359,10 @@ def convert_state_dict(arch: str, state_dict: Any, keep_head: bool = False):
         parts.append(_listing(title, items))
     raise ConversionError("\n".join(parts))
 
+  values = _check_values({k: sd[k] for k in expected}, names)
   flat = {}
   for key, (collection, path, shape, _) in expected.items():
-    value = _to_flax(sd[key], len(shape)).astype(np.float32)
+    value = _to_flax(values[key], len(shape))
     flat[(collection,) + path] = np.ascontiguousarray(value)
   variables = flax.traverse_util.unflatten_dict(flat)
   report = {
