@@ -47,8 +47,11 @@ log = logging.getLogger("rebll_jax")
 
 AUTO = "upstream:auto"
 # Bump when the upstream renderer or training loop changes its numbers, so
-# old cache entries are not reused.
-FORMAT_VERSION = 1
+# old cache entries are not reused. 2 (2026-12-07): until then pretraining
+# read the whole run config, so a _field setting or an overridden recipe
+# trained another backbone under the plain setting's key; a version-1 entry
+# may be such a backbone.
+FORMAT_VERSION = 2
 CACHE_ENV = "REBLL_JAX_CACHE"
 
 

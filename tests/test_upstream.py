@@ -384,3 +384,14 @@ def test_pretraining_reads_only_what_its_cache_key_holds():
   # Kernel choices (float32 rounding only) are the run's.
   field.model.conv_impl = "gemm"
   assert flat(field)["model.conv_impl"] == "gemm"
+
+
+def test_the_format_version_is_in_the_key(monkeypatch):
+  """Version 2: entries of version 1 may hold a backbone a _field setting
+  trained under the plain setting's key; bumping the version must make a
+  new key, so they are never loaded again."""
+  config = _tiny_config()
+  key = upstream.content_key(config)
+  assert upstream.FORMAT_VERSION >= 2
+  monkeypatch.setattr(upstream, "FORMAT_VERSION", 1)
+  assert upstream.content_key(config) != key
