@@ -29,6 +29,12 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=wrong-import-position
+from experiments.cli_checks import parse_positive_ints, positive_float, positive_int  # noqa: E402
+# pylint: enable=wrong-import-position
+
+# The batch the assumed GPU step time is for (bench_pipeline.py's too).
+ASSUMED_BATCH = 64
 
 
 def _photo_like(rng, n, size):
@@ -46,12 +52,19 @@ def _photo_like(rng, n, size):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batches", type=int, default=6)
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--threads", default="1")
-  parser.add_argument("--sizes", default="64,224")
-  parser.add_argument("--assumed_step_ms", type=float, default=45.0)
+  parser.add_argument("--batches", type=positive_int, default=6)
+  parser.add_argument("--batch", type=positive_int, default=64)
+  parser.add_argument("--threads", default="1",
+                      help="comma list of thread counts (>= 1)")
+  parser.add_argument("--sizes", default="64,224",
+                      help="comma list of image sides in px (>= 1)")
+  parser.add_argument("--assumed_step_ms", type=positive_float, default=45.0,
+                      help=f"assumed GPU step time at batch {ASSUMED_BATCH}"
+                           ", 224 px (> 0)")
   args = parser.parse_args(argv)
+  # Checked before any image is made or augmented.
+  sizes = parse_positive_ints(parser, "--sizes", args.sizes)
+  threads_list = parse_positive_ints(parser, "--threads", args.threads)
 
   from rebll_jax.data import field_augment  # pylint: disable=g-import-not-at-top
 
@@ -60,10 +73,10 @@ def main(argv=None):
          "cpu_count": os.cpu_count(),
          "load_average_1min": round(os.getloadavg()[0], 2),
          "images_per_s": {}, "images_per_cpu_s": {}}
-  for size in (int(s) for s in args.sizes.split(",")):
+  for size in sizes:
     images = _photo_like(rng, args.batch, size)
     rows = np.arange(args.batch)
-    for threads in (int(t) for t in args.threads.split(",")):
+    for threads in threads_list:
       aug = field_augment.HostAugment(workers=threads)
       aug(images, seed=0, task=0, step=-1 % 2**31, rows=rows)  # warm-up
       start, cpu_start = time.perf_counter(), time.process_time()
@@ -79,7 +92,7 @@ def main(argv=None):
           count / (time.process_time() - cpu_start), 1)
   per_core_224 = out["images_per_cpu_s"].get("224px_threads_1")
   if per_core_224:
-    gpu_rate = 64 / (args.assumed_step_ms / 1000.0)
+    gpu_rate = ASSUMED_BATCH / (args.assumed_step_ms / 1000.0)
     out["assumed_gpu_images_per_s_224"] = round(gpu_rate, 1)
     out["cores_to_keep_up_224"] = round(gpu_rate / per_core_224, 1)
   print(json.dumps(out, indent=1))

@@ -23,7 +23,10 @@ step (on a shared machine the load then hits all alike); the reported time
 is the median after ``--warmup`` steps, with this process's CPU time per
 step beside it (what a loaded machine distorts least). Each variant prints
 one JSON line: median ms/step, CPU ms/step, images/s, compile (first-call)
-seconds, peak memory, analytic FLOPs per step (2 x MACs of the forward pass
+seconds, peak memory (PyTorch: each variant alone, in a fresh child process
+by default, ``--torch_memory``; JAX: XLA's memory analysis of that variant's
+compiled step; on a GPU or TPU also ``process_device_peak_bytes``, the
+allocator's peak of all JAX variants together), analytic FLOPs per step (2 x MACs of the forward pass
 x batch x 4: past forward 1, current forward 1, backward 2) and the fraction
 of the machine's measured peak (the faster of a large JAX and PyTorch matmul
 timed in this run, in the step's dtype). Then one line per JAX variant: its
@@ -50,6 +53,8 @@ run with the same allocator (rebll_jax/host_malloc.py).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -114,6 +119,15 @@ def parse_args(argv=None):
                       "JAX variant each (first --conv_impl)")
   p.add_argument("--matmul_size", type=int, default=0,
                  help="side of the peak-FLOPs matmul (0: 2048 CPU, 8192 GPU)")
+  p.add_argument("--torch_memory", choices=("process", "inline"),
+                 default="process",
+                 help="PyTorch peak memory: 'process' measures each variant "
+                      "alone in a fresh child process (build + 2 steps; "
+                      "does not depend on the variant's place in the list), "
+                      "'inline' its second step in this process (no extra "
+                      "process; depends on what ran before it)")
+  p.add_argument("--memory_probe", action="store_true",
+                 help=argparse.SUPPRESS)  # the child of --torch_memory process
   p.add_argument("--out", default="", help="also append the JSON lines here")
   args = p.parse_args(argv)
   for flag in ("batch", "size", "steps", "num_classes"):
@@ -189,15 +203,33 @@ def _median(xs):
 
 # --------------------------------------------------------------------- JAX ---
 
+def conv_impl_that_runs(conv_impl, dtype="float32"):
+  """(the conv route the program compiles to, why it differs from
+  ``conv_impl`` or ""): "auto" resolved, and "kernel" is "gemm" where our
+  CPU kernels take no convolution (they are float32 only, and need to
+  build): the same program, so one name."""
+  from rebll_jax.models import conv, cpu_kernels  # pylint: disable=g-import-not-at-top
+  impl = conv.resolve_impl(conv_impl)
+  if impl == "kernel" and dtype != "float32":
+    return "gemm", (f"--conv_impl {conv_impl} runs as gemm in {dtype} (our "
+                    "CPU kernels are float32 only: the same program)")
+  if impl == "kernel" and not cpu_kernels.available():
+    return "gemm", (f"--conv_impl {conv_impl} runs as gemm (CPU kernels "
+                    f"unavailable: {cpu_kernels.unavailable_reason()})")
+  return impl, ""
+
+
 def jax_variant_name(conv_impl, norm_impl, cpu_library_fusion, xla_options,
-                     cpu_scheduler="memory"):
+                     cpu_scheduler="memory", dtype="float32"):
   """What the JAX variant computes with on this backend, e.g.
-  ``jax[gemm,norm=fused,reductions,sched=memory]`` ("auto" resolved; the
-  library fusion and the scheduler only on CPU, where they mean
-  something)."""
+  ``jax[gemm,norm=fused,reductions,sched=memory]`` ("auto" resolved, and
+  "kernel" named "gemm" where it compiles to gemm's program, e.g. in
+  bfloat16; the library fusion and the scheduler only on CPU, where they
+  mean something)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from rebll_jax.models import conv, norm  # pylint: disable=g-import-not-at-top
-  parts = [conv.resolve_impl(conv_impl), f"norm={norm.resolve_impl(norm_impl)}"]
+  from rebll_jax.models import norm  # pylint: disable=g-import-not-at-top
+  parts = [conv_impl_that_runs(conv_impl, dtype)[0],
+           f"norm={norm.resolve_impl(norm_impl)}"]
   if jax.default_backend() == "cpu":
     parts += [cpu_library_fusion, f"sched={cpu_scheduler}"]
   parts += [f"{k}={v}" for k, v in (xla_options or {}).items()]
@@ -241,7 +273,7 @@ class JaxStep:
     c.augment.flip, c.augment.cutout, c.augment.randaugment_ops = False, 0, 0
     c.relabel.warmup_frac = 0.0
     self.name = jax_variant_name(conv_impl, norm_impl, cpu_library_fusion,
-                                 xla_options, cpu_scheduler)
+                                 xla_options, cpu_scheduler, args.dtype)
     model = models.build_model(c.model, args.num_classes)
     tx = optim.make_transform(c.optim)
     # One device (one GPU, or the whole CPU as one XLA device) unless the
@@ -252,7 +284,6 @@ class JaxStep:
       raise SystemExit(f"--batch {args.batch} must divide over {mesh.size} "
                        "devices")
     rep = parallel.replicated(mesh)
-    shape = (1, args.size, args.size, 3)
     variables = models.init_variables(model, jax.random.key(0), args.size)
     state = steps.initial_train_state(tx, variables)
     self.state = jax.device_put(state, rep)
@@ -280,14 +311,9 @@ class JaxStep:
     except jax.errors.JaxRuntimeError as e:
       if "compile option" not in str(e):
         raise
-      raise SystemExit(f"error: --xla_options {xla_options}: {e}") from None
+      _usage_error(f"--xla_options {xla_options}: "
+                   f"{' '.join(str(e).split())}")
     self.compile_s = time.perf_counter() - t0
-    # Analytic cost: MACs of one eval forward per image (convs + matmuls).
-    from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top
-    apply = lambda v, x: model.apply(v, x, train=False)
-    x1 = jax.ShapeDtypeStruct(shape, jnp.float32)
-    self.macs_per_image = count_macs(jax.make_jaxpr(apply)(variables,
-                                                           x1).jaxpr)
     self.np = np
 
   def run(self):
@@ -299,16 +325,22 @@ class JaxStep:
     return loss
 
   def memory(self):
-    dev = self.jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-      return stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+    """This program's own figure (XLA's analysis of the compiled step), so
+    it does not depend on the other variants of the run; the device's
+    process-wide peak is ``process_device_peak()``."""
     m = self.compiled.memory_analysis()
     if m is None:
       return None, "unavailable"
     total = (m.argument_size_in_bytes + m.output_size_in_bytes
              - m.alias_size_in_bytes + m.temp_size_in_bytes)
     return int(total), "XLA memory_analysis (args + outputs - aliased + temp)"
+
+  def process_device_peak(self):
+    """The device allocator's peak_bytes_in_use (GPU, TPU): process-wide,
+    every JAX variant of the run together; None where there is none (CPU)."""
+    dev = self.jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    return (stats or {}).get("peak_bytes_in_use")
 
   def matmul_flops_per_s(self, n, dtype):
     jnp = self.jax.numpy
@@ -330,6 +362,31 @@ class JaxStep:
 
 # ----------------------------------------------------------------- PyTorch ---
 
+def _rss_bytes(field):
+  """``VmRSS`` / ``VmHWM`` of /proc/self/status in bytes (Linux)."""
+  with open("/proc/self/status", encoding="ascii") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_rss_peak():
+  """Gives the C heap's free memory back to the kernel (glibc
+  ``malloc_trim``: with ``--host_malloc retain`` an earlier variant's freed
+  blocks would otherwise serve the next one, unseen by the RSS) and resets
+  the process's resident high-water mark (``/proc/self/clear_refs`` 5).
+  Returns the resident bytes now, or None where either is unavailable."""
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc_trim(ctypes.c_size_t(0))
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+      f.write("5")
+    return _rss_bytes("VmRSS")
+  except (OSError, AttributeError):
+    return None
+
+
 # variant name -> (torch.compile?, memory format) of rebll_step.RebllStep.
 TORCH_VARIANTS = {
     "eager": (False, "channels_last"),
@@ -342,7 +399,7 @@ TORCH_VARIANTS = {
 class TorchStep:
   """rebll_step.RebllStep in one variant; ``run()`` does one step and syncs."""
 
-  def __init__(self, args, host, masks, variant):
+  def __init__(self, args, host, masks, variant, inline_memory=True):
     import torch  # pylint: disable=g-import-not-at-top
     from experiments.torch_baseline import rebll_step  # pylint: disable=g-import-not-at-top
     self.torch = torch
@@ -356,20 +413,47 @@ class TorchStep:
         device=self.device, dtype=args.dtype, compile=compile_,
         memory_format=memory_format, total_steps=1000, warmup_frac=0.0)
     self.batch = self.step.to_device(host)
-    if self.device == "cuda":
-      torch.cuda.synchronize()
-      torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     self.run()
     self.compile_s = time.perf_counter() - t0  # first call (compile if any)
+    if not inline_memory:  # measured by the caller
+      self.run()
+      self.peak = (None, "not measured")
+      return
+    # Peak memory of this variant's second (steady-state) step above what
+    # the process holds when it starts: its activations, gradients and
+    # temporaries, whatever the variant's place in the list. The first step
+    # pays the process's one-time costs (kernel code paged in, caches,
+    # the optimizer's state), which would fall on whichever variant came
+    # first; the peak counters are reset between the two.
+    if self.device == "cuda":
+      torch.cuda.synchronize()
+      torch.cuda.reset_peak_memory_stats()
+      base = torch.cuda.memory_allocated()
+    else:
+      base = _reset_rss_peak()  # None: no reset on this OS
+      maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     self.run()
-    # Peaks of this variant alone, before the others interleave with it.
-    self.rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                       - rss0) * 1024
-    self.cuda_peak = (torch.cuda.max_memory_allocated()
-                      if self.device == "cuda" else None)
-    self.macs_per_image = None
+    if self.device == "cuda":
+      self.peak = (torch.cuda.max_memory_allocated() - base,
+                   "torch.cuda.max_memory_allocated during this variant's "
+                   "second step, above what was allocated before it (step "
+                   "transients; parameters and optimizer state "
+                   "excluded; --torch_memory inline)")
+    elif base is not None:
+      self.peak = (_rss_bytes("VmHWM") - base,
+                   "peak resident memory during this variant's second step, "
+                   "above the process's before it (free heap trimmed, "
+                   "high-water mark reset; step transients; parameters and "
+                   "optimizer state excluded; CPU; still depends on what "
+                   "ran before it in this process: the same variant 36 -> "
+                   "60 MB in 3rd place, resnet18 batch 4 64 px)")
+    else:  # order-dependent: only growth past earlier variants' peaks
+      self.peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                   - maxrss0,
+                   "process max-RSS growth over this variant's second step "
+                   "(CPU; no peak reset here, so only growth past the "
+                   "earlier variants' peaks counts: depends on the order)")
 
   def _sync(self):
     if self.device == "cuda":
@@ -381,10 +465,7 @@ class TorchStep:
     return loss
 
   def memory(self):
-    if self.device == "cuda":
-      return self.cuda_peak, "torch.cuda.max_memory_allocated (this variant)"
-    return (int(self.rss_growth),
-            "process max-RSS growth over the first two steps (CPU)")
+    return self.peak
 
   def matmul_flops_per_s(self, n, dtype):
     torch = self.torch
@@ -425,11 +506,15 @@ def _usage_error(message: str):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.memory_probe:
+    line = _memory_probe(args)
+    print(json.dumps(line), flush=True)
+    return [line]
   # Opened now: a bad path found after minutes of timing would lose them.
   try:
     out = open(args.out, "a", encoding="utf-8") if args.out else None
   except OSError as e:
-    raise SystemExit(f"error: --out {args.out}: {e.strerror}") from None
+    _usage_error(f"--out {args.out}: {e.strerror}")
   for flag, value in (("--cpu_devices", args.cpu_devices),
                       ("--xla_flags", args.xla_flags)):
     if value and "jax" in sys.modules:
@@ -455,6 +540,12 @@ def main(argv=None):
       if value.strip() not in valid:
         _usage_error(f"unknown --{flag} {value.strip()!r}; "
                      f"valid: {list(valid)}")
+  _check_xla_options(json.loads(args.xla_options or "[]"))
+  try:  # the model at this size, traced (no compile): MACs per image
+    macs = _macs_only(args)
+  except ValueError as e:  # a size the model does not take (TResNet: 4k)
+    _usage_error(f"--model {args.model} at --size {args.size}: "
+                 f"{' '.join(str(e).split())}")
   # The run's default (config.host_malloc); one process, so both sides.
   problem = host_malloc.configure(args.host_malloc)
   if problem:
@@ -463,8 +554,11 @@ def main(argv=None):
   runners = []
   # PyTorch first: its max-RSS growth is then its own (CPU memory figure).
   if args.impl in ("torch", "both"):
+    inline = args.torch_memory == "inline"
     for variant in _once(torch_variants(args), lambda v: v):
-      runners.append(TorchStep(args, host, masks, variant))
+      runners.append(TorchStep(args, host, masks, variant, inline))
+      if not inline:
+        runners[-1].peak = _torch_memory_alone(args, variant)
   if args.impl in ("jax", "both"):
     fusions = [f.strip() for f in args.cpu_library_fusion.split(",")]
     schedulers = [f.strip() for f in args.cpu_scheduler.split(",")]
@@ -474,16 +568,16 @@ def main(argv=None):
                 for scheduler in schedulers]
     for opts in json.loads(args.xla_options or "[]"):
       variants.append(variants[0][:1] + (opts,) + variants[0][2:])
-    variants = _once(variants, lambda v: jax_variant_name(v[0], v[3], v[2],
-                                                          v[1], v[4]))
+    for impl in dict.fromkeys(v[0] for v in variants):
+      why = conv_impl_that_runs(impl, args.dtype)[1]
+      if why:
+        print(f"note: {why}; named and timed as gemm", file=sys.stderr)
+    variants = _once(variants, lambda v: jax_variant_name(
+        v[0], v[3], v[2], v[1], v[4], args.dtype))
     for impl, opts, fusion, norm_impl, scheduler in variants:
       runners.append(JaxStep(args, host, masks, impl, opts, fusion,
                              norm_impl, scheduler))
       runners[-1].run()  # first call of the compiled executable
-  macs = next((r.macs_per_image for r in runners
-               if r.macs_per_image is not None), None)
-  if macs is None:  # torch only: count on the Flax twin without compiling
-    macs = _macs_only(args)
   for _ in range(args.warmup):
     for r in runners:
       r.run()
@@ -496,6 +590,9 @@ def main(argv=None):
       r.run()
       times[r.name].append(time.perf_counter() - t0)
       cpu_times[r.name].append(time.process_time() - c0)
+  # Before the peak-FLOPs matmul, whose buffers would count.
+  device_peak = next((r.process_device_peak() for r in runners
+                      if hasattr(r, "process_device_peak")), None)
   n = args.matmul_size or (8192 if any(
       "cuda" in r.device_name() or "gpu" in r.device_name()
       for r in runners) else 2048)
@@ -529,6 +626,8 @@ def main(argv=None):
     }
     if r.name.startswith("torch"):
       line["torch_threads"] = r.torch.get_num_threads()
+    elif device_peak is not None:  # all JAX variants of the run together
+      line["process_device_peak_bytes"] = device_peak
     lines.append(line)
   lines.extend(ratio_lines(lines))
   for l in lines:
@@ -596,7 +695,68 @@ def paired_ratio(torch_ms, jax_ms):
           "rounds": len(ratios)}
 
 
+def _memory_probe(args):
+  """The child of ``--torch_memory process``: builds the one PyTorch variant
+  of ``--torch_variants`` in this fresh process, runs its first two steps,
+  and returns its peak memory (one JSON object)."""
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  from rebll_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.configure(args.host_malloc)
+  import torch  # pylint: disable=g-import-not-at-top,unused-import
+  from experiments.torch_baseline import rebll_step  # pylint: disable=g-import-not-at-top,unused-import
+  (variant,) = torch_variants(args)
+  host, masks = make_inputs(args.batch, args.size, args.num_classes)
+  rss0 = _reset_rss_peak() or _rss_bytes("VmRSS")
+  step = TorchStep(args, host, masks, variant, inline_memory=False)
+  if step.device == "cuda":
+    return {"peak_memory_bytes": torch.cuda.max_memory_allocated(),
+            "peak_memory_source": "torch.cuda.max_memory_allocated of this "
+                                  "variant alone (a fresh process: build + "
+                                  "first two steps)"}
+  return {"peak_memory_bytes": _rss_bytes("VmHWM") - rss0,
+          "peak_memory_source": "peak resident memory of this variant alone "
+                                "(a fresh process, above its resident "
+                                "memory after importing torch: build + "
+                                "first two steps; CPU)"}
+
+
+def _torch_memory_alone(args, variant):
+  """(bytes, source) of one PyTorch variant measured alone in a child
+  process (``--memory_probe``); (None, why) when the child fails."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, os.path.abspath(__file__), "--memory_probe",
+         "--impl", "torch", "--torch_variants", variant,
+         "--model", args.model, "--batch", str(args.batch),
+         "--size", str(args.size), "--dtype", args.dtype,
+         "--num_classes", str(args.num_classes),
+         "--host_malloc", args.host_malloc]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                        cwd=ROOT)
+  try:
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    return line["peak_memory_bytes"], line["peak_memory_source"]
+  except (IndexError, ValueError, KeyError):
+    why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return None, f"unavailable: the memory child exited {proc.returncode}: {why}"
+
+
+def _check_xla_options(options):
+  """Each ``--xla_options`` dict compiles a trivial program, so an option
+  this XLA does not know is a usage error before any model is built."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  for opts in options:
+    try:
+      jax.jit(lambda x: x + 1).lower(jnp.ones(2)).compile(
+          compiler_options=opts)
+    except jax.errors.JaxRuntimeError as e:
+      _usage_error(f"--xla_options {opts}: {' '.join(str(e).split())}")
+
+
 def _macs_only(args):
+  """MACs per image of one eval forward of ``--model`` at ``--size``,
+  counted on the traced Flax model (nothing compiled); ValueError where the
+  model does not take the size."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from experiments.model_stats import count_macs  # pylint: disable=g-import-not-at-top

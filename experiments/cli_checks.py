@@ -40,3 +40,44 @@ def refuse_repeats(parser: argparse.ArgumentParser, flag: str, values):
   if twice:
     parser.error(f"{flag} names {', '.join(twice)} more than once; give "
                  "each once")
+
+
+def non_negative_int(text: str) -> int:
+  """argparse ``type=`` for counts that may be 0 (0 usually: "off" or "the
+  default")."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+  return value
+
+
+def positive_float(text: str) -> float:
+  """argparse ``type=`` for a finite number that must be > 0 (a time, a
+  rate: 0 would divide by zero, a negative one prints nonsense)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+  if not 0 < value < float("inf"):
+    raise argparse.ArgumentTypeError(f"must be a finite number > 0, got "
+                                     f"{text}")
+  return value
+
+
+def parse_positive_ints(parser: argparse.ArgumentParser, flag: str,
+                        text: str) -> list[int]:
+  """``"64,224"`` -> [64, 224]; parser.error for an entry that is not an
+  integer >= 1, an empty list, or a value named twice."""
+  items = [t.strip() for t in text.split(",") if t.strip()]
+  if not items:
+    parser.error(f"{flag} {text!r} names no value; give comma-separated "
+                 "integers >= 1")
+  try:
+    values = [positive_int(t) for t in items]
+  except argparse.ArgumentTypeError as e:
+    parser.error(f"{flag} {text!r}: {e}")
+  refuse_repeats(parser, flag, values)
+  return values

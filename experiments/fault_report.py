@@ -33,8 +33,15 @@ run's within 1e-6 (wall times aside). "Results lost" counts runs that did
 not finish or finished with other numbers: it must be 0.
 
 ``--overhead`` also measures the cost of periodic checkpointing on the
-default synthetic config (task 1, 2 epochs): seconds per save over seconds
-per train step, as a fraction of training time at ``train.checkpoint_every``.
+default synthetic config (task 1, 2 epochs, its own ``cpu_devices`` split
+of the CPU, a save every 5 steps): the median seconds per save over the
+median seconds per train step between two saves, as a fraction of training
+time at ``train.checkpoint_every``. Compilation, the first steps and the
+first save are left out, so the figure does not depend on the run's length.
+
+``--workdir`` is deleted first: the report writes a ``.rebll_fault_report``
+file into the folder it makes and refuses any folder that holds anything
+but its own runs next to that file (or empty folders of their names).
 """
 
 from __future__ import annotations
@@ -198,23 +205,60 @@ BAD_INPUTS = [
 _OWN_ENTRIES = re.compile(
     r"uninterrupted|kill_inside_\d+|kill_outside|nan|huge_lr|two_processes|"
     r"edited_meta|changed_config|bad|jax_cache|overhead")
+# Written by the report into the --workdir it makes: what proves that a
+# folder is a previous report's (names alone do not: a user's folder may
+# hold a "nan" or "bad" folder of their own).
+MARKER = ".rebll_fault_report"
+_MARKER_TEXT = "made by experiments/fault_report.py, which deletes it\n"
+
+
+def _refuse(message):
+  """One line, exit 2 (a usage mistake; nothing was touched)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _is_marker(path) -> bool:
+  try:
+    with open(path) as f:
+      return os.path.isfile(path) and f.read(200) == _MARKER_TEXT
+  except (OSError, UnicodeDecodeError):
+    return False
 
 
 def _check_workdir(parser, workdir):
-  """parser.error unless ``workdir`` is new, empty or a previous report's:
-  the report deletes it first."""
+  """Exit 2 with one line unless ``workdir`` is new, empty or a previous
+  report's (the report deletes it first). A previous report's folder holds
+  the MARKER file; without one, only empty folders of the report's names
+  are taken (nothing in them to lose)."""
+  del parser  # one line, not argparse's usage + error
   if not workdir:
-    parser.error("--workdir is empty")
+    _refuse("--workdir is empty")
   if not os.path.lexists(workdir):
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.lexists(parent):
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+      _refuse(f"--workdir {workdir}: {parent} is a file, not a folder")
     return
   if not os.path.isdir(workdir) or os.path.islink(workdir):
-    parser.error(f"--workdir {workdir} is a file or a link, not a folder")
-  others = sorted(e for e in os.listdir(workdir)
-                  if not _OWN_ENTRIES.fullmatch(e))
+    _refuse(f"--workdir {workdir} is a file or a link, not a folder")
+  entries = sorted(os.listdir(workdir))
+  others = [e for e in entries if e != MARKER and not _OWN_ENTRIES.fullmatch(e)]
   if others:
-    parser.error(f"--workdir {workdir} holds {', '.join(others[:3])}, not "
-                 "only a previous fault report, and would be deleted; choose "
-                 "another folder")
+    _refuse(f"--workdir {workdir} holds {', '.join(others[:3])}, not only a "
+            "previous fault report, and would be deleted; choose another "
+            "folder")
+  if _is_marker(os.path.join(workdir, MARKER)):
+    return
+  for entry in entries:
+    path = os.path.join(workdir, entry)
+    if (os.path.islink(path) or not os.path.isdir(path)
+        or os.listdir(path)):
+      _refuse(f"--workdir {workdir} holds {entry} but no {MARKER} file, so "
+              "it is not known to be a previous fault report's, and would "
+              "be deleted; choose another folder (or delete it yourself if "
+              "it is an old report's)")
 
 
 def main(argv=None):
@@ -228,7 +272,12 @@ def main(argv=None):
   _check_workdir(parser, args.workdir)
   rng = random.Random(args.seed)
   shutil.rmtree(args.workdir, ignore_errors=True)
-  os.makedirs(args.workdir)
+  try:
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, MARKER), "w") as f:
+      f.write(_MARKER_TEXT)
+  except OSError as e:
+    _refuse(f"--workdir {args.workdir}: {' '.join(str(e).split())}")
   runner = Runner(args.workdir)
   wd = lambda name: os.path.join(args.workdir, name)  # noqa: E731
   faults, identical, scenarios, lost = 0, 0, 0, 0
@@ -384,44 +433,106 @@ def main(argv=None):
            or bad_ok != len(BAD_INPUTS) else 0)
 
 
-def measure_overhead(root):
-  """Seconds per mid-task save vs per train step, default synthetic config."""
-  code = f"""
-import json, time, sys
-sys.path.insert(0, {ROOT!r})
+# Mid-task saves while measuring the overhead: every SAMPLE_EVERY steps,
+# and the time between two saves (the trainer syncs on the step before
+# each save) gives the steady-state step. Windows and saves before
+# SKIP_SAVES saves are left out: they hold the step's compilation, the
+# first steps and the first save's one-time costs.
+SAMPLE_EVERY = 5
+SKIP_SAVES = 1
+OVERHEAD_EPOCHS = 2
+
+
+def _overhead_env(cache):
+  """The default experiment's own device layout: no forced device count
+  (the child splits the CPU by the config's ``cpu_devices``, as the CLI
+  does)."""
+  env = _env(cache)
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags)
+  if not env["XLA_FLAGS"]:
+    del env["XLA_FLAGS"]
+  return env
+
+
+def overhead_figures(saves, total_steps, default_every,
+                     skip_saves=SKIP_SAVES) -> dict:
+  """Steady-state seconds per save and per train step from the mid-task
+  saves ``[(task_step, start_s, end_s), ...]`` of one task.
+
+  Step time: from the end of one save to the start of the next, over the
+  steps between them (each save starts after the trainer waited for the
+  step), so compiling, the first steps and the saves themselves are out.
+  Medians: the machine may be shared."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  mid = sorted(s for s in saves if 0 < s[0] < total_steps)
+  kept = mid[skip_saves:]  # the first save's one-time costs left out
+  first = mid[max(skip_saves - 1, 0):]  # windows start after a save
+  windows = [(b[1] - a[2]) / (b[0] - a[0]) for a, b in zip(first, first[1:])]
+  if not kept or not windows:
+    raise ValueError(f"{len(mid)} mid-task saves: too few to leave out "
+                     f"the first {skip_saves} and time a step")
+  save_s = statistics.median(e - s for _, s, e in kept)
+  step_s = statistics.median(windows)
+  return {"save_s": save_s, "step_s": step_s,
+          "step_s_mean": sum(windows) / len(windows),
+          "saves": len(kept), "windows": len(windows),
+          "steps_timed": first[-1][0] - first[0][0],
+          "steps": total_steps, "default_every": default_every,
+          "fraction": (save_s / (default_every * step_s)
+                       if default_every else 0.0)}
+
+
+_OVERHEAD_CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
 from configs import synthetic
-from rebll_jax import checkpoint, train
-saves = []
-original = checkpoint.Checkpointer.save
-def timed(self, tree, meta):
-  t = time.perf_counter(); n = original(self, tree, meta)
-  saves.append((meta["task_step"], time.perf_counter() - t)); return n
-checkpoint.Checkpointer.save = timed
+from rebll_jax import xla_cpu
 c = synthetic.get_config()
+xla_cpu.split_host_cpu(c.get("cpu_devices", 0))  # before JAX, as the CLI
+import jax
+from rebll_jax import train
+saves = []
+original = train.save
+def timed(setup, ckpt, state, fingerprint):
+  t = time.perf_counter()
+  original(setup, ckpt, state, fingerprint)
+  saves.append((state.task_step, t, time.perf_counter()))
+train.save = timed  # what the trainer's save_fn calls
 default_every = c.train.checkpoint_every
-c.protocol.num_tasks = 1; c.train.epochs_first = 2; c.train.progress = False
-c.train.checkpoint_every = 5
-r = train.run(c, {os.path.join(root, 'overhead')!r})
-mid = [s for step, s in saves if step > 0]
-task = r["tasks"][0]
-step_s = (task["train_seconds"] - sum(mid)) / task["train_steps"]
-save_s = sum(mid) / len(mid)
-print(json.dumps(dict(default_every=default_every, save_s=save_s,
-                      step_s=step_s, steps=task["train_steps"],
-                      saves=len(mid))))
+c.protocol.num_tasks = 1; c.train.epochs_first = {epochs}
+c.train.progress = False; c.train.checkpoint_every = {every}
+r = train.run(c, {workdir!r})
+print(json.dumps(dict(default_every=default_every, saves=saves,
+                      steps=r["tasks"][0]["train_steps"],
+                      devices=jax.device_count(),
+                      cpu_devices=c.get("cpu_devices", 0))))
 """
+
+
+def measure_overhead(root):
+  """Seconds per mid-task save vs per train step, default synthetic config
+  (its device layout: ``cpu_devices``), task 1, steady state."""
+  code = _OVERHEAD_CHILD.format(root=ROOT, epochs=OVERHEAD_EPOCHS,
+                                every=SAMPLE_EVERY,
+                                workdir=os.path.join(root, "overhead"))
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
-                          env=_env(os.path.join(root, "jax_cache")),
+                          env=_overhead_env(os.path.join(root, "jax_cache")),
                           capture_output=True, text=True, timeout=900)
   if result.returncode:
     sys.exit(result.stderr[-3000:])
   m = json.loads(result.stdout.strip().splitlines()[-1])
-  every = m["default_every"]
-  frac = m["save_s"] / (every * m["step_s"]) if every else 0.0
-  print(f"checkpoint overhead: {m['save_s'] * 1e3:.0f} ms per save, "
-        f"{m['step_s'] * 1e3:.0f} ms per step ({m['saves']} saves, "
-        f"{m['steps']} steps); at train.checkpoint_every={every}: "
-        f"{100 * frac:.1f}% of training time")
+  f = overhead_figures([tuple(s) for s in m["saves"]], m["steps"],
+                       m["default_every"])
+  print(f"checkpoint overhead: {f['save_s'] * 1e3:.0f} ms per save, "
+        f"{f['step_s'] * 1e3:.0f} ms per step (medians, steady state: "
+        f"{f['saves']} saves, {f['windows']} windows of {SAMPLE_EVERY} "
+        f"steps, {m['steps']} steps in all, {m['devices']} devices; mean "
+        f"step {f['step_s_mean'] * 1e3:.0f} ms); at "
+        f"train.checkpoint_every={f['default_every']}: "
+        f"{100 * f['fraction']:.1f}% of training time")
+  return {**f, "devices": m["devices"]}
 
 
 if __name__ == "__main__":

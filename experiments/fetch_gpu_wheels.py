@@ -39,7 +39,13 @@ def requirement(name: str) -> str:
     return name
 
 
+class FetchError(RuntimeError):
+  """pip could not download a wheel (no registry, no such version)."""
+
+
 def download(req: str, dest: str, python_version: str | None) -> None:
+  """``pip download`` of ``req`` into ``dest``; FetchError naming pip's
+  last error line if it fails."""
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
          "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
          "--dest", dest, req]
@@ -47,7 +53,15 @@ def download(req: str, dest: str, python_version: str | None) -> None:
     cmd += ["--python-version", python_version, "--implementation", "cp"]
     for plat in PLATFORMS:
       cmd += ["--platform", plat]
-  subprocess.run(cmd, check=True)
+  proc = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True)
+  if proc.returncode:
+    lines = [l.strip() for l in proc.stderr.splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("ERROR:")] or lines
+    last = errors[-1] if errors else "(pip printed nothing)"
+    where = f" for Python {python_version}" if python_version else ""
+    raise FetchError(f"pip download {req}{where} failed (exit "
+                     f"{proc.returncode}): {last}")
 
 
 def main(argv=None):
@@ -56,13 +70,25 @@ def main(argv=None):
   p.add_argument("--no_local", action="store_true",
                  help="only the Python 3.12 wheels (no rehearsal copies)")
   args = p.parse_args(argv)
-  os.makedirs(args.dest, exist_ok=True)
+  try:
+    os.makedirs(args.dest, exist_ok=True)
+    if not os.access(args.dest, os.W_OK | os.X_OK):
+      raise PermissionError(f"{args.dest} is not writable")
+  except OSError as e:
+    print(f"error: --dest {args.dest}: cannot make or write that folder "
+          f"({' '.join(str(e).split())}); choose another", file=sys.stderr)
+    return 2
   local = f"{sys.version_info.major}.{sys.version_info.minor}"
-  for name in gpu_image.CARRIED:
-    req = requirement(name)
-    download(req, args.dest, GPU_PYTHON)
-    if not args.no_local and local != GPU_PYTHON:
-      download(req, args.dest, None)
+  try:
+    for name in gpu_image.CARRIED:
+      req = requirement(name)
+      download(req, args.dest, GPU_PYTHON)
+      if not args.no_local and local != GPU_PYTHON:
+        download(req, args.dest, None)
+  except FetchError as e:
+    print(f"error: {' '.join(str(e).split())}; run this where the package "
+          "registry is reachable", file=sys.stderr)
+    return 1
   wheels = sorted(glob.glob(os.path.join(args.dest, "*.whl")))
   total = sum(os.path.getsize(w) for w in wheels)
   line = {"dest": args.dest, "wheels": [os.path.basename(w) for w in wheels],

@@ -72,6 +72,7 @@ from experiments.gpu_image import (CARRIED, _norm, blocked_modules,
 WHEEL_DIR = os.path.join(ROOT, "experiments", "gpu_wheels")
 
 MODELS = ("tresnet_m", "resnet50")
+LOADER_MIN_S = 10  # below this much budget left, the loader is skipped
 DTYPES = ("bfloat16", "float32")
 
 
@@ -323,7 +324,26 @@ STAGES = {"env": stage_env, "train": stage_train, "bench": stage_bench,
 
 # ------------------------------------------------------------------ parent ---
 
+# What a stage leaves in OUT_DIR: removed before the stage runs, so a
+# rerun into the same folder never shows an earlier run's output beside
+# this run's failure or timeout.
+STAGE_OUTPUTS = {"train": ("results.json", "train")}
+
+
+def _clear_outputs(out, name):
+  for entry in STAGE_OUTPUTS.get(name, ()):
+    path = os.path.join(out, entry)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    elif os.path.lexists(path):
+      os.remove(path)
+
+
 def _run_stage(args, name, extra, timeout, out_file):
+  """Runs one stage in a subprocess under ``timeout`` seconds (at least 1:
+  the limit applied is the one its timeout line reports)."""
+  _clear_outputs(args.out, name)
+  limit = max(timeout, 1)
   cmd = [sys.executable, os.path.abspath(__file__), "--stage", name,
          "--out", args.out, "--target", args.target or ""] + extra
   if args.rehearsal:
@@ -335,7 +355,7 @@ def _run_stage(args, name, extra, timeout, out_file):
       p for p in (args.target, ROOT, env.get("PYTHONPATH", "")) if p)
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          timeout=max(timeout, 1), env=env, check=False)
+                          timeout=limit, env=env, check=False)
     result = None
     for text in proc.stdout.splitlines():
       if text.startswith("{"):
@@ -357,7 +377,7 @@ def _run_stage(args, name, extra, timeout, out_file):
       return None
     return result
   except subprocess.TimeoutExpired:
-    emit({"stage": name, "status": "timeout", "limit_s": round(timeout, 1),
+    emit({"stage": name, "status": "timeout", "limit_s": round(limit, 1),
           **{k: v for k, v in zip(extra[::2], extra[1::2])}}, out_file)
     return None
 
@@ -391,10 +411,19 @@ def main(argv=None):
     emit(STAGES[args.stage](args))
     return 0
 
+  if not 0 < args.budget_s < float("inf"):
+    print(f"error: --budget_s must be a number of seconds > 0, got "
+          f"{args.budget_s}", file=sys.stderr)
+    return 2
   t0 = time.perf_counter()
-  os.makedirs(args.out, exist_ok=True)
   out_file = os.path.join(args.out, "gpu_check.jsonl")
-  open(out_file, "w").close()
+  try:
+    os.makedirs(args.out, exist_ok=True)
+    open(out_file, "w").close()
+  except OSError as e:
+    print(f"error: --out {args.out}: cannot make or write that folder "
+          f"({' '.join(str(e).split())}); choose another", file=sys.stderr)
+    return 2
   left = lambda: args.budget_s - (time.perf_counter() - t0)  # noqa: E731
   tmp = tempfile.mkdtemp(prefix="gpu_check_wheels_")
   try:
@@ -429,21 +458,29 @@ def main(argv=None):
       plan = [("tiny_resnet", "float32")]
     best_gpu = 0.0
     for i, (model, dtype) in enumerate(plan):
-      # The loader runs after the bf16 pair (its budget kept in reserve).
+      # The loader runs after the bf16 pair (its budget kept in reserve),
+      # whether or not the benches before it ran.
       reserve = 0 if i >= len(MODELS) else caps["loader"] // 2
       limit = min(caps["bench"], left() - reserve)
       if limit < 20:
         emit({"stage": "bench", "status": "skipped", "model": model,
-              "dtype": dtype, "reason": "time budget"}, out_file)
-        continue
-      row = _run_stage(args, "bench",
-                       ["--model", model, "--dtype", dtype, "--peak_tflops",
-                        str(peaks.get(dtype, 0.0))], limit, out_file)
-      if row and row.get("jax_images_per_s"):
-        best_gpu = max(best_gpu, row["jax_images_per_s"])
+              "dtype": dtype, "reason": "time budget",
+              "budget_left_s": round(left(), 1)}, out_file)
+      else:
+        row = _run_stage(args, "bench",
+                         ["--model", model, "--dtype", dtype, "--peak_tflops",
+                          str(peaks.get(dtype, 0.0))], limit, out_file)
+        if row and row.get("jax_images_per_s"):
+          best_gpu = max(best_gpu, row["jax_images_per_s"])
       if i == len(MODELS) - 1 or len(plan) == 1:
-        _run_stage(args, "loader", ["--gpu_images_per_s", str(best_gpu)],
-                   min(caps["loader"], left()), out_file)
+        if left() >= LOADER_MIN_S:
+          # Without a GPU step to compare with, it measures the host only.
+          _run_stage(args, "loader", ["--gpu_images_per_s", str(best_gpu)],
+                     min(caps["loader"], left()), out_file)
+        else:
+          emit({"stage": "loader", "status": "skipped",
+                "reason": "time budget", "budget_left_s": round(left(), 1)},
+               out_file)
     # Last and optional: whatever budget the main stages left.
     if left() >= 30 or args.rehearsal:
       _run_stage(args, "norm", [], min(caps["norm"], max(left(), 30)),

@@ -123,6 +123,8 @@ def main(argv=None):
       p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
   if args.size % 8:
     p.error(f"--size must be a multiple of 8, got {args.size}")
+  if not 0 <= args.seed <= 2**32 - 1:  # torch.manual_seed: OverflowError
+    p.error(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
   print(json.dumps(run(args.batch, args.steps, args.growth_interval,
                        args.size, args.classes, args.seed)))
 

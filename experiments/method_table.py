@@ -17,13 +17,19 @@ devices, logging, checkpoint cadence, paths). Ctrl-C or SIGTERM stops the
 runs started (their checkpoints are kept), then the table: one line, exit
 130 / 143; the same command resumes (experiments/child_runs.py).
 ``joint`` (the upper bound) does not depend on the setting and runs once per
-seed and regime (``joint`` from scratch; ``pretrained_joint`` for the
-``pretrained_*`` settings, which fine-tune the cached upstream backbone). ``--val`` evaluates on a validation split carved out of train
+seed, regime and recipe (``joint`` from scratch; ``pretrained_joint`` for the
+``pretrained_*`` settings, which fine-tune the cached upstream backbone;
+``pretrained_joint_field`` for ``pretrained_*_field``). configs/synthetic.py
+has no ``joint_field``: the joint row of a from-scratch ``*_field`` table is
+the plain recipe's ``joint`` run, named ``joint (plain recipe)`` with a note
+under the table. ``--val`` evaluates on a validation split carved out of train
 (``data.val_fraction``) instead of the test split: use it to choose
 hyperparameters, never the test numbers.
 
-Columns: average and last mAP, CF1 (mean of per-class F1) and OF1 at 0.8,
-the test false-positive rate at 0.8, the FPR and FNR of the relabeled buffer
+Columns: average and last mAP, CF1 (mean of per-class F1) and OF1 and the
+test false-positive rate at the runs' ``eval.threshold`` (0.8 unless set;
+the header and a note under each table give it, from the runs' config, or
+say that the rows differ), the FPR and FNR of the relabeled buffer
 entries against the hidden ground truth (entries left unknown by a
 two-threshold band are not relabeled and do not count), and the training
 time of one run; mean ± std over seeds, the population std (ddof=0,
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import sys
@@ -63,8 +70,37 @@ METHODS = ("ft", "lwf", "er", "asl_pl", "krt_baseline", "rebll_akd",
            "rebll_or", "rebll", "joint")
 
 
+_FIELD = "_field"
+
+
+@functools.lru_cache(maxsize=None)
+def _setting_exists(setting) -> bool:
+  """Whether configs/synthetic.py accepts ``setting``."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  try:
+    synthetic.get_config(setting)
+  except ValueError:
+    return False
+  return True
+
+
 def _joint_setting(setting):
-  return "pretrained_joint" if setting.startswith("pretrained_") else "joint"
+  """The upper bound's setting for ``setting``: its regime (``joint`` from
+  scratch, ``pretrained_joint``) and, for a ``*_field`` setting, its recipe
+  (``pretrained_joint_field``) where configs/synthetic.py has one. It has
+  no ``joint_field``: a from-scratch ``*_field`` table's joint row is the
+  plain recipe's run (``joint_is_plain``), and the table says so."""
+  regime = "pretrained_joint" if setting.startswith("pretrained_") else "joint"
+  if setting.endswith(_FIELD) and _setting_exists(regime + _FIELD):
+    return regime + _FIELD
+  return regime
+
+
+def joint_is_plain(setting) -> bool:
+  """Whether ``setting``'s joint row runs another recipe than ``setting``
+  (a ``*_field`` setting whose regime has no ``joint_field`` setting)."""
+  return setting.endswith(_FIELD) and not _joint_setting(setting).endswith(
+      _FIELD)
 
 
 def _row_setting(setting, method):
@@ -308,12 +344,25 @@ def _read_results(path) -> dict:
   return r
 
 
+def _run_threshold(results: dict):
+  """The eval.threshold of a finished run's CF1 / OF1 / test FPR (its
+  results.json's config), None if it does not say."""
+  config = results.get("config")
+  evaluation = config.get("eval") if isinstance(config, dict) else None
+  value = (evaluation.get("threshold") if isinstance(evaluation, dict)
+           else None)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  return value
+
+
 def summarise(workdir, seconds):
   path = os.path.join(workdir, "results.json")
   r = _read_results(path)
   try:
     last = r["tasks"][-1]
     return {"calibration": _calibration(last), "avg_map": r["avg_map"],
+            "threshold": _run_threshold(r),
             "last_map": r["last_map"], "cf1": r["cf1"], "of1": r["of1"],
             "test_fpr": last.get("fpr_at_threshold", float("nan")),
             "relabel_fpr": _buffer_rate(last, "fp", "tn"),
@@ -348,24 +397,75 @@ def _cell(values, digits=1, ddof=STD_DDOF):
           f"{np.std(values, ddof=ddof):.{digits}f}")
 
 
+def _method_cell(setting, method) -> str:
+  """A row's name: ``joint`` of a ``*_field`` table that has no joint run
+  with the field recipe says it is the plain recipe's."""
+  if method == "joint" and joint_is_plain(setting):
+    return "joint (plain recipe)"
+  return method
+
+
+def _plain_joint_note(setting, present) -> list[str]:
+  if "joint" not in present or not joint_is_plain(setting):
+    return []
+  return [f"joint (plain recipe): configs/synthetic.py has no joint_field "
+          f"setting, so this upper bound is the `{_joint_setting(setting)}` "
+          "run, trained with the plain recipe (not the field recipe of the "
+          "other rows); the same run as the joint row of the plain table."]
+
+
+def _threshold_text(value) -> str:
+  return "?" if value is None else f"{value:g}"
+
+
+def _thresholds(rows, setting, methods):
+  """(header suffix, note lines): the eval.threshold at which CF1, OF1 and
+  the test FPR of ``setting``'s rows were computed (each run's config)."""
+  found = {}  # method -> the distinct thresholds of its runs
+  for method in methods:
+    for run in rows.get((_row_setting(setting, method), method)) or ():
+      found.setdefault(method, set()).add(run.get("threshold"))
+  values = set().union(*found.values()) if found else set()
+  if len(values) == 1 and None not in values:
+    value = _threshold_text(next(iter(values)))
+    return f"@{value}", [f"CF1, OF1 and test FPR at eval.threshold {value} "
+                         "(the runs' config)."]
+  if not values:
+    return "", []
+  listing = "; ".join(
+      f"{m} " + ", ".join(sorted(map(_threshold_text, v),
+                                 key=lambda t: (t == "?", t)))
+      for m, v in found.items())
+  return "@eval.threshold", [
+      "The rows' runs differ in eval.threshold (? where results.json has "
+      f"none); CF1, OF1 and test FPR are each run's own: {listing}."]
+
+
 def table(rows: dict, settings, methods) -> str:
   lines = []
   for setting in settings:
+    at, notes = _thresholds(rows, setting, methods)
     lines += [f"\n**Synthetic {setting.upper()}**\n",
               "| method | seeds | avg mAP | last mAP | CF1 | OF1 | "
-              "test FPR@0.8 | relabel FPR | relabel FNR | train s/run |",
+              f"test FPR{at} | relabel FPR | relabel FNR | train s/run |",
               "|---|---|---|---|---|---|---|---|---|---|"]
+    present = []
     for method in methods:
       runs = rows.get((_row_setting(setting, method), method))
       if not runs:
         continue
+      present.append(method)
       col = lambda k: [r[k] for r in runs]  # noqa: E731
       lines.append(
-          f"| {method} | {len(runs)} | {_cell(col('avg_map'))} | "
+          f"| {_method_cell(setting, method)} | {len(runs)} | "
+          f"{_cell(col('avg_map'))} | "
           f"{_cell(col('last_map'))} "
           f"| {_cell(col('cf1'))} | {_cell(col('of1'))} | "
           f"{_cell(col('test_fpr'))} | {_cell(col('relabel_fpr'))} | "
           f"{_cell(col('relabel_fnr'))} | {_cell(col('seconds'), 0)} |")
+    extra = notes + _plain_joint_note(setting, present)
+    if extra:
+      lines += [""] + extra
   lines += ["", std_note(STD_DDOF)]
   return "\n".join(lines)
 
@@ -378,12 +478,18 @@ def calibration_table(rows: dict, settings, methods) -> str:
               f"{setting.upper()}** (percent)\n",
               "| method | seeds | " + " | ".join(headers) + " |",
               "|---|---|" + "---|" * len(headers)]
+    present = []
     for method in methods:
       runs = rows.get((_row_setting(setting, method), method))
       if not runs:
         continue
+      present.append(method)
       cells = [_cell([r["calibration"][h] for r in runs]) for h in headers]
-      lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+      lines.append(f"| {_method_cell(setting, method)} | {len(runs)} | "
+                   + " | ".join(cells) + " |")
+    extra = _plain_joint_note(setting, present)
+    if extra:
+      lines += [""] + extra
   lines += ["", std_note(STD_DDOF)]
   return "\n".join(lines)
 

@@ -110,9 +110,23 @@ def _complete(directory: str) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(path: str):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
+def _locked(path: str, fix: str = "choose another folder"):
+  """Holds an exclusive lock on ``path``, making its folder first. A folder
+  that cannot be made or written (a file on the way, no permission) is a
+  UserError whose message ends with ``fix``."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "w")  # pylint: disable=consider-using-with
+  except OSError as e:
+    blocker = os.path.dirname(path)
+    while blocker and not os.path.lexists(blocker):
+      blocker = os.path.dirname(blocker)
+    why = (f"{blocker} is a file, not a folder"
+           if blocker and not os.path.isdir(blocker)
+           else f"{e.strerror or type(e).__name__} ({e.filename or path})")
+    raise UserError(f"cannot write the upstream backbone's lock {path}: "
+                    f"{why}; {fix}") from None
+  with f:
     fcntl.flock(f, fcntl.LOCK_EX)  # a second run waits for the first
     try:
       yield
@@ -157,7 +171,9 @@ def ensure(config, out_dir: str | None = None) -> str:
   directory = os.path.abspath(out_dir or cache_dir(config))
   if _complete(directory):
     return directory
-  with _locked(directory + ".lock"):
+  with _locked(directory + ".lock",
+               "choose another --out" if out_dir else
+               f"set ${CACHE_ENV} to a folder you can write"):
     if _complete(directory):  # made by a concurrent run while we waited
       return directory
     if os.path.exists(directory):

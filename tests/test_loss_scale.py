@@ -65,6 +65,24 @@ def test_the_rule_predicts_torchs_fp16_autocast_skips():
   assert all(x < 1.01 for x in r["false_alarm_ratios"]), r
 
 
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-1",
+                                  str(2**32)])
+def test_loss_scale_check_refuses_a_seed_out_of_range(seed, capsys,
+                                                      monkeypatch):
+  # 10**23 was an OverflowError traceback from torch.manual_seed; -1 and
+  # 2**32 are refused as the training CLI refuses them (config_checks).
+  from experiments import loss_scale_check  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loss_scale_check, "run",
+                      lambda *a: pytest.fail("ran"))
+  with pytest.raises(SystemExit) as exit_info:
+    loss_scale_check.main(["--seed", seed])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  assert err.strip().splitlines()[-1].endswith(
+      f"error: --seed must be in [0, 2**32 - 1], got {seed}")
+
+
 def test_scale_and_skips_follow_torch_grad_scaler():
   # The same overflow pattern through torch.amp.GradScaler and ours.
   torch = pytest.importorskip("torch")

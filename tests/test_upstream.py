@@ -334,6 +334,30 @@ def test_cli_refuses_a_setting_of_configs_test(tmp_path, monkeypatch,
   assert err.startswith("error: cannot load config 'configs/test.py:xyz'")
 
 
+def test_a_file_in_the_way_of_the_cache_or_out_is_one_line(
+    tmp_path, monkeypatch, capsys):
+  # --out under a file was a FileExistsError traceback, $REBLL_JAX_CACHE
+  # naming a file a NotADirectoryError one (the lock's makedirs); a run
+  # with model.init_from=upstream:auto reaches the same code through
+  # resolve_init_from, whose UserError the training CLI prints as one line.
+  _cli_in_process(tmp_path, monkeypatch)
+  monkeypatch.setattr(upstream, "pretrain", lambda *a: pytest.fail("trained"))
+  afile = tmp_path / "afile"
+  afile.write_text("mine")
+  spec = "configs/synthetic.py:pretrained_b0c4"
+  assert upstream.main(["--config", spec, "--out", str(afile / "sub")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "Traceback" not in err
+  assert f"{afile} is a file, not a folder; choose another --out" in err
+  monkeypatch.setenv(upstream.CACHE_ENV, str(afile))
+  assert upstream.main(["--config", spec]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and upstream.CACHE_ENV in err
+  with pytest.raises(UserError, match="is a file, not a folder"):
+    upstream.resolve_init_from(upstream.load_config(spec))
+  assert afile.read_text() == "mine"
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", KeyboardInterrupt])
 def test_cli_stopped_while_pretraining_says_so_and_cleans_up(
     tmp_path, monkeypatch, capsys, stop):
