@@ -9,15 +9,19 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
-  """argparse ``type=`` for counts and sizes that must be >= 1."""
+def _int_at_least(text: str, low: int) -> int:
   try:
     value = int(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  if value < low:
+    raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
   return value
+
+
+def positive_int(text: str) -> int:
+  """argparse ``type=`` for counts and sizes that must be >= 1."""
+  return _int_at_least(text, 1)
 
 
 def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
@@ -45,13 +49,7 @@ def refuse_repeats(parser: argparse.ArgumentParser, flag: str, values):
 def non_negative_int(text: str) -> int:
   """argparse ``type=`` for counts that may be 0 (0 usually: "off" or "the
   default")."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-  return value
+  return _int_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:
