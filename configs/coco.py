@@ -19,7 +19,8 @@ Settings (``--config=configs/coco.py:NAME``): ``b0c10`` (default, 8 tasks
 of 10 classes), ``b40c10`` (40 then 4 x 10). ``NAME_field`` (``b0c10_field``,
 ``b40c10_field``) is the same setting with every row of the PyTorch
 baseline's recipe and protocol (``config_base.apply_field_recipe``; README
-"Field-exact mode"), to reproduce its numbers.
+"Field-exact mode"); its method stays ``rebll``: add
+``--config.method=krt_baseline`` to reproduce the baseline's own numbers.
 
 Recipe (METHOD.md section 7): lr 4e-5 for the first task, 1e-4 for the later
 ones; memory 20 exemplars per class (herding).
