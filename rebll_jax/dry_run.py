@@ -128,7 +128,7 @@ def run(config, workdir: str, setting=None) -> dict:
   _check_no_other_run(config, workdir)
   method = methods.get_method(config.method)
   source = validate.build_source(config.data)
-  _check_same_data(source, workdir)
+  _check_same_data(config, source, workdir)
   validate.check_protocol(config, source.num_classes)
   tasks = method.tasks(source.num_classes, config.protocol)
   validate.check_tasks(source, tasks, config.protocol)
@@ -178,22 +178,25 @@ def _check_no_other_run(config, workdir: str):
         "this config in another --workdir")
 
 
-def _check_same_data(source, workdir: str):
+def _check_same_data(config, source, workdir: str):
   """Refuses a workdir whose run (its newest checkpoint) trained on other
   data: config.json cannot tell (``data.data_dir`` may change on resume;
-  the run's data digest covers the content). Computes that digest, which
-  reads a few images, only where a checkpoint exists."""
+  the run's data digest covers the content), or with another config (its
+  fingerprinted fields: config.json may have been deleted). Computes the
+  digest, which reads a few images, only where a checkpoint exists."""
   saved = checkpoint.peek_fingerprint(os.path.join(workdir, "checkpoints"))
   if saved is None:
     return
   current = {"dataset": source.name,
              "class_order": list(source.class_names),
              "data_digest": run_identity.data_digest(source),
-             "crowd_digest": run_identity.crowd_digest(source)}
+             "crowd_digest": run_identity.crowd_digest(source),
+             # Also when config.json is gone: the checkpoint holds the rest.
+             "config": run_identity.config_fields(config)}
   diffs = run_identity.differences(saved, current, saved_name="the run")
   if diffs:
     raise UserError(
-        f"workdir {workdir} holds a run on other data "
+        f"workdir {workdir} holds a run on other data or settings "
         f"({run_identity.listing(diffs)}); its protocol.json would sit "
         "beside that run's results: dry-run this config in another "
         "--workdir")

@@ -310,6 +310,17 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
             f"{len(setup.tasks)}. Rerun it with protocol.num_tasks >= "
             f"{state.task} (or -1) to write its results again, or use a new "
             "--workdir for a shorter run")
+      if state.task >= len(setup.tasks) and state.task_step > 0:
+        # A task beyond the config was started (an extension stopped
+        # midway): "complete" would write that process's values, not those
+        # the finished tasks trained with, beside its task's metric lines.
+        raise UserError(
+            f"the run in {workdir} stopped in the middle of task "
+            f"{state.task + 1} (step {state.task_step}); "
+            f"protocol.num_tasks={config.protocol.num_tasks} asks for "
+            f"{len(setup.tasks)}. Rerun it with protocol.num_tasks >= "
+            f"{state.task + 1} (or -1) to finish that task, or use a new "
+            "--workdir")
       _warn_init_from_not_read(setup, state)
       if state.task >= len(setup.tasks):
         log.info("the run in %s is complete (%d tasks); writing its results "

@@ -281,9 +281,16 @@ def test_a_dry_run_refuses_a_workdir_whose_run_had_other_data(tmp_path):
       **fingerprint, "data_digest": "0badf00d"}})
   os.makedirs(os.path.join(workdir, "checkpoints",
                            "12.orbax-checkpoint-tmp-1", "meta"))
-  with pytest.raises(UserError, match="holds a run on other data "
-                     r"\(data_digest: the run '0badf00d' vs config"):
+  with pytest.raises(UserError, match="holds a run on other data or "
+                     r"settings \(data_digest: the run '0badf00d' vs config"):
     dry_run.run(config, workdir)
+  # Without config.json the checkpoint's config fields still tell another
+  # method (a dry run wrote a protocol.json of it beside the run's results).
+  os.rename(os.path.join(workdir, "checkpoints", "9"),
+            os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-2"))
+  with pytest.raises(UserError, match="method: the run 'rebll' vs config "
+                     "'ft'"):
+    dry_run.run(make_config(dry_run=True, method="ft"), workdir)
   # Read-only: a live run's save in progress is left alone.
   assert os.path.isdir(os.path.join(workdir, "checkpoints",
                                     "12.orbax-checkpoint-tmp-1"))

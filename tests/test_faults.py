@@ -408,6 +408,12 @@ def test_mid_task_resume_refuses_another_schedule_for_that_task(tmp_path):
     message = str(error.value)
     assert f"middle of task 2 (step {task_step})" in message, message
     assert old in message and "--config.protocol.num_tasks=2" in message
+  # Fewer tasks than the one in progress (the original command after an
+  # interrupted extension): it said "complete" and recorded the stopped
+  # process's values (num_tasks, epochs_later, debug faults) as the run's.
+  with pytest.raises(UserError, match=f"stopped in the middle of task 2 "
+                     rf"\(step {task_step}\); protocol.num_tasks=1"):
+    train.run(_config(**{**start, "protocol.num_tasks": 1}), workdir)
   assert _metas(workdir) == metas  # refused before anything changed
 
 
