@@ -65,6 +65,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+from experiments import cli_checks  # noqa: E402  pylint: disable=wrong-import-position
 
 MODELS = ("tresnet_m", "resnet50", "resnet18", "small_resnet", "tiny_resnet")
 
@@ -497,11 +498,9 @@ def torch_variants(args):
   return names
 
 
-def _usage_error(message: str):
-  """A user's mistake found after parse_args (the checks that need JAX's
-  modules, imported only once XLA_FLAGS is set): one line, exit 2."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+# A user's mistake found after parse_args (the checks that need JAX's
+# modules, imported only once XLA_FLAGS is set): one line, exit 2.
+_usage_error = cli_checks.usage_error
 
 
 def main(argv=None):

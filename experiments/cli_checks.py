@@ -7,6 +7,7 @@ never a traceback from deep inside a run.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -79,3 +80,10 @@ def parse_positive_ints(parser: argparse.ArgumentParser, flag: str,
     parser.error(f"{flag} {text!r}: {e}")
   refuse_repeats(parser, flag, values)
   return values
+
+
+def usage_error(message: str):
+  """One line on stderr and exit 2: a user's mistake found after
+  ``parse_args`` (one line, not argparse's usage and error)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)

@@ -59,6 +59,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+from experiments.cli_checks import usage_error  # noqa: E402  pylint: disable=wrong-import-position
+
 EVERY = 3
 
 
@@ -212,12 +216,6 @@ MARKER = ".rebll_fault_report"
 _MARKER_TEXT = "made by experiments/fault_report.py, which deletes it\n"
 
 
-def _refuse(message):
-  """One line, exit 2 (a usage mistake; nothing was touched)."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _is_marker(path) -> bool:
   try:
     with open(path) as f:
@@ -233,32 +231,32 @@ def _check_workdir(parser, workdir):
   are taken (nothing in them to lose)."""
   del parser  # one line, not argparse's usage + error
   if not workdir:
-    _refuse("--workdir is empty")
+    usage_error("--workdir is empty")
   if not os.path.lexists(workdir):
     parent = os.path.dirname(os.path.abspath(workdir))
     while not os.path.lexists(parent):
       parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-      _refuse(f"--workdir {workdir}: {parent} is a file, not a folder")
+      usage_error(f"--workdir {workdir}: {parent} is a file, not a folder")
     return
   if not os.path.isdir(workdir) or os.path.islink(workdir):
-    _refuse(f"--workdir {workdir} is a file or a link, not a folder")
+    usage_error(f"--workdir {workdir} is a file or a link, not a folder")
   entries = sorted(os.listdir(workdir))
   others = [e for e in entries if e != MARKER and not _OWN_ENTRIES.fullmatch(e)]
   if others:
-    _refuse(f"--workdir {workdir} holds {', '.join(others[:3])}, not only a "
-            "previous fault report, and would be deleted; choose another "
-            "folder")
+    usage_error(f"--workdir {workdir} holds {', '.join(others[:3])}, not "
+                "only a previous fault report, and would be deleted; choose "
+                "another folder")
   if _is_marker(os.path.join(workdir, MARKER)):
     return
   for entry in entries:
     path = os.path.join(workdir, entry)
     if (os.path.islink(path) or not os.path.isdir(path)
         or os.listdir(path)):
-      _refuse(f"--workdir {workdir} holds {entry} but no {MARKER} file, so "
-              "it is not known to be a previous fault report's, and would "
-              "be deleted; choose another folder (or delete it yourself if "
-              "it is an old report's)")
+      usage_error(f"--workdir {workdir} holds {entry} but no {MARKER} file, "
+                  "so it is not known to be a previous fault report's, and "
+                  "would be deleted; choose another folder (or delete it "
+                  "yourself if it is an old report's)")
 
 
 def main(argv=None):
@@ -277,7 +275,7 @@ def main(argv=None):
     with open(os.path.join(args.workdir, MARKER), "w") as f:
       f.write(_MARKER_TEXT)
   except OSError as e:
-    _refuse(f"--workdir {args.workdir}: {' '.join(str(e).split())}")
+    usage_error(f"--workdir {args.workdir}: {' '.join(str(e).split())}")
   runner = Runner(args.workdir)
   wd = lambda name: os.path.join(args.workdir, name)  # noqa: E731
   faults, identical, scenarios, lost = 0, 0, 0, 0
