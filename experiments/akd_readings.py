@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import re
@@ -84,14 +85,21 @@ READINGS = {
 }
 
 
-def reading_config(setting, name) -> dict:
-  """The compared fields of a reading's run config on ``setting`` (seed 0,
-  validation split), as method_table builds and checks them."""
-  from rebll_jax import run_identity  # pylint: disable=g-import-not-at-top
+@functools.lru_cache(maxsize=None)
+def _run_config(setting, name) -> dict:
+  """A reading's run config on ``setting`` (seed 0, validation split), as
+  method_table builds and checks it; parsed once per reading (the table
+  and the duplicate check both read it). Not to be modified."""
   method, overrides = READINGS[name]
-  config = method_table.expected_config(method_table.run_flags(
+  return method_table.expected_config(method_table.run_flags(
       setting, method, 0, list(overrides), True))
-  return {k: v for k, v in run_identity.flatten(config).items()
+
+
+def reading_config(setting, name) -> dict:
+  """The compared fields of a reading's run config on ``setting``."""
+  from rebll_jax import run_identity  # pylint: disable=g-import-not-at-top
+  return {k: v for k, v in run_identity.flatten(
+      _run_config(setting, name)).items()
           if method_table._compared(k)}  # pylint: disable=protected-access
 
 
@@ -100,11 +108,10 @@ def split_overrides(setting, name) -> tuple[list[str], list[str]]:
   of the knob (``config_base.base_config``'s value), and those that hold it
   there (e.g. ``decay on q``'s single threshold)."""
   from rebll_jax import config_base, run_identity  # pylint: disable=g-import-not-at-top
-  method, overrides = READINGS[name]
+  _, overrides = READINGS[name]
   base = run_identity.flatten(json.loads(
       config_base.base_config().to_json_best_effort()))
-  ours = run_identity.flatten(method_table.expected_config(
-      method_table.run_flags(setting, method, 0, list(overrides), True)))
+  ours = run_identity.flatten(_run_config(setting, name))
   changed, held = [], []
   for override in overrides:
     key = override.partition("=")[0].strip()
