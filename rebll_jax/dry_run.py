@@ -2,6 +2,7 @@
 
 Builds the data source and the protocol exactly as a run does, writes
 ``protocol.json`` into the workdir and returns it; the CLI prints ``table``.
+A run writes the same file (``plan``, ``write_protocol``) when it starts.
 No model is built, nothing is compiled, no image is decoded (sources load
 labels and ids without reading images; the run's data digest, which reads a
 few, is not computed).
@@ -133,6 +134,13 @@ def run(config, workdir: str, setting=None) -> dict:
   tasks = method.tasks(source.num_classes, config.protocol)
   validate.check_tasks(source, tasks, config.protocol)
   result = plan(config, source, method, tasks)
+  write_protocol(workdir, result)
+  return result
+
+
+def write_protocol(workdir: str, result: dict):
+  """``result`` (``plan``'s) as ``workdir/protocol.json``. A run writes it
+  too when it starts, so an extended run's file names its new tasks."""
   path = os.path.join(workdir, "protocol.json")
   # A kill never leaves half a file; the pid keeps two dry runs of one
   # workdir (a dry run takes no workdir lock) out of each other's file.
@@ -140,7 +148,6 @@ def run(config, workdir: str, setting=None) -> dict:
   with open(tmp, "w") as f:
     f.write(_dumps(result))
   os.replace(tmp, path)
-  return result
 
 
 def _described(config) -> dict:

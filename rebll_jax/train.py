@@ -33,7 +33,8 @@ import numpy as np
 import optax
 import tqdm
 
-from rebll_jax import checkpoint, diagnostics, evaluation, methods, metrics
+from rebll_jax import checkpoint, diagnostics, dry_run, evaluation, methods
+from rebll_jax import metrics
 from rebll_jax import memory as memory_lib
 from rebll_jax import models, optim, parallel, preemption, protocol, replay
 from rebll_jax import reporting
@@ -185,6 +186,10 @@ class RunState:
   # The fields the fingerprint leaves out (run_identity.may_change_values),
   # as the process that trained last had them: results.json's config.
   trained_with: dict = dataclasses.field(default_factory=dict)
+  # results.json's ``compilations``, ``devices`` and ``versions`` as the
+  # process that trained last had them at its last save: a rerun that
+  # trains nothing writes these, not its own zeros and machine.
+  process_record: dict = dataclasses.field(default_factory=dict)
 
   def arrays(self) -> dict:
     # Orbax cannot save zero-size arrays: no buffer, no entry.
@@ -198,6 +203,7 @@ class RunState:
             "label_sums": self.label_sums, "task_seconds": self.task_seconds,
             "task_schedule": self.task_schedule,
             "trained_with": self.trained_with,
+            "process_record": self.process_record,
             **({"init_from": self.init_from} if self.init_from else {})}
 
   def restored(self, arrays: dict, meta: dict) -> "RunState":
@@ -211,7 +217,8 @@ class RunState:
                     task_seconds=meta.get("task_seconds", 0.0),
                     task_schedule=meta.get("task_schedule", {}),
                     init_from=meta.get("init_from", {}),
-                    trained_with=meta.get("trained_with", {}))
+                    trained_with=meta.get("trained_with", {}),
+                    process_record=meta.get("process_record", {}))
 
 
 def _initial_state(setup: Setup) -> RunState:
@@ -348,6 +355,10 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer
     _trim_metrics(workdir, resumed_step)  # a killed run's tail
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(run_config(config, state), f, indent=2)
+    # What the run follows, its extension's tasks included (a dry run's
+    # file of fewer tasks would go stale beside the results).
+    dry_run.write_protocol(workdir, dry_run.plan(
+        config, setup.source, setup.method, setup.tasks))
   state.train = parallel.replicate(setup.mesh, state.train)
   state.old = parallel.replicate(setup.mesh, state.old)
   return state, fingerprint
@@ -632,7 +643,6 @@ def run(config, workdir: str, setting=None) -> dict:
   ``setting``: the config file's config before overrides (main passes it;
   see ``validate.check_config``)."""
   if config.get("dry_run", False):  # the protocol only: no model, no compile
-    from rebll_jax import dry_run  # pylint: disable=g-import-not-at-top
     return dry_run.run(config, workdir, setting)
   setup = set_up(config, workdir, setting)
   try:
@@ -644,7 +654,11 @@ def run(config, workdir: str, setting=None) -> dict:
       # events past it, as metrics.jsonl dropped its lines.
       writer = reporting.Writer(workdir, resumed_step=int(
           state.train.step.addressable_data(0)))
-      save_fn = lambda s: save(setup, ckpt, s, fingerprint)  # noqa: E731
+
+      def save_fn(s: RunState):
+        s.process_record = process_record(setup, compiled.trace_counts)
+        save(setup, ckpt, s, fingerprint)
+
       with preemption.StopOnSigterm() as stop:
         try:
           for task in setup.tasks[state.task:]:
@@ -664,8 +678,10 @@ def run(config, workdir: str, setting=None) -> dict:
     results = summarise(setup, state, compiled.trace_counts)
     if not any(compiled.trace_counts.values()):
       # A rerun of a finished run trained nothing: the record of the process
-      # that trained stays (its compile counts, devices, versions).
-      results.update(_previous_process_record(workdir))
+      # that trained stays (its compile counts, devices, versions), from the
+      # checkpoint, or from results.json for a checkpoint older than that.
+      results.update(state.process_record
+                     or _previous_process_record(workdir))
     if setup.is_chief:
       write_results(workdir, results)
     return results
@@ -693,6 +709,16 @@ def _previous_process_record(workdir: str) -> dict:
           if isinstance(previous.get(k), dict)}
 
 
+def process_record(setup: Setup, trace_counts: dict) -> dict:
+  """What results.json says of this process (``_PROCESS_RECORD``)."""
+  return {"versions": _versions(),
+          "devices": {"count": setup.mesh.size,
+                      "processes": jax.process_count(),
+                      "kind": jax.devices()[0].device_kind,
+                      "platform": jax.devices()[0].platform},
+          "compilations": dict(trace_counts)}
+
+
 def write_results(workdir: str, results: dict):
   path = os.path.join(workdir, "results.json")
   with open(path + ".tmp", "w") as f:  # a kill never leaves half a file
@@ -702,7 +728,7 @@ def write_results(workdir: str, results: dict):
 
 
 def summarise(setup: Setup, state: RunState, trace_counts: dict) -> dict:
-  config, mesh, results_tasks = setup.config, setup.mesh, state.results
+  config, results_tasks = setup.config, state.results
   matrix = [t["map_per_task"] for t in results_tasks]
   final_f1 = results_tasks[-1]["f1"]
   seen = [t["map_seen"] for t in results_tasks]
@@ -719,11 +745,7 @@ def summarise(setup: Setup, state: RunState, trace_counts: dict) -> dict:
       "forgetting": metrics.forgetting(matrix)["mean"],
       "forgetting_per_task": metrics.forgetting(matrix)["per_task"],
       "map_matrix": matrix,
-      "versions": _versions(),
-      "devices": {"count": mesh.size, "processes": jax.process_count(),
-                  "kind": jax.devices()[0].device_kind,
-                  "platform": jax.devices()[0].platform},
-      "compilations": trace_counts,
+      **process_record(setup, trace_counts),
       "initialised_from": state.init_from or None,
       "config": run_config(config, state),
   }

@@ -49,6 +49,13 @@ def test_outputs(eight_devices):
   assert [len(r) for r in on_disk["map_matrix"]] == [1, 2, 3]
   lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
   assert lines and all(np.isfinite(json.loads(l)["loss"]) for l in lines)
+  # The run writes the protocol it followed, as a dry run describes it.
+  from rebll_jax import dry_run  # pylint: disable=g-import-not-at-top
+  protocol = json.load(open(os.path.join(workdir, "protocol.json")))
+  assert protocol == dry_run.run(_config(dry_run=True),
+                                 str(os.path.join(workdir, "dry")))
+  assert [t["classes"] for t in protocol["tasks"]] == [
+      t["classes"] for t in on_disk["tasks"]]
 
 
 def test_no_recompile_across_tasks(eight_devices):
@@ -66,7 +73,11 @@ def test_resume_after_task_equals_uninterrupted(eight_devices, tmp_path):
   workdir = str(tmp_path)
   first = train.run(_config(**{"protocol.num_tasks": 1}), workdir)
   assert len(first["tasks"]) == 1
+  protocol_path = os.path.join(workdir, "protocol.json")
+  assert len(json.load(open(protocol_path))["tasks"]) == 1
   resumed = train.run(_config(), workdir)
+  # The extension's protocol.json names its new tasks (it went stale).
+  assert len(json.load(open(protocol_path))["tasks"]) == 3
   # Task 1 came from the checkpoint, not from training it again.
   assert resumed["tasks"][0]["train_seconds"] == first["tasks"][0][
       "train_seconds"]
@@ -85,6 +96,13 @@ def test_rerun_of_a_finished_run_keeps_its_compilations(eight_devices,
   assert again["compilations"] == on_disk["compilations"] == {
       "first": 1, "later": 1}
   assert again["tasks"] == eight_devices[1]["tasks"]  # nothing retrained
+  # Without results.json, on one device: the checkpoint has the record of
+  # the process that trained (the rerun wrote its own 0 and 0, 1 device).
+  os.remove(os.path.join(workdir, "results.json"))
+  alone = train.run(_config(num_devices=1), workdir)
+  assert alone["compilations"] == {"first": 1, "later": 1}
+  assert alone["devices"] == eight_devices[1]["devices"]
+  assert alone["devices"]["count"] == 8
 
 
 def test_state_helpers_equal_the_eager_construction():
