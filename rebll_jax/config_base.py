@@ -99,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The head's outputs of a task's classes when the task starts: "kept"
   # (every class's output exists from the start; before their task, the
   # L2 through Adam shrinks them towards 0) | "fresh" (drawn anew,
-  # U(+-1/sqrt(D)), as the PyTorch baseline's new nn.Linear rows are).
+  # U(+-1/sqrt(D)), as the PyTorch baseline's new nn.Linear rows are; task
+  # 1's TResNet kernel N(0, 0.01), as its constructor draws it).
   c.model.head_rows = "kept"
 
   c.optim = ml_collections.ConfigDict()

@@ -62,20 +62,27 @@ def initial_train_state(tx: optax.GradientTransformation,
 HEAD_ROWS = ("kept", "fresh")  # model.head_rows
 
 
-@functools.partial(jax.jit, static_argnames="head_name")
-def fresh_head_rows(params, classes, key, *, head_name: str):
+@functools.partial(jax.jit, static_argnames=("head_name", "kernel_std"))
+def fresh_head_rows(params, classes, key, *, head_name: str,
+                    kernel_std: float | None = None):
   """``params`` with the head's outputs ``classes`` drawn anew, as a fresh
   ``torch.nn.Linear(D, n)`` draws them: kernel and bias U(-1/sqrt(D),
   1/sqrt(D)). The PyTorch baseline builds each task's head rows this way
   when the task starts (``model.head_rows=fresh``); the other outputs keep
-  their values. ``classes``: int [n]."""
+  their values. ``classes``: int [n]. ``kernel_std``: the kernel drawn
+  N(0, kernel_std^2) instead (the first head of a TResNet, whose
+  constructor re-draws it; ``models.FIRST_HEAD_KERNEL_STD``)."""
   head = params[head_name]
   kernel, bias = head["kernel"], head["bias"]  # [D, C], [C]
   bound = 1.0 / jnp.sqrt(jnp.float32(kernel.shape[0]))
   k_kernel, k_bias = jax.random.split(key)
   n = classes.shape[0]
-  new_kernel = jax.random.uniform(k_kernel, (kernel.shape[0], n),
-                                  kernel.dtype, -bound, bound)
+  if kernel_std is None:
+    new_kernel = jax.random.uniform(k_kernel, (kernel.shape[0], n),
+                                    kernel.dtype, -bound, bound)
+  else:
+    new_kernel = kernel_std * jax.random.normal(
+        k_kernel, (kernel.shape[0], n), kernel.dtype)
   new_bias = jax.random.uniform(k_bias, (n,), bias.dtype, -bound, bound)
   return {**params, head_name: {**head,
                                 "kernel": kernel.at[:, classes].set(new_kernel),

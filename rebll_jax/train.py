@@ -517,7 +517,9 @@ def train_task(setup: Setup, state: RunState, task, view, compiled,
               state.train.params, jnp.asarray(task.classes),
               jax.random.fold_in(jax.random.fold_in(
                   setup.root_key, HEAD_ROWS_STREAM), t),
-              head_name=setup.model.head_name)))
+              head_name=setup.model.head_name,
+              kernel_std=models.FIRST_HEAD_KERNEL_STD.get(
+                  config.model.arch) if first else None)))
     state.train = state.train.replace(opt_state=parallel.replicate(
         mesh, steps.fresh_opt_state(setup.tx, state.train.params)))
   task_start = int(state.train.step) - state.task_step

@@ -48,6 +48,27 @@ def test_only_the_tasks_outputs_are_drawn_in_the_linear_range():
   assert not np.array_equal(other_key["head"]["kernel"], kernel)
 
 
+def test_a_tresnets_first_head_kernel_is_drawn_as_its_constructor_draws_it():
+  """TResNet's constructor re-draws its head's weight N(0, 0.01) (the bias
+  keeps nn.Linear's U(+-1/sqrt(D))): the baseline's task-1 head."""
+  params = _params(d=256, c=40)
+  classes = jnp.arange(20)
+  out = steps.fresh_head_rows(params, classes, jax.random.key(3),
+                              head_name="head",
+                              kernel_std=models.FIRST_HEAD_KERNEL_STD[
+                                  "tresnet_m"])
+  kernel = np.asarray(out["head"]["kernel"])[:, :20]
+  assert kernel.std() == pytest.approx(0.01, rel=0.05)
+  assert abs(kernel.mean()) < 1e-3
+  assert np.abs(kernel).max() > 0.03  # normal tails; U(+-1/16) has none
+  bias = np.asarray(out["head"]["bias"])[:20]
+  assert np.abs(bias).max() <= 1 / 16
+  assert bias.std() == pytest.approx(1 / 16 / np.sqrt(3), rel=0.35)
+  np.testing.assert_array_equal(np.asarray(out["head"]["kernel"])[:, 20:],
+                                np.asarray(params["head"]["kernel"])[:, 20:])
+  assert "resnet18" not in models.FIRST_HEAD_KERNEL_STD  # torchvision: U
+
+
 @pytest.mark.parametrize("arch", ["small_resnet", "resnet18", "tresnet_m"])
 def test_every_arch_names_its_head(arch):
   model = models.build_model(make_config(**{"model.arch": arch}).model, 5)
@@ -66,17 +87,25 @@ def test_a_fresh_run_redraws_each_tasks_rows_at_its_start(tmp_path,
   calls = []
   real = steps.fresh_head_rows
 
-  def recording(params, classes, key, *, head_name):
-    out = real(params, classes, key, head_name=head_name)
+  def recording(params, classes, key, *, head_name, kernel_std=None):
+    out = real(params, classes, key, head_name=head_name,
+               kernel_std=kernel_std)
     calls.append((jax.device_get(params[head_name]), np.asarray(classes),
                   jax.device_get(out[head_name])))
+    stds.append(kernel_std)
     return out
 
+  stds = []
   monkeypatch.setattr(steps, "fresh_head_rows", recording)
+  # As if the small ResNet's PyTorch constructor drew its head as TResNet's.
+  monkeypatch.setitem(models.FIRST_HEAD_KERNEL_STD, "small_resnet", 0.01)
   overrides = {"protocol.num_tasks": 2, "model.head_rows": "fresh",
                "train.checkpoint_every": 0}
   train.run(make_config(**overrides), str(tmp_path / "whole"))
   assert [c.tolist() for _, c, _ in calls] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert stds == [0.01, None]  # the constructor's draw for task 1 only
+  assert np.asarray(calls[0][2]["kernel"])[:, :4].std() == pytest.approx(
+      0.01, rel=0.2)
   before, classes, after = calls[1]
   task_1 = helpers.params_after_task(str(tmp_path / "whole"), 1)[0]["head"]
   np.testing.assert_array_equal(before["kernel"], task_1["kernel"])

@@ -53,6 +53,13 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# The first head's kernel as the PyTorch baseline's model constructor draws
+# it (TResNet: ``weight.normal_(0, 0.01)``; the bias keeps nn.Linear's
+# U(+-1/sqrt(D))): ``model.head_rows=fresh`` draws task 1's rows so. The
+# others (torchvision's ResNets keep nn.Linear's init) draw U(+-1/sqrt(D)).
+FIRST_HEAD_KERNEL_STD = {"tresnet_m": 0.01}
+
+
 def build_model(cfg, num_classes: int, norm_groups: int = 1) -> nn.Module:
   """``norm_groups``: train-mode BatchNorm statistics per group of rows
   (``train.ddp_processes``; rebll_jax.models.norm)."""
