@@ -16,7 +16,8 @@ tfds_voc2007`` to read a standard TFDS ``voc/2007`` copy in array_record form
 instead.
 
 Settings (``--config=configs/voc.py:NAME``): ``b0c4`` (default, 5 tasks of
-4 classes), ``b10c2`` (10 then 5 x 2), ``b5c3`` (5 then 5 x 3).
+4 classes), ``b10c2`` (10 then 5 x 2), ``b5c3`` (5 then 5 x 3), ``b10c5``
+(10 then 2 x 5: the split the baseline's shipped VOC yaml trains).
 ``NAME_field`` (e.g. ``b0c4_field``) is the same setting with every row of
 the PyTorch baseline's recipe and protocol (``config_base.
 apply_field_recipe``; no dedup of the memory on VOC; README "Field-exact
@@ -37,7 +38,8 @@ import _real_recipe  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from rebll_jax import config_base  # noqa: E402
 
-SETTINGS = {"b0c4": (0, 4), "b10c2": (10, 2), "b5c3": (5, 3)}
+SETTINGS = {"b0c4": (0, 4), "b10c2": (10, 2), "b5c3": (5, 3),
+            "b10c5": (10, 5)}
 
 
 def get_config(arg=None):
