@@ -136,6 +136,14 @@ class Method:
                 adaptive=loss_cfg.adaptive if asymmetric else False,
                 decay_on=loss_cfg.decay_on if asymmetric else "confidence")
 
+  def past_model_temperature(self, loss_cfg) -> float:
+    """T of METHOD.md's q = sigmoid(z'/T), which the past model's relabels
+    threshold as the distillation reads it: ``loss.temperature`` for a
+    method with logit distillation, 1 for the others (their q is the plain
+    sigmoid; they do not read the field)."""
+    params = self.distill_params(loss_cfg)
+    return 1.0 if params is None else float(params["temperature"])
+
   # ----------------------------------------------------------- relabeling --
 
   def thresholds(self, relabel_cfg) -> dict:

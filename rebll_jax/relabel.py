@@ -68,6 +68,18 @@ def _fill(labels, known, fill, probs, tau, tau_low, xp):
   return new_labels, new_known
 
 
+def tempered(scores, temperature: float):
+  """sigmoid(z / T) from scores sigmoid(z) (host numpy; float32 scores
+  saturate at 0 and 1, which stay 0 and 1). T = 1 returns ``scores``."""
+  if temperature == 1.0:
+    return scores
+  s = np.asarray(scores, np.float64)
+  with np.errstate(divide="ignore", over="ignore"):
+    logits = np.log(s) - np.log1p(-s)
+    q = 1.0 / (1.0 + np.exp(-logits / temperature))
+  return q.astype(np.asarray(scores).dtype)
+
+
 def relabel_new_rows(*, labels, known, old_probs, old_class_mask, row_is_new,
                      tau_old, tau_old_low=None):
   """Below-diagonal block: old-class labels of new rows from the past model.

@@ -135,6 +135,8 @@ def after_task(mem, *, config, method, source, view, task, tasks, predictor,
     # Same rule as the online fill of new rows inside the train step.
     old_scores, _ = predictor.predict_split(old_variables, source.train,
                                             indices)
+    old_scores = relabel.tempered(old_scores,
+                                  method.past_model_temperature(config.loss))
     labels, known = map(np.asarray, relabel.relabel_new_rows(
         labels=labels, known=known, old_probs=old_scores,
         old_class_mask=task.old_mask, row_is_new=np.ones(rows.size, bool),

@@ -167,6 +167,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
                     on_trace: Callable[[], None] | None = None):
   """Builds the (unjitted) pure train step for one method and config."""
   taus = method.thresholds(config.relabel)
+  past_temperature = method.past_model_temperature(config.loss)
 
   def train_step(state: TrainState, old_variables, batch, context, key,
                  truth=None):
@@ -193,7 +194,7 @@ def make_train_step(*, model: nn.Module, method: Method, config,
       if method.relabel_new_online:
         labels, known = relabel.relabel_new_rows(
             labels=labels, known=known,
-            old_probs=jax.nn.sigmoid(old_logits),
+            old_probs=jax.nn.sigmoid(old_logits / past_temperature),
             old_class_mask=context["old_mask"], row_is_new=~is_memory,
             tau_old=taus["tau_old"], tau_old_low=taus["tau_old_low"])
         if truth is not None:

@@ -300,3 +300,112 @@ def test_confusion_counts_and_quality():
   assert empty["fpr"] == 0.0 and empty["fnr"] == 0.0 and empty["count"] == 0
   only_pos = diagnostics.relabel_quality(pred, true.astype(bool), true)
   assert only_pos["fpr"] == 0.0 and only_pos["fnr"] == 0.5
+
+
+def test_tempered_scores_are_the_sigmoid_of_the_tempered_logits():
+  z = np.array([-40.0, -3.0, -0.2, 0.0, 0.7, 2.5, 40.0])
+  scores = (1 / (1 + np.exp(-z))).astype(np.float32)
+  for t in (0.5, 2.0, 3.0):
+    got = relabel.tempered(scores, t)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got[:-1], 1 / (1 + np.exp(-z[:-1] / t)),
+                               rtol=1e-5)
+    assert got[-1] == 1.0  # sigmoid(40) is 1 in float32, and stays 1
+  assert relabel.tempered(scores, 1.0) is scores
+
+
+def _one_rebll_step(temperature, tau_old):
+  """One jitted rebll step of the tiny test model whose past model's
+  old-class logits sit in (0, 3]: its metrics, and the positives L_cls
+  should see with q = sigmoid(z'/T) (METHOD.md s.4-5) and with T = 1."""
+  from rebll_jax import methods, models, optim, protocol, steps  # pylint: disable=g-import-not-at-top
+  from rebll_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from tests.helpers import make_config  # pylint: disable=g-import-not-at-top
+  cfg = make_config(**{"data.image_size": 16, "augment.policy": "field",
+                       "loss.temperature": temperature,
+                       "relabel.tau_old": tau_old})
+  classes, batch_size = 8, 12
+  model = models.build_model(cfg.model, classes)
+  variables = jax.device_get(models.init_variables(
+      model, jax.random.key(0), 16))
+  old = jax.tree.map(np.asarray, variables)
+  old["params"]["head"]["kernel"] = old["params"]["head"]["kernel"] * 0.01
+  old["params"]["head"]["bias"] = np.linspace(0.2, 3.0, classes).astype(
+      np.float32)
+  tx = optim.make_transform(cfg.optim)
+  state = steps.initial_train_state(tx, variables)
+  task = protocol.make_tasks(classes, 0, 4)[1]  # old classes 0-3
+  context = steps.task_context(task, task_start=0, total_steps=10,
+                               lr_peak=1e-3)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (batch_size, 16, 16, 3)).astype(np.uint8)
+  labels = np.zeros((batch_size, classes), np.float32)
+  known = np.zeros((batch_size, classes), bool)
+  labels[:, 4:] = rng.random((batch_size, 4)) < 0.4
+  known[:, 4:] = True  # new rows only: the old columns come from q
+  batch = {"images": images, "labels": labels, "known": known,
+           "is_memory": np.zeros(batch_size, bool)}
+  step = jax.jit(steps.make_train_step(
+      model=model, method=methods.get_method("rebll"), config=cfg, tx=tx,
+      has_old=True))
+  _, metrics = step(state, old, batch, context, jax.random.key(1), None)
+  x = augment.eval_transform(jnp.asarray(images), False)
+  z_old = np.asarray(model.apply(old, x, train=False)["logits"], np.float64)
+  positives = lambda t: labels[:, 4:].sum() + (  # noqa: E731
+      1 / (1 + np.exp(-z_old[:, :4] / t)) > tau_old).sum()
+  return jax.device_get(metrics), positives(temperature), positives(1.0)
+
+
+def test_the_online_relabel_thresholds_the_tempered_past_model():
+  """q = sigmoid(z'/T) as the distillation reads it: the step thresholded
+  sigmoid(z'), which differs when T != 1 and tau != 0.5 (exit 0, another
+  L_cls)."""
+  metrics, want, untempered = _one_rebll_step(2.0, 0.8)
+  assert float(metrics["cls_positives"]) == want
+  assert untempered != want  # the case matters here
+
+
+def test_the_exemplars_old_labels_threshold_the_tempered_past_model(
+    monkeypatch):
+  """Between tasks, the new exemplars' old-class labels use the same q."""
+  from rebll_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  from rebll_jax import methods, replay, validate  # pylint: disable=g-import-not-at-top
+  from rebll_jax import protocol as protocol_lib  # pylint: disable=g-import-not-at-top
+  from tests.helpers import make_config  # pylint: disable=g-import-not-at-top
+  config = make_config(**{"loss.temperature": 2.0, "relabel.tau_old": 0.8})
+  source = validate.build_source(config.data)
+  method = methods.get_method("rebll")
+  tasks = method.tasks(source.num_classes, config.protocol)
+  task = tasks[1]
+  view = protocol_lib.train_view(source, task.classes, config.protocol)
+  z_old = 1.5  # sigmoid 0.82 > 0.8; tempered sigmoid(0.75) = 0.68 < 0.8
+
+  class Predictor:
+
+    def predict_split(self, variables, split, indices):
+      scores = np.full((len(indices), source.num_classes),
+                       1 / (1 + np.exp(-z_old)), np.float32)
+      features = np.random.default_rng(0).normal(
+          size=(len(indices), 8)).astype(np.float32)
+      return scores, features
+
+    def predict(self, variables, images):
+      return (np.zeros((len(images), source.num_classes), np.float32),
+              None)
+
+  mem = memory_lib.empty(
+      capacity=memory_lib.capacity_for(
+          num_classes=source.num_classes, per_class=config.memory.per_class,
+          total=config.memory.total, num_images=len(source.train),
+          dedup=config.memory.dedup),
+      image_shape=source.train.read_images(np.arange(1)).shape[1:],
+      num_classes=source.num_classes)
+  mem, _ = replay.after_task(
+      mem, config=config, method=method, source=source, view=view,
+      task=task, tasks=tasks, predictor=Predictor(), variables={},
+      old_variables={})
+  rows = np.flatnonzero(mem.valid & (mem.task == task.index))
+  old = np.asarray(task.old_mask, bool)
+  assert rows.size
+  assert mem.known[rows][:, old].all()
+  assert not mem.labels[rows][:, old].any()  # q = 0.68 <= 0.8: negatives
