@@ -24,7 +24,11 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
   targets = np.asarray(targets) > 0
   if not targets.any():
     return 0.0
-  order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+  # Descending as the field's ``scores.argsort()[::-1]``: among equal
+  # scores (float32 sigmoids saturate at 1.0 above logit ~16.6) the later
+  # row ranks first. A stable sort makes that exact; numpy's default sort
+  # may order ties otherwise on long arrays, the field's code included.
+  order = np.argsort(np.asarray(scores, np.float64), kind="stable")[::-1]
   hits = targets[order]
   ranks = np.flatnonzero(hits) + 1  # 1-based ranks of the positives
   precision_at_hits = np.arange(1, ranks.size + 1) / ranks

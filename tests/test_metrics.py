@@ -22,6 +22,29 @@ def test_average_precision_edge_cases():
                                    np.array([0, 0, 1])) == pytest.approx(1 / 3)
 
 
+def _field_ap(output, target):
+  """The field's AP (ranking by ``output.argsort()[::-1]``), written from
+  its description: mean precision at each positive's rank."""
+  hits = target[np.argsort(output, kind="stable")[::-1]] == 1
+  ranks = np.flatnonzero(hits) + 1
+  return float(np.mean(np.arange(1, ranks.size + 1) / ranks))
+
+
+def test_tied_scores_rank_the_later_row_first_as_the_field():
+  # Saturated sigmoids: rows 0-2 all score 1.0; the field ranks row 2 (the
+  # positive) first: AP 1. Ranking the earlier row first gave 1/3.
+  scores = np.array([1.0, 1.0, 1.0, 0.2], np.float32)
+  targets = np.array([0, 0, 1, 0])
+  assert metrics.average_precision(scores, targets) == 1.0
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    scores = rng.choice([0.1, 0.5, 1.0], size=40).astype(np.float32)
+    targets = (rng.random(40) < 0.3).astype(np.int64)
+    targets[0] = 1
+    assert metrics.average_precision(scores, targets) == pytest.approx(
+        _field_ap(scores, targets), abs=1e-12)
+
+
 def test_mean_ap_over_classes_counts_empty_class_as_zero():
   scores = np.array([[0.9, 0.2], [0.1, 0.8]])
   targets = np.array([[1, 0], [0, 0]])
