@@ -66,7 +66,7 @@ from experiments import child_runs, cli_checks  # noqa: E402  pylint: disable=g-
 from rebll_jax import run_identity  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from rebll_jax.errors import UserError  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-METHODS = ("ft", "lwf", "er", "asl_pl", "krt_baseline", "rebll_akd",
+METHODS = ("ft", "ft_masked", "lwf", "er", "asl_pl", "krt_baseline", "rebll_akd",
            "rebll_or", "rebll", "joint")
 
 

@@ -20,6 +20,7 @@ import zlib
 
 import numpy as np
 
+from rebll_jax import methods
 from rebll_jax.errors import UserError
 
 # Dotted config fields (or whole sections, ending in ".") that may differ
@@ -120,7 +121,13 @@ def crowd_digest(source) -> str:
 
 # Fingerprint entries added after checkpoints were written without them: a
 # checkpoint that lacks one is not compared on it (it cannot say).
-ADDED_LATER = ("crowd_digest",)
+ADDED_LATER = ("crowd_digest", "method_definition")
+
+# Methods whose definition changed before checkpoints recorded it: a
+# checkpoint of one without a recorded definition ran the old one.
+REDEFINED = {"ft": "on 2026-12-08 `ft` became METHOD.md's fine-tuning "
+                   "(unknown labels taken as negatives); the old one is "
+                   "`ft_masked`: start that run again in a new --workdir"}
 
 
 def fingerprint(config, source, memory_capacity: int) -> dict:
@@ -129,7 +136,8 @@ def fingerprint(config, source, memory_capacity: int) -> dict:
   return {"dataset": source.name, "data_digest": data_digest(source),
           "crowd_digest": crowd_digest(source),
           "class_order": list(source.class_names),
-          "memory_capacity": int(memory_capacity), "config": fields}
+          "memory_capacity": int(memory_capacity), "config": fields,
+          "method_definition": methods.definition(config.method)}
 
 
 def differences(saved: dict, current: dict,
@@ -146,6 +154,9 @@ def differences(saved: dict, current: dict,
           diffs.append(f"{field}: {saved_name} {old.get(field, '<absent>')!r} "
                        f"vs config {value.get(field, '<absent>')!r}")
     elif key in ADDED_LATER and key not in saved:
+      method = saved.get("config", {}).get("method")
+      if key == "method_definition" and method in REDEFINED:
+        diffs.append(f"method_definition: {REDEFINED[method]}")
       continue
     elif saved.get(key) != value:
       diffs.append(f"{key}: {saved_name} {saved.get(key)!r} vs config "

@@ -33,6 +33,23 @@ def test_method_runs(name, tmp_path):
   assert results["compilations"]["later"] == (0 if spec.joint else 1)
 
 
+def test_fine_tuning_takes_unknown_labels_as_negatives():
+  """METHOD.md's fine-tune baseline reads the old columns of new images as
+  negatives (its defect); ``ft_masked`` reads the current columns only."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  context = {"current_mask": jnp.asarray([0., 0., 1., 1.]),
+             "seen_mask": jnp.asarray([1., 1., 1., 1.])}
+  labels = jnp.asarray([[0., 0., 1., 0.]])
+  known = jnp.asarray([[0., 0., 1., 1.]])  # old classes unknown
+  for name, want_mask in (("ft", [1., 1., 1., 1.]),
+                          ("ft_masked", [0., 0., 1., 1.])):
+    method = methods.METHODS[name]
+    targets, mask = method.loss_targets(labels, known,
+                                        method.loss_columns(context))
+    np.testing.assert_array_equal(np.asarray(mask)[0], want_mask)
+    np.testing.assert_array_equal(np.asarray(targets)[0], [0., 0., 1., 0.])
+
+
 def test_unknown_method_lists_valid_ones():
   with pytest.raises(ValueError, match="valid:.*rebll"):
     methods.get_method("nope")

@@ -316,3 +316,27 @@ def test_crowd_boxes_are_part_of_the_run_identity():
   # A checkpoint from before the entry cannot say: not compared.
   del saved["crowd_digest"]
   assert run_identity.differences(saved, now) == []
+
+
+def test_a_method_redefined_since_the_checkpoint_is_refused():
+  """``ft`` became METHOD.md's fine-tuning on 2026-12-08: an ``ft``
+  checkpoint that does not record its definition ran the old one and must
+  not resume as the new one (another loss, exit 0)."""
+  from rebll_jax import data  # pylint: disable=g-import-not-at-top
+  config = _config(method="ft")
+  source = data.build_source(config.data)
+  now = run_identity.fingerprint(config, source, 8)
+  saved = {k: v for k, v in now.items() if k != "method_definition"}
+  (diff,) = run_identity.differences(saved, now)
+  assert diff.startswith("method_definition: on 2026-12-08 `ft` became") and (
+      "`ft_masked`" in diff)
+  # Other methods' definitions did not change: old checkpoints resume.
+  rebll = run_identity.fingerprint(_config(), source, 8)
+  assert run_identity.differences(
+      {k: v for k, v in rebll.items() if k != "method_definition"},
+      rebll) == []
+  # A recorded definition that differs from the code's is refused too.
+  changed = {**now, "method_definition": {
+      **now["method_definition"], "unknown_labels": "masked"}}
+  assert run_identity.differences(changed, now)[0].startswith(
+      "method_definition: checkpoint {")
