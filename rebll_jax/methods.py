@@ -264,8 +264,11 @@ METHODS = {m.name: m for m in [
 def definition(name: str) -> dict:
   """What method ``name`` computes (its fields but the name and the
   description): part of a run's fingerprint, so a checkpoint never resumes
-  under a method whose definition changed."""
-  spec = dataclasses.asdict(get_method(name))
+  under a method whose definition changed. {} for a name that is not a
+  method (the config check refuses it)."""
+  if name not in METHODS:
+    return {}
+  spec = dataclasses.asdict(METHODS[name])
   return {k: v for k, v in spec.items() if k not in ("name", "description")}
 
 
