@@ -137,7 +137,7 @@ def fingerprint(config, source, memory_capacity: int) -> dict:
           "crowd_digest": crowd_digest(source),
           "class_order": list(source.class_names),
           "memory_capacity": int(memory_capacity), "config": fields,
-          "method_definition": methods.definition(config.method)}
+          "method_definition": methods.definition(config.get("method", ""))}
 
 
 def differences(saved: dict, current: dict,
